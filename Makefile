@@ -1,0 +1,40 @@
+# Every target does its own set-up on a fresh machine: a virtual environment with the
+# project installed, and Debian's Fashion-MNIST package for the data-backed runs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.qdq-installed
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup data test lint demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 || $(PY) -m pip install -q "torch>=2.4" torchvision
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+data:
+	@if [ ! -f $(FMNIST_DIR)/t10k-images-idx3-ubyte.gz ] && [ -z "$$QDQ_FASHION_MNIST" ]; then \
+		echo "installing Debian's dataset-fashion-mnist"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+
+test: setup data
+	$(PY) -m ruff check .
+	$(PY) -m pytest -n 2 -q
+
+lint: setup
+	$(PY) -m ruff check .
+
+demo: setup data
+	$(VENV)/bin/qdq run --out runs/demo
+
+bench: setup
+	$(PY) scripts/bench_calib.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

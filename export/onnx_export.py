@@ -1,0 +1,199 @@
+"""``to_onnx``: a quantized model to an opset-13 ONNX file with QuantizeLinear/DequantizeLinear.
+
+Every enabled quantizer becomes Q -> DQ (fp32 scale ``amax/127``, int8 zero point 0,
+``axis`` for per-channel weights); disabled quantizers leave no node. The export runs on
+a copy of the model, so the caller's model is never changed:
+
+1. refuse uncalibrated enabled quantizers, listing them by name;
+2. fold BatchNorm into the conv before it (``qdq.rules.fold_batchnorm``), so the graph
+   holds ``DQ(weight) -> Conv`` and no BatchNormalization behind a quantized conv;
+3. trace with the TorchScript exporter (``dynamo=False``, the path that turns torch's
+   fake-quant ops into Q/DQ at opset 13 on torch 2.4-2.14), or the dynamo exporter on
+   request;
+4. optionally store weights as int8 initializers feeding DQ (about 4x smaller);
+5. check the model and move it into place atomically: a failed export leaves no file.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from qdq import quantizers
+
+__all__ = ["ExportError", "ExportResult", "to_onnx", "uncalibrated_quantizers"]
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported as asked; the message names what is at fault."""
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    opset: int
+    input_names: list[str]
+    output_names: list[str]
+    quantize_nodes: int
+    dequantize_nodes: int
+    folded_batchnorms: list[str] = field(default_factory=list)
+    bytes: int = 0
+
+    def __str__(self) -> str:
+        return (f"{self.path} (opset {self.opset}, {self.quantize_nodes} Q / "
+                f"{self.dequantize_nodes} DQ, {self.bytes / 1e6:.2f} MB, "
+                f"{len(self.folded_batchnorms)} BatchNorm folded)")
+
+
+def uncalibrated_quantizers(model: nn.Module) -> list[str]:
+    """Names of enabled, quantizing quantizers that have no amax."""
+    return [name for name, q in quantizers(model) if q.is_quant_enabled and q.amax is None]
+
+
+def _as_tuple(example_inputs) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise ExportError(f"example_inputs must be a tensor or a tuple of tensors, "
+                      f"got {type(example_inputs).__name__}")
+
+
+def _fold(model: nn.Module, args: tuple) -> list[str]:
+    from qdq.rules import fold_batchnorm
+
+    return [str(item) for item in fold_batchnorm(model, args)]
+
+
+def _weights_to_int8(model: onnx.ModelProto) -> None:
+    """Replace ``initializer(fp32) -> QuantizeLinear`` with an int8 initializer."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    keep = []
+    for node in graph.node:
+        if (node.op_type == "QuantizeLinear" and node.input[0] in inits
+                and node.input[1] in inits and consumers.get(node.input[0]) == 1):
+            w = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
+            scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            if scale.ndim == 1 and scale.size > 1:
+                shape = [1] * w.ndim
+                shape[axis % w.ndim] = -1
+                scale = scale.reshape(shape)
+            zp = (numpy_helper.to_array(inits[node.input[2]])
+                  if len(node.input) > 2 and node.input[2] in inits else np.int8(0))
+            q = np.clip(np.rint(w / scale) + zp.astype(np.float32), -128, 127).astype(np.int8)
+            graph.initializer.remove(inits.pop(node.input[0]))
+            graph.initializer.append(numpy_helper.from_array(q, node.output[0]))
+            continue
+        keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+
+
+def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, opset: int = 13,
+            dynamic_batch: bool = True, input_names: list[str] | None = None,
+            output_names: list[str] | None = None, fold_bn: bool = True,
+            int8_weights: bool = False, dynamo: bool = False) -> ExportResult:
+    """Export ``model`` (quantized, calibrated) to ``path``.
+
+    Args:
+        example_inputs: a tensor or tuple of tensors the model is traced with.
+        opset: ONNX opset; 13 or newer (per-channel Q/DQ needs 13).
+        dynamic_batch: mark dim 0 of every input and output as dynamic.
+        fold_bn: fold BatchNorm into the preceding conv (on a copy) before export.
+        int8_weights: store weights as int8 initializers -> DQ instead of fp32 -> Q -> DQ.
+        dynamo: use torch's dynamo exporter (it picks its own opset, 18 or newer).
+
+    Example::
+
+        result = to_onnx(model, torch.randn(1, 3, 224, 224), "model.onnx")
+    """
+    if not isinstance(model, nn.Module):
+        raise ExportError(f"model must be an nn.Module, got {type(model).__name__}")
+    if opset < 13:
+        raise ExportError(f"opset {opset}: Q/DQ with per-channel weights needs opset >= 13")
+    path = Path(path)
+    if not path.parent.exists():
+        raise ExportError(f"output folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise ExportError(f"output folder {path.parent} is not writable")
+    args = _as_tuple(example_inputs)
+    missing = uncalibrated_quantizers(model)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8
+                                          else "")
+        raise ExportError(f"{len(missing)} enabled quantizers have no amax (calibrate them or "
+                          f"disable them): {shown}")
+
+    work = copy.deepcopy(model).eval()
+    device = next((p.device for p in work.parameters()), torch.device("cpu"))
+    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+    folded = _fold(work, args) if fold_bn else []
+    try:
+        with torch.no_grad():
+            outputs = work(*args)
+    except Exception as err:
+        raise ExportError(f"the model does not run on the example inputs: {err}") from err
+    n_out = len(outputs) if isinstance(outputs, (tuple, list)) else 1
+    input_names = input_names or [f"input{i}" if len(args) > 1 else "input"
+                                  for i in range(len(args))]
+    output_names = output_names or [f"output{i}" if n_out > 1 else "output"
+                                    for i in range(n_out)]
+    dynamic_axes = ({name: {0: "batch"} for name in [*input_names, *output_names]}
+                    if dynamic_batch else None)
+
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        try:
+            if dynamo:
+                program = torch.onnx.export(
+                    work, args, dynamo=True, input_names=input_names,
+                    output_names=output_names,
+                    dynamic_shapes=_dynamo_shapes(args) if dynamic_batch else None)
+                program.save(str(tmp))
+            else:
+                torch.onnx.export(work, args, str(tmp), opset_version=opset, dynamo=False,
+                                  input_names=input_names, output_names=output_names,
+                                  dynamic_axes=dynamic_axes, do_constant_folding=True)
+        except ExportError:
+            raise
+        except Exception as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ExportError(f"torch.onnx.export failed: {first}") from err
+        onnx_model = onnx.load(str(tmp))
+        if int8_weights:
+            _weights_to_int8(onnx_model)
+        onnx.checker.check_model(onnx_model)
+        onnx.save(onnx_model, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    ops = [n.op_type for n in onnx_model.graph.node]
+    opset_used = next((o.version for o in onnx_model.opset_import if o.domain in ("", "ai.onnx")),
+                      opset)
+    return ExportResult(path=path, opset=opset_used, input_names=input_names,
+                        output_names=output_names, quantize_nodes=ops.count("QuantizeLinear"),
+                        dequantize_nodes=ops.count("DequantizeLinear"),
+                        folded_batchnorms=folded, bytes=path.stat().st_size)
+
+
+def _dynamo_shapes(args: tuple):
+    batch = torch.export.Dim("batch")
+    return tuple({0: batch} if isinstance(a, torch.Tensor) else None for a in args)

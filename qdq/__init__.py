@@ -1,0 +1,29 @@
+"""qdq: explicit (Q/DQ) INT8 quantization of PyTorch models for TensorRT.
+
+The pytorch-quantization workflow on torch 2.x, in pure Python::
+
+    from qdq import nn as quant_nn, quant_modules, calib
+    from qdq.tensor_quant import QuantDescriptor
+"""
+
+from qdq import calib, nn, quant_modules, tensor_quant
+from qdq.descriptor import QuantDescriptor
+from qdq.quantizer import QuantizerError, TensorQuantizer
+from qdq.replace import (
+    Replacement,
+    disable_quantization,
+    enable_quantization,
+    name_quantizers,
+    quantizers,
+    replace_modules,
+)
+from qdq.summary import summary, summary_rows
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "calib", "nn", "quant_modules", "tensor_quant",
+    "QuantDescriptor", "TensorQuantizer", "QuantizerError",
+    "Replacement", "replace_modules", "quantizers", "name_quantizers",
+    "disable_quantization", "enable_quantization", "summary", "summary_rows",
+]

@@ -1,0 +1,96 @@
+"""The ``qdq`` command: a thin layer over the Python API.
+
+Each subcommand lives in its own module ``cmd_<name>.py`` and registers itself with
+:func:`register`; :func:`build_parser` discovers the modules, so adding a command touches
+no other file.
+The CLI sits on top of all three packages: subcommands import ``sensitivity`` and
+``export`` inside their handlers, so ``import qdq`` never pulls them in.
+
+Errors print one line (``qdq: error: ...``) and exit 2 for bad input, 1 for a failed
+check; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+__all__ = ["main", "register", "CliError"]
+
+_COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable, str, str]] = {}
+
+
+class CliError(Exception):
+    """Bad input or a failed step; printed as one line."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def register(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None],
+             handler: Callable[[argparse.Namespace], int], epilog: str = "") -> None:
+    """Add a subcommand: ``add_arguments(parser)`` declares it, ``handler(args)`` runs it."""
+    _COMMANDS[name] = (add_arguments, handler, help, epilog)
+
+
+def _load_commands() -> None:
+    """Import every ``qdq/cli/cmd_*.py``; importing a module registers its command."""
+    import importlib
+    import pkgutil
+
+    import qdq.cli as package
+
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+        if info.name.startswith("cmd_"):
+            importlib.import_module(f"qdq.cli.{info.name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    _load_commands()
+    parser = argparse.ArgumentParser(
+        prog="qdq",
+        description="Explicit (Q/DQ) INT8 quantization of PyTorch models for TensorRT.",
+        epilog="Run 'qdq COMMAND --help' for a command's options and examples.",
+    )
+    from qdq import __version__
+
+    parser.add_argument("--version", action="version", version=f"qdq {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (add_arguments, _handler, help_text, epilog) in _COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--quiet", action="store_true", help="print only results and errors")
+        p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+        add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO,
+        format="%(message)s",
+    )
+    _, handler, _, _ = _COMMANDS[args.command]
+    try:
+        return int(handler(args) or 0)
+    except KeyboardInterrupt:
+        print("qdq: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the CLI turns every failure into one line
+        if getattr(args, "debug", False):
+            raise
+        code = err.code if isinstance(err, CliError) else 2
+        print(f"qdq: error: {err}", file=sys.stderr)
+        return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

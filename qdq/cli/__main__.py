@@ -1,0 +1,5 @@
+import sys
+
+from qdq.cli import main
+
+sys.exit(main())

@@ -1,0 +1,125 @@
+"""``QuantDescriptor``: how one tensor is quantized, as a small validated value object.
+
+A descriptor is pure configuration. ``TensorQuantizer`` reads it once at construction;
+changing a descriptor later changes nothing already built.
+
+Example::
+
+    >>> QuantDescriptor(num_bits=8, axis=0).to_dict()["axis"]
+    0
+    >>> QuantDescriptor(calib_method="histogram").calib_method
+    'histogram'
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+__all__ = ["QuantDescriptor", "ScaledQuantDescriptor", "CALIB_METHODS"]
+
+CALIB_METHODS = ("max", "histogram")
+
+
+@dataclass(frozen=True)
+class QuantDescriptor:
+    """Configuration of one quantizer.
+
+    Args:
+        num_bits: integer width, 2..16 (8 for TensorRT).
+        name: optional label, carried into summaries.
+        fake_quant: quantize-dequantize (True) or return integer values (False).
+        axis: ``None`` for per-tensor; an int or a tuple of ints for the axes that keep
+            their own amax (per-channel). Weights of Conv/Linear use 0, ConvTranspose 1.
+        amax: a fixed amax (float, or a list for per-channel) instead of calibration.
+        learn_amax: make amax a trainable parameter (QAT).
+        unsigned: quantize to [0, 2^b - 1]; inputs must be non-negative.
+        narrow_range: use [-(2^(b-1)-1), 2^(b-1)-1] instead of [-2^(b-1), 2^(b-1)-1].
+        calib_method: ``"max"`` or ``"histogram"``.
+        num_bins: bins of the histogram calibrator.
+        skip_zeros: the histogram calibrator ignores exact zeros (e.g. after ReLU).
+    """
+
+    num_bits: int = 8
+    name: str | None = None
+    fake_quant: bool = True
+    axis: int | tuple[int, ...] | None = None
+    amax: float | tuple[float, ...] | None = None
+    learn_amax: bool = False
+    unsigned: bool = False
+    narrow_range: bool = False
+    calib_method: str = "max"
+    num_bins: int = 2048
+    skip_zeros: bool = False
+
+    def __post_init__(self) -> None:
+        label = f"QuantDescriptor{f' {self.name!r}' if self.name else ''}"
+        if isinstance(self.num_bits, bool) or not isinstance(self.num_bits, int):
+            raise TypeError(f"{label}: num_bits must be an int, got {self.num_bits!r}")
+        if not 2 <= self.num_bits <= 16:
+            raise ValueError(f"{label}: num_bits must be in 2..16, got {self.num_bits}")
+        if self.calib_method not in CALIB_METHODS:
+            raise ValueError(
+                f"{label}: calib_method must be one of {CALIB_METHODS}, got {self.calib_method!r}"
+            )
+        if isinstance(self.axis, list):
+            object.__setattr__(self, "axis", tuple(self.axis))
+        if self.axis is not None:
+            axes = self.axis if isinstance(self.axis, tuple) else (self.axis,)
+            if not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
+                raise TypeError(f"{label}: axis must be None, an int or ints, got {self.axis!r}")
+        if self.amax is not None:
+            values = self.amax if isinstance(self.amax, (list, tuple)) else (self.amax,)
+            values = tuple(float(v) for v in values)
+            bad = [v for v in values if not (math.isfinite(v) and v > 0)]
+            if bad:
+                raise ValueError(f"{label}: amax must be positive and finite, got {bad[0]}")
+            object.__setattr__(
+                self, "amax", values if isinstance(self.amax, (list, tuple)) else values[0]
+            )
+        if self.unsigned and self.narrow_range:
+            raise ValueError(f"{label}: narrow_range applies to signed quantization only")
+        if not isinstance(self.num_bins, int) or self.num_bins < 128:
+            raise ValueError(f"{label}: num_bins must be an int >= 128, got {self.num_bins!r}")
+
+    @property
+    def per_channel(self) -> bool:
+        return self.axis is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python dict (JSON/YAML friendly); ``from_dict`` inverts it exactly."""
+        d = asdict(self)
+        if isinstance(d["axis"], tuple):
+            d["axis"] = list(d["axis"])
+        if isinstance(d["amax"], tuple):
+            d["amax"] = list(d["amax"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantDescriptor:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"QuantDescriptor.from_dict: unknown keys {sorted(unknown)}")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> QuantDescriptor:
+        return replace(self, **changes)
+
+    # pytorch-quantization spelled this ``dict()``.
+    dict = to_dict
+
+
+#: pytorch-quantization exposed a second name for the same class.
+ScaledQuantDescriptor = QuantDescriptor
+
+QUANT_DESC_8BIT_PER_TENSOR = QuantDescriptor(num_bits=8)
+QUANT_DESC_UNSIGNED_8BIT_PER_TENSOR = QuantDescriptor(num_bits=8, unsigned=True)
+QUANT_DESC_8BIT_CONV1D_WEIGHT_PER_CHANNEL = QuantDescriptor(num_bits=8, axis=0)
+QUANT_DESC_8BIT_CONV2D_WEIGHT_PER_CHANNEL = QuantDescriptor(num_bits=8, axis=0)
+QUANT_DESC_8BIT_CONV3D_WEIGHT_PER_CHANNEL = QuantDescriptor(num_bits=8, axis=0)
+QUANT_DESC_8BIT_LINEAR_WEIGHT_PER_ROW = QuantDescriptor(num_bits=8, axis=0)
+QUANT_DESC_8BIT_CONVTRANSPOSE1D_WEIGHT_PER_CHANNEL = QuantDescriptor(num_bits=8, axis=1)
+QUANT_DESC_8BIT_CONVTRANSPOSE2D_WEIGHT_PER_CHANNEL = QuantDescriptor(num_bits=8, axis=1)
+QUANT_DESC_8BIT_CONVTRANSPOSE3D_WEIGHT_PER_CHANNEL = QuantDescriptor(num_bits=8, axis=1)

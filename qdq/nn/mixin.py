@@ -1,0 +1,113 @@
+"""``QuantMixin``: the one mechanism every quant layer uses to own its quantizers.
+
+A quant layer subclasses its float layer and this mixin, calls ``init_quantizer`` in
+``__init__`` and runs its inputs and weight through ``_input_quantizer`` and
+``_weight_quantizer`` in ``forward``. Defaults are per class and can be changed with
+``set_default_quant_desc_input/weight`` (pytorch-quantization's API).
+
+Example (a custom layer)::
+
+    class QuantScaledLinear(nn.Linear, QuantMixin):
+        def __init__(self, *args, quant_desc_input=None, quant_desc_weight=None, **kw):
+            super().__init__(*args, **kw)
+            self.init_quantizer(quant_desc_input, quant_desc_weight)
+
+        def forward(self, x):
+            return 2.0 * F.linear(self._input_quantizer(x),
+                                  self._weight_quantizer(self.weight), self.bias)
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from qdq.descriptor import QuantDescriptor
+from qdq.quantizer import TensorQuantizer
+
+__all__ = ["QuantMixin", "QuantInputMixin", "DEFAULT_INPUT_DESC", "DEFAULT_WEIGHT_DESC"]
+
+DEFAULT_INPUT_DESC = QuantDescriptor(num_bits=8, calib_method="max")
+DEFAULT_WEIGHT_DESC = QuantDescriptor(num_bits=8, axis=0, calib_method="max")
+
+
+def _check_desc(value, what: str, owner: type) -> QuantDescriptor:
+    if not isinstance(value, QuantDescriptor):
+        raise TypeError(
+            f"{owner.__name__}: {what} must be a QuantDescriptor, got {type(value).__name__}"
+        )
+    return value
+
+
+class QuantInputMixin:
+    """Owns ``_input_quantizer`` (layers with no weight, e.g. pooling)."""
+
+    default_quant_desc_input: QuantDescriptor = DEFAULT_INPUT_DESC
+    _float_cls: type[nn.Module]
+
+    @classmethod
+    def set_default_quant_desc_input(cls, value: QuantDescriptor) -> None:
+        cls.default_quant_desc_input = _check_desc(value, "quant_desc_input", cls)
+
+    def init_quantizer(self, quant_desc_input: QuantDescriptor | None = None) -> None:
+        desc = quant_desc_input if quant_desc_input is not None else self.default_quant_desc_input
+        self._input_quantizer = TensorQuantizer(_check_desc(desc, "quant_desc_input", type(self)))
+
+    @property
+    def input_quantizer(self) -> TensorQuantizer:
+        return self._input_quantizer
+
+    @classmethod
+    def from_float(cls, module: nn.Module, quant_desc_input: QuantDescriptor | None = None,
+                   **descs) -> nn.Module:
+        """The quant twin of ``module``, sharing its parameters, buffers and hooks."""
+        twin = _twin_shell(cls, module)
+        twin.init_quantizer(quant_desc_input, **descs)
+        return twin
+
+
+class QuantMixin(QuantInputMixin):
+    """Owns ``_input_quantizer`` and ``_weight_quantizer`` (Conv, Linear, ...)."""
+
+    default_quant_desc_weight: QuantDescriptor = DEFAULT_WEIGHT_DESC
+
+    @classmethod
+    def set_default_quant_desc_weight(cls, value: QuantDescriptor) -> None:
+        cls.default_quant_desc_weight = _check_desc(value, "quant_desc_weight", cls)
+
+    def init_quantizer(self, quant_desc_input: QuantDescriptor | None = None,
+                       quant_desc_weight: QuantDescriptor | None = None) -> None:
+        super().init_quantizer(quant_desc_input)
+        desc = (quant_desc_weight if quant_desc_weight is not None
+                else self.default_quant_desc_weight)
+        self._weight_quantizer = TensorQuantizer(
+            _check_desc(desc, "quant_desc_weight", type(self))
+        )
+
+    @property
+    def weight_quantizer(self) -> TensorQuantizer:
+        return self._weight_quantizer
+
+    @classmethod
+    def from_float(cls, module: nn.Module, quant_desc_input: QuantDescriptor | None = None,
+                   quant_desc_weight: QuantDescriptor | None = None) -> nn.Module:
+        twin = _twin_shell(cls, module)
+        twin.init_quantizer(quant_desc_input, quant_desc_weight)
+        return twin
+
+
+def _twin_shell(cls: type, module: nn.Module) -> nn.Module:
+    """A ``cls`` instance holding ``module``'s state without running ``__init__``.
+
+    Parameters and buffers are shared, not copied, so the twin keeps the weights, their
+    device and dtype, and any extra attributes the float module carried.
+    """
+    float_cls = getattr(cls, "_float_cls", None)
+    if float_cls is not None and not isinstance(module, float_cls):
+        raise TypeError(f"{cls.__name__}.from_float expects {float_cls.__name__}, "
+                        f"got {type(module).__name__}")
+    twin = cls.__new__(cls)
+    twin.__dict__.update(module.__dict__)
+    for key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
+        if key in module.__dict__:
+            twin.__dict__[key] = type(module.__dict__[key])(module.__dict__[key])
+    return twin

@@ -1,0 +1,393 @@
+"""``TensorQuantizer``: the fake-quant node placed in a model, a small state machine.
+
+States are three switches that combine freely:
+
+=========  ============  =================================================
+``_disabled``  ``_if_calib``  ``_if_quant``   what forward does
+=========  ============  =================================================
+True       any           any            identity (the quantizer is off)
+False      True          False          feed the calibrator, pass x through
+False      True          True           feed the calibrator, fake-quantize
+False      False         True           fake-quantize with amax
+=========  ============  =================================================
+
+amax is a buffer (``_amax``) so it travels with ``state_dict`` and ``.to(device)``;
+before calibration it is an empty tensor. With ``learn_amax`` it becomes a Parameter.
+During ``torch.onnx.export`` the forward pass calls torch's own fake-quantize ops, which
+the exporter turns into ``QuantizeLinear``/``DequantizeLinear``; no global flag is needed.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from qdq.calib import HistogramCalibrator, MaxCalibrator
+from qdq.calib.base import CalibrationError
+from qdq.descriptor import QuantDescriptor
+from qdq.tensor_quant import fake_tensor_quant, quant_bounds, scale_from_amax, tensor_quant
+
+__all__ = ["TensorQuantizer", "QuantizerError"]
+
+
+class QuantizerError(ValueError):
+    """A quantizer was used in a way it cannot honour; the message names it."""
+
+
+class TensorQuantizer(nn.Module):
+    """Quantizes the tensor passing through it, as configured by a ``QuantDescriptor``.
+
+    Args:
+        quant_desc: the configuration; defaults to 8-bit per-tensor max calibration.
+        disabled: start switched off.
+        if_quant: fake-quantize when enabled.
+        if_calib: collect calibration statistics when enabled.
+
+    Example::
+
+        >>> q = TensorQuantizer(QuantDescriptor(calib_method="max"))
+        >>> q.disable_quant(); q.enable_calib()
+        >>> _ = q(torch.randn(4, 8))
+        >>> q.load_calib_amax(); q.enable_quant(); q.disable_calib()
+    """
+
+    #: Kept for pytorch-quantization scripts, which set it before ONNX export. qdq
+    #: detects export by itself; setting it also makes eager mode use torch's ops.
+    use_fb_fake_quant = False
+
+    def __init__(
+        self,
+        quant_desc: QuantDescriptor | None = None,
+        disabled: bool = False,
+        if_quant: bool = True,
+        if_clip: bool = False,
+        if_calib: bool = False,
+    ) -> None:
+        super().__init__()
+        desc = quant_desc if quant_desc is not None else QuantDescriptor()
+        self._descriptor = desc
+        self._num_bits = desc.num_bits
+        self._fake_quant = desc.fake_quant
+        self._axis = desc.axis
+        self._unsigned = desc.unsigned
+        self._narrow_range = desc.narrow_range
+        self._learn_amax = False
+        self._disabled = disabled
+        self._if_quant = if_quant
+        self._if_calib = if_calib
+        self._name: str | None = desc.name
+        self.placed_by: str | None = None  # which rule put this quantizer here (summary)
+        self.register_buffer("_amax", torch.empty(0))
+        if desc.amax is not None:
+            self.amax = torch.tensor(desc.amax, dtype=torch.float32)
+        if desc.calib_method == "histogram":
+            if desc.axis is not None:
+                raise QuantizerError(
+                    f"{self.name}: the histogram calibrator is per tensor; got axis={desc.axis}"
+                )
+            self._calibrator = HistogramCalibrator(
+                desc.num_bits, None, desc.unsigned, num_bins=desc.num_bins,
+                skip_zeros=desc.skip_zeros,
+            )
+        else:
+            self._calibrator = MaxCalibrator(desc.num_bits, desc.axis, desc.unsigned)
+        self._calibrator.owner = self.name
+        if desc.learn_amax:
+            if desc.amax is None:
+                raise QuantizerError(f"{self.name}: learn_amax needs an initial amax")
+            self.init_learn_amax()
+
+    # ----------------------------------------------------------------- identity
+    @property
+    def name(self) -> str:
+        """The module path of this quantizer once a walker has named it."""
+        return self._name or "TensorQuantizer"
+
+    @name.setter
+    def name(self, value: str) -> None:
+        self._name = value
+        if self._calibrator is not None:
+            self._calibrator.owner = value
+
+    @property
+    def descriptor(self) -> QuantDescriptor:
+        return self._descriptor
+
+    @property
+    def num_bits(self) -> int:
+        return self._num_bits
+
+    @property
+    def axis(self):
+        return self._axis
+
+    @property
+    def unsigned(self) -> bool:
+        return self._unsigned
+
+    @property
+    def narrow_range(self) -> bool:
+        return self._narrow_range
+
+    @property
+    def fake_quant(self) -> bool:
+        return self._fake_quant
+
+    @property
+    def learn_amax(self) -> bool:
+        return self._learn_amax
+
+    @property
+    def calibrator(self):
+        return self._calibrator
+
+    # ------------------------------------------------------------------- state
+    @property
+    def is_enabled(self) -> bool:
+        return not self._disabled
+
+    @property
+    def is_quant_enabled(self) -> bool:
+        return not self._disabled and self._if_quant
+
+    @property
+    def is_calib_enabled(self) -> bool:
+        return not self._disabled and self._if_calib
+
+    def enable(self) -> None:
+        self._disabled = False
+
+    def disable(self) -> None:
+        self._disabled = True
+
+    def enable_quant(self) -> None:
+        self._if_quant = True
+
+    def disable_quant(self) -> None:
+        self._if_quant = False
+
+    def enable_calib(self) -> None:
+        if self._calibrator is None:
+            raise QuantizerError(f"{self.name}: has no calibrator")
+        self._if_calib = True
+
+    def disable_calib(self) -> None:
+        self._if_calib = False
+
+    def state(self) -> str:
+        """One word: off, calib, quant, calib+quant or idle."""
+        if self._disabled:
+            return "off"
+        parts = [p for p, on in (("calib", self._if_calib), ("quant", self._if_quant)) if on]
+        return "+".join(parts) or "idle"
+
+    def get_state(self) -> tuple[bool, bool, bool]:
+        return (self._disabled, self._if_quant, self._if_calib)
+
+    def set_state(self, state: tuple[bool, bool, bool]) -> None:
+        self._disabled, self._if_quant, self._if_calib = state
+
+    # -------------------------------------------------------------------- amax
+    @property
+    def amax(self) -> torch.Tensor | None:
+        return None if self._amax.numel() == 0 else self._amax
+
+    @amax.setter
+    def amax(self, value) -> None:
+        self._set_amax(value)
+
+    def _set_amax(self, value, allow_zero: bool = False) -> None:
+        if value is None:
+            self.reset_amax()
+            return
+        value = torch.as_tensor(value, dtype=torch.float32).detach()
+        self._validate_amax(value, allow_zero)
+        value = value.to(self._amax.device)
+        if isinstance(self._amax, nn.Parameter):
+            with torch.no_grad():
+                if self._amax.shape != value.shape:
+                    raise QuantizerError(
+                        f"{self.name}: cannot reshape a learnable amax "
+                        f"{tuple(self._amax.shape)} -> {tuple(value.shape)}"
+                    )
+                self._amax.copy_(value)
+        else:
+            self._amax = value.clone()
+
+    def _validate_amax(self, value: torch.Tensor, allow_zero: bool = False) -> None:
+        if value.numel() == 0:
+            raise QuantizerError(f"{self.name}: amax is empty")
+        if not bool(torch.isfinite(value).all()):
+            bad = value[~torch.isfinite(value)].flatten()[0].item()
+            raise QuantizerError(f"{self.name}: amax must be finite, got {bad}")
+        zero_ok = allow_zero or self._axis is not None
+        if not zero_ok and value.numel() == 1 and float(value.reshape(())) <= 0:
+            raise QuantizerError(f"{self.name}: amax must be positive, got {float(value):g}")
+        if bool((value < 0).any()):
+            raise QuantizerError(
+                f"{self.name}: amax must not be negative, got {value.min().item():g}"
+            )
+
+    def reset_amax(self) -> None:
+        self._learn_amax = False
+        if "_amax" in self._parameters:
+            del self._parameters["_amax"]
+        device = self._amax.device if hasattr(self, "_amax") else None
+        self.register_buffer("_amax", torch.empty(0, device=device))
+
+    @property
+    def scale(self) -> torch.Tensor | None:
+        """Step size (``amax / 127`` for 8-bit signed): what QuantizeLinear stores."""
+        amax = self.amax
+        return None if amax is None else scale_from_amax(
+            amax, self._num_bits, self._unsigned, self._narrow_range
+        )
+
+    step_size = scale
+
+    def load_calib_amax(self, method: str | None = None, strict: bool = True, **kwargs) -> None:
+        """Compute amax with the calibrator and store it.
+
+        ``method`` is for the histogram calibrator: ``"entropy"``, ``"percentile"``
+        (``percentile=99.99``), ``"mse"`` or ``"max"``. With ``strict=False`` a quantizer
+        that saw no data keeps its amax instead of raising.
+        """
+        if self._calibrator is None:
+            raise QuantizerError(f"{self.name}: has no calibrator")
+        try:
+            if isinstance(self._calibrator, HistogramCalibrator):
+                amax = self._calibrator.compute_amax(method or "entropy", **kwargs)
+            else:
+                if method not in (None, "max"):
+                    raise QuantizerError(
+                        f"{self.name}: the max calibrator has no method {method!r} "
+                        "(use calib_method='histogram' for entropy/percentile/mse)"
+                    )
+                amax = self._calibrator.compute_amax()
+        except CalibrationError as err:
+            if not strict and "no data" in str(err):
+                return
+            raise
+        if amax is None:
+            if strict:
+                raise QuantizerError(
+                    f"{self.name}: load_calib_amax called but the calibrator saw no data; "
+                    "run calibration batches with enable_calib() first, or pass strict=False"
+                )
+            return
+        amax = amax.detach().float()
+        if not bool(torch.isfinite(amax).all()):
+            raise QuantizerError(f"{self.name}: calibrated amax is not finite")
+        if self._axis is None and float(amax) <= 0:
+            warnings.warn(
+                f"{self.name}: every calibration value was 0; amax is 0 and exports the "
+                "smallest positive scale", stacklevel=2)
+        self._set_amax(amax, allow_zero=True)
+
+    def init_learn_amax(self) -> None:
+        """Turn amax into a trainable Parameter (QAT with learned ranges)."""
+        amax = self.amax
+        if amax is None:
+            raise QuantizerError(f"{self.name}: init_learn_amax needs amax; calibrate first")
+        del self._buffers["_amax"]
+        self._amax = nn.Parameter(amax.detach().clone().float())
+        self._learn_amax = True
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs):
+        key = prefix + "_amax"
+        if key in state_dict:
+            value = state_dict[key]
+            current = self._amax
+            if value.shape != current.shape:
+                # An uncalibrated quantizer (empty amax) takes the calibrated value's shape,
+                # on the device this quantizer already lives on.
+                if isinstance(current, nn.Parameter):
+                    self._amax = nn.Parameter(value.detach().to(current.device, torch.float32))
+                else:
+                    self._amax = value.detach().to(current.device, torch.float32).clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._disabled:
+            return x
+        if self._if_calib:
+            self._calibrator.collect(x)
+        if not self._if_quant:
+            return x
+        amax = self.amax
+        if amax is None:
+            raise QuantizerError(
+                f"{self.name}: quantization is enabled but amax is not set; calibrate "
+                "(enable_calib, run data, load_calib_amax) or disable_quant() first"
+            )
+        if amax.device != x.device:
+            amax = amax.to(x.device)
+        if not self._fake_quant:
+            q, _ = tensor_quant(x, amax, self._num_bits, self._unsigned, self._narrow_range)
+            return q
+        if torch.onnx.is_in_onnx_export() or type(self).use_fb_fake_quant:
+            return self._torch_fake_quant(x, amax)
+        return fake_tensor_quant(x, amax, self._num_bits, self._unsigned, self._narrow_range)
+
+    def _torch_fake_quant(self, x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+        """torch's own fake-quant ops, which the ONNX exporter maps to Q/DQ (opset 13)."""
+        if self._num_bits != 8:
+            raise QuantizerError(f"{self.name}: ONNX Q/DQ needs 8 bits, got {self._num_bits}")
+        qmin, qmax, _ = quant_bounds(8, self._unsigned, self._narrow_range)
+        scale = scale_from_amax(amax, 8, self._unsigned, self._narrow_range)
+        dtype = x.dtype
+        xf = x.float() if dtype != torch.float32 else x
+        if self._narrow_range:
+            # The exporter accepts only the full int8 range: clip to -127 steps first
+            # (an ONNX Clip), so the graph never produces -128 either.
+            lowest = scale * qmin
+            if self._axis is not None:
+                lowest = _channel_view(lowest, x, self._axis)
+            xf = torch.maximum(xf, lowest)
+            qmin = -128
+        if self._axis is None:
+            zp = torch.zeros((), dtype=torch.int32, device=x.device)
+            out = torch.fake_quantize_per_tensor_affine(xf, scale.reshape(()), zp, qmin, qmax)
+        else:
+            axis = self._axis if isinstance(self._axis, int) else self._axis[0]
+            axis = axis % x.dim()
+            zp = torch.zeros(scale.numel(), dtype=torch.int32, device=x.device)
+            out = torch.fake_quantize_per_channel_affine(
+                xf, scale.reshape(-1), zp, axis, qmin, qmax
+            )
+        return out.to(dtype) if dtype != torch.float32 else out
+
+    # --------------------------------------------------------------------- repr
+    def _amax_text(self) -> str:
+        amax = self.amax
+        if amax is None:
+            return "amax=None"
+        amax = amax.detach()
+        if amax.numel() == 1:
+            return f"amax={float(amax):.4g}"
+        return f"amax=[{amax.min().item():.4g}, {amax.max().item():.4g}]({amax.numel()})"
+
+    def extra_repr(self) -> str:
+        bits = f"{self._num_bits}bit{' unsigned' if self._unsigned else ''}"
+        if self._narrow_range:
+            bits += " narrow"
+        axis = "per-tensor" if self._axis is None else f"axis={self._axis}"
+        calib = type(self._calibrator).__name__ if self._calibrator is not None else "-"
+        learn = " learn_amax" if self._learn_amax else ""
+        return f"{bits} {axis} {self._amax_text()} calib={calib} state={self.state()}{learn}"
+
+    def __repr__(self) -> str:
+        return f"TensorQuantizer({self.extra_repr()})"
+
+
+def _channel_view(t: torch.Tensor, x: torch.Tensor, axis) -> torch.Tensor:
+    """Reshape a per-channel tensor so it broadcasts along ``axis`` of ``x``."""
+    axis = (axis if isinstance(axis, int) else axis[0]) % x.dim()
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return t.reshape(shape)

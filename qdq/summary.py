@@ -1,0 +1,109 @@
+"""``summary(model)``: every quantizer of a model as rows, or as a text table.
+
+A row tells where the quantizer sits (module path and role), how it quantizes (bits,
+axis), what it learned (amax range), how it calibrates, its state, which other module
+paths share the same quantizer object and which placement rule put it there.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+from qdq.quantizer import TensorQuantizer
+from qdq.replace import name_quantizers
+
+__all__ = ["QuantizerRow", "summary", "summary_rows"]
+
+_ROLE = re.compile(r"_?(?P<role>[a-z0-9_]+?)_quantizers?$")
+
+
+@dataclass
+class QuantizerRow:
+    name: str
+    module: str
+    role: str
+    bits: int
+    axis: str
+    amax_min: float | None
+    amax_max: float | None
+    calibrator: str
+    state: str
+    shared_with: list[str] = field(default_factory=list)
+    placed_by: str | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _split(name: str) -> tuple[str, str]:
+    parts = name.split(".")
+    # ModuleList members look like "lstm._hidden_quantizers.0"
+    if parts[-1].isdigit() and len(parts) > 1:
+        attr, index = parts[-2], parts[-1]
+        module = ".".join(parts[:-2])
+        m = _ROLE.match(attr)
+        return module, f"{m.group('role') if m else attr}[{index}]"
+    module = ".".join(parts[:-1])
+    m = _ROLE.match(parts[-1])
+    return module, m.group("role") if m else parts[-1]
+
+
+def summary_rows(model: nn.Module) -> list[QuantizerRow]:
+    """One row per distinct quantizer, in model order."""
+    name_quantizers(model)
+    names: dict[int, list[str]] = {}
+    objects: dict[int, TensorQuantizer] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, TensorQuantizer):
+            names.setdefault(id(module), []).append(name)
+            objects[id(module)] = module
+    rows = []
+    for key, q in objects.items():
+        first, *others = names[key]
+        module, role = _split(first)
+        amax = q.amax
+        rows.append(QuantizerRow(
+            name=first,
+            module=module,
+            role=role,
+            bits=q.num_bits,
+            axis="tensor" if q.axis is None else str(q.axis),
+            amax_min=None if amax is None else float(amax.min()),
+            amax_max=None if amax is None else float(amax.max()),
+            calibrator=type(q.calibrator).__name__.replace("Calibrator", "").lower()
+            if q.calibrator is not None else "-",
+            state=q.state(),
+            shared_with=others,
+            placed_by=q.placed_by,
+        ))
+    return rows
+
+
+def _fmt_amax(row: QuantizerRow) -> str:
+    if row.amax_min is None:
+        return "-"
+    if row.amax_min == row.amax_max:
+        return f"{row.amax_max:.4g}"
+    return f"{row.amax_min:.3g}..{row.amax_max:.3g}"
+
+
+def summary(model: nn.Module) -> str:
+    """A text table of :func:`summary_rows`, with a count line at the end."""
+    rows = summary_rows(model)
+    header = ["module", "role", "bits", "axis", "amax", "calib", "state", "shared", "rule"]
+    table = [header] + [[
+        r.module or "(root)", r.role, str(r.bits), r.axis, _fmt_amax(r), r.calibrator, r.state,
+        ",".join(r.shared_with) if r.shared_with else "", r.placed_by or "",
+    ] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+             for line in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    on = sum(r.state != "off" for r in rows)
+    calibrated = sum(r.amax_max is not None for r in rows)
+    lines.append(f"{len(rows)} quantizers: {on} enabled, {calibrated} with amax, "
+                 f"{sum(bool(r.shared_with) for r in rows)} shared")
+    return "\n".join(lines)
