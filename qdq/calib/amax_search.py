@@ -167,9 +167,11 @@ def percentile_amax(counts: torch.Tensor, bin_width, percentile: float = 99.99) 
         raise CalibrationError(f"percentile must be in (0, 100], got {percentile!r}")
     _require_mass(counts)
     cum = torch.cumsum(counts, 0)
-    # Integer counts compared in float64: exact below 2^53 counts.
-    need = percentile / 100.0 * cum[-1].to(torch.float64)
-    i = torch.searchsorted(cum.to(torch.float64), need.reshape(1)).reshape(()) + 1
+    # 100 * count against percentile * total, in float64: the left side is exact below
+    # 2^53 / 100 counts, the right side rounds once (so 99.9 % of 200000 is 199800).
+    cum100 = cum.to(torch.float64) * 100.0
+    need = (cum100[-1] / 100.0 * percentile).reshape(1)
+    i = torch.searchsorted(cum100, need).reshape(()) + 1
     return _amax_at(torch.clamp(i, max=counts.numel()), bin_width, counts.device)
 
 
