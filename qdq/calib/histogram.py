@@ -232,18 +232,14 @@ def _exponent_above(value: torch.Tensor) -> torch.Tensor:
 
 
 def _add_counts(counts: torch.Tensor, scaled: torch.Tensor, num_bins: int) -> None:
-    """``counts[floor(v)] += 1`` for every ``v`` of ``scaled`` (all in ``[0, num_bins)``)."""
-    if counts.device.type == "cpu":
-        # bincount on the narrowest integer type is the fastest exact counter on a CPU
-        # (and a CPU has no sync to avoid).
-        itype = torch.int16 if num_bins <= 1 << 15 else torch.int32
-        idx = _scratch(scaled.numel(), itype, scaled.device, slot=1)
-        idx.copy_(scaled)                       # truncation = floor for v >= 0
-        counts.add_(torch.bincount(idx, minlength=num_bins))
-    else:
-        idx = scaled.to(torch.int64)
-        counts.index_add_(0, idx, torch.ones((), dtype=torch.int64,
-                                             device=counts.device).expand(idx.numel()))
+    """``counts[floor(v)] += 1`` for every ``v`` of ``scaled`` (all in ``[0, num_bins)``).
+
+    ``index_add_`` into the int64 counts: exact, no sync on a GPU (unlike ``bincount``,
+    which also makes two extra passes for its min and max on a CPU)."""
+    idx = _scratch(scaled.numel(), torch.int32, scaled.device, slot=1)
+    idx.copy_(scaled)                           # truncation = floor for v >= 0
+    ones = torch.ones((), dtype=torch.int64, device=counts.device).expand(idx.numel())
+    counts.index_add_(0, idx, ones)
 
 
 _SCRATCH = threading.local()
