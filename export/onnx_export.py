@@ -17,6 +17,7 @@ a copy of the model, so the caller's model is never changed:
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -66,6 +67,32 @@ def _as_tuple(example_inputs) -> tuple:
         return tuple(example_inputs)
     raise ExportError(f"example_inputs must be a tensor or a tuple of tensors, "
                       f"got {type(example_inputs).__name__}")
+
+
+class _PositionalOnly(nn.Module):
+    """Calls the model with exactly the traced tensors.
+
+    The TorchScript exporter fills unspecified ``forward`` parameters from their defaults
+    and traces them as tensors: ``TransformerEncoderLayer(is_causal=False)`` then fails
+    with "is_causal must be bool, not Tensor". Behind this wrapper the defaults stay Python
+    values.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args):
+        return self.model(*args)
+
+
+def _needs_wrapper(model: nn.Module, n_args: int) -> bool:
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) > n_args or any(p.kind == p.KEYWORD_ONLY for p in params)
 
 
 def _fold(model: nn.Module, args: tuple) -> list[str]:
@@ -207,6 +234,7 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, opset:
     dynamic_axes = ({name: {0: "batch"} for name in [*input_names, *output_names]}
                     if dynamic_batch else None)
 
+    traced = _PositionalOnly(work) if _needs_wrapper(work, len(args)) else work
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -214,12 +242,12 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, opset:
         try:
             if dynamo:
                 program = torch.onnx.export(
-                    work, args, dynamo=True, input_names=input_names,
+                    traced, args, dynamo=True, input_names=input_names,
                     output_names=output_names,
                     dynamic_shapes=_dynamo_shapes(args) if dynamic_batch else None)
                 program.save(str(tmp))
             else:
-                torch.onnx.export(work, args, str(tmp), opset_version=opset, dynamo=False,
+                torch.onnx.export(traced, args, str(tmp), opset_version=opset, dynamo=False,
                                   input_names=input_names, output_names=output_names,
                                   dynamic_axes=dynamic_axes, do_constant_folding=True)
         except ExportError:

@@ -93,7 +93,7 @@ class QuantizerFlips:
 @dataclass
 class VerifyReport:
     onnx_path: Path
-    batch: int
+    shapes: list[list[int]]
     outputs: list[OutputDiff]
     forced_outputs: list[OutputDiff] = field(default_factory=list)
     quantizers: list[QuantizerFlips] = field(default_factory=list)
@@ -137,7 +137,7 @@ class VerifyReport:
                 and forced is not None and forced <= rel_l2)
 
     def __str__(self) -> str:
-        lines = [f"ONNX Runtime vs PyTorch on {self.onnx_path.name}, batch {self.batch}",
+        lines = [f"ONNX Runtime vs PyTorch on {self.onnx_path.name}, inputs {self.shapes}",
                  "free run (both from the same inputs):"]
         lines += [f"  {o.line()}" for o in self.outputs]
         if self.noise_floor_rel_l2 is not None:
@@ -150,11 +150,13 @@ class VerifyReport:
             n = len(self.quantizers)
             flipped = [q for q in self.quantizers if q.flips]
             worst = max((q.max_boundary_distance for q in flipped), default=0.0)
+            verdict = ("none" if not flipped else
+                       f"every one a one-step flip within {worst:.2g} steps of a k+0.5 boundary"
+                       if self.only_boundary_flips else "NOT all are one-step boundary flips")
             lines.append(
                 f"  {n} activation quantizer calls: Q/DQ mismatches on identical input "
                 f"{self.qdq_mismatches}; {self.flips} rounding flips in {len(flipped)} of "
-                f"them, every one {'a' if self.only_boundary_flips else 'NOT only a'} "
-                f"one-step flip within {worst:.2g} steps of a k+0.5 boundary")
+                f"them: {verdict}")
             lines.append(f"  {'quantizer':<44} {'elements':>9} {'flips':>6} "
                          f"{'to bound.':>9} {'free diff':>9}")
             for q in self.quantizers:
@@ -467,7 +469,7 @@ def verify(model: nn.Module, onnx_path: str | os.PathLike, inputs, *, forced: bo
         raise VerifyError(f"PyTorch returns {len(free)} outputs, the ONNX model "
                           f"{len(ort_outputs)}")
     report = VerifyReport(
-        Path(onnx_path), int(args[0].shape[0]) if args[0].dim() else 1,
+        Path(onnx_path), [list(a.shape) for a in args],
         [_diff(n, o, f.float().cpu().numpy(), steps.get(n), classifier)
          for n, o, f in zip(output_names, ort_outputs, free, strict=True)])
 
