@@ -20,6 +20,7 @@ Example::
     report.write("runs/sensitivity")
 """
 
+from sensitivity import evaluate
 from sensitivity.calibrate import CalibrationSummary, calibrate
 from sensitivity.compare import CalibratorComparison, compare_calibrators
 from sensitivity.errors import SensitivityError
@@ -30,7 +31,7 @@ from sensitivity.report import LayerRow, SensitivityReport
 from sensitivity.sweep import sweep
 
 __all__ = [
-    "calibrate", "CalibrationSummary", "compare_calibrators", "CalibratorComparison",
+    "evaluate", "calibrate", "CalibrationSummary", "compare_calibrators", "CalibratorComparison",
     "SensitivityError", "Layer", "find_layers", "partial_quantize", "PartialResult",
     "proxy_ranking", "ProxyReport", "spearman", "sweep", "SensitivityReport", "LayerRow",
 ]
