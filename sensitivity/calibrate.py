@@ -198,7 +198,8 @@ def collect_statistics(model: nn.Module, data: Iterable, num_batches: int | None
     if batches == 0:
         raise SensitivityError("calibration data is empty: the iterable gave no batch")
     if _distributed_world(group) > 1:
-        seen = _merge_across_ranks(named, seen, target, group)
+        seen, batches, samples = _merge_across_ranks(named, seen, batches, samples, target,
+                                                     group)
     return [(n, q) for (n, q), count in zip(named, seen.tolist(), strict=True) if count], \
         batches, samples
 
@@ -210,8 +211,10 @@ def _counter(seen: torch.Tensor, i: int):
 
 
 def _merge_across_ranks(named: list[tuple[str, TensorQuantizer]], seen: torch.Tensor,
-                        target: torch.device, group) -> torch.Tensor:
-    """All-reduce every calibrator; returns how many batches reached each quantizer.
+                        batches: int, samples: int, target: torch.device,
+                        group) -> tuple[torch.Tensor, int, int]:
+    """All-reduce every calibrator; returns the counts (per quantizer, batches, samples)
+    summed over ranks.
 
     Every rank must reduce the same quantizers in the same order, so which quantizers saw
     data is agreed first (min and max over ranks) and the same decision is taken on all.
@@ -232,9 +235,10 @@ def _merge_across_ranks(named: list[tuple[str, TensorQuantizer]], seen: torch.Te
     for (_, q), count in zip(named, high.tolist(), strict=True):
         if count:
             q.calibrator.all_reduce(group)
-    total = seen.to(device).clone()
+    total = torch.cat([seen, torch.tensor([batches, samples])]).to(device)
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-    return total.cpu()
+    total = total.cpu()
+    return total[:-2], int(total[-2]), int(total[-1])
 
 
 def load_amax(named: list[tuple[str, TensorQuantizer]], amax_method: str = "max",
