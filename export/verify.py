@@ -86,8 +86,10 @@ class QuantizerFlips:
 
     @property
     def boundary_only(self) -> bool:
-        return self.flips == 0 or (self.max_flip_steps <= 1
-                                   and self.max_boundary_distance <= BOUNDARY_TOL_STEPS)
+        """Inputs agree to float noise and every flip is one step at a k+0.5 boundary."""
+        return self.max_input_diff_steps <= BOUNDARY_TOL_STEPS and (
+            self.flips == 0 or (self.max_flip_steps <= 1
+                                and self.max_boundary_distance <= BOUNDARY_TOL_STEPS))
 
 
 @dataclass
@@ -134,7 +136,7 @@ class VerifyReport:
         """Same function: exact Q/DQ, boundary flips only, forced outputs within ``rel_l2``."""
         forced = self.forced_rel_l2
         return (self.qdq_mismatches == 0 and self.only_boundary_flips
-                and forced is not None and forced <= rel_l2)
+                and not self.unmatched_quantizers and forced is not None and forced <= rel_l2)
 
     def __str__(self) -> str:
         lines = [f"ONNX Runtime vs PyTorch on {self.onnx_path.name}, inputs {self.shapes}",
@@ -165,7 +167,8 @@ class VerifyReport:
                 lines.append(f"  {q.name[:44]:<44} {q.elements:>9} {q.flips:>6} {bound:>9} "
                              f"{free:>9}")
         if self.unmatched_quantizers:
-            lines.append(f"  not matched to Q nodes: {', '.join(self.unmatched_quantizers[:6])}")
+            lines.append("  no Q node of the same shape and scale for: "
+                         + ", ".join(self.unmatched_quantizers[:6]))
         return "\n".join(lines)
 
 
