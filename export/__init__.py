@@ -8,10 +8,12 @@
     print(verify(model, "model.onnx", batch))
 """
 
+from export.lint import Finding, LintError, check_qdq, format_findings
 from export.onnx_export import ExportError, ExportResult, fold_constants, to_onnx
 from export.verify import VerifyError, VerifyReport, verify
 
 __all__ = [
+    "Finding", "LintError", "check_qdq", "format_findings",
     "ExportError", "ExportResult", "fold_constants", "to_onnx",
     "VerifyError", "VerifyReport", "verify",
 ]

@@ -38,6 +38,8 @@ import onnx
 import torch
 from torch import nn
 
+from export.onnx_io import constant_values
+from export.onnx_io import load_onnx as _load
 from qdq import quantizers as iter_quantizers
 
 __all__ = ["VerifyError", "VerifyReport", "OutputDiff", "QuantizerFlips", "verify",
@@ -174,17 +176,8 @@ class VerifyReport:
 
 # --------------------------------------------------------------------------- loading
 def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load and check an ONNX file; one clear error for a missing or corrupt file."""
-    path = Path(path)
-    if not path.is_file():
-        raise VerifyError(f"ONNX file {path}: no such file")
-    try:
-        model = onnx.load(str(path))
-    except Exception as err:  # noqa: BLE001 - any parse failure gets one message
-        raise VerifyError(f"ONNX file {path}: not a readable ONNX model ({_first(err)})") from err
-    if not model.graph.node:
-        raise VerifyError(f"ONNX file {path}: the graph has no nodes")
-    return model
+    """Load an ONNX file; a missing or corrupt file raises one VerifyError naming it."""
+    return _load(path, error=VerifyError)
 
 
 def ort_session(model: onnx.ModelProto | str | os.PathLike, threads: int | None = None):
@@ -292,17 +285,7 @@ def _other_kernels():
         yield
 
 
-def _constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    """Initializers and Constant node outputs by name."""
-    from onnx import numpy_helper
-
-    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.attribute:
-            attr = node.attribute[0]
-            if attr.name == "value":
-                values[node.output[0]] = numpy_helper.to_array(attr.t)
-    return values
+_constant_values = constant_values
 
 
 def _output_scales(graph: onnx.GraphProto, consts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
