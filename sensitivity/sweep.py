@@ -275,7 +275,7 @@ def _build_report(mode: str, chosen: list[Layer], done: dict[str, dict[str, Any]
             row.delta, row.sensitivity = sensitivity_score(mode, row.metric, fp32, int8,
                                                            higher_is_better)
         rows.append(row)
-    times = [r["seconds"] for r in done.values() if r["status"] == "ok"]
+    times = [r["seconds"] for r in done.values() if r["status"] == "ok" and r.get("seconds")]
     return SensitivityReport(
         mode=mode, fp32=fp32, int8=int8, rows=rows, metric_name=metric_name,
         higher_is_better=higher_is_better, seconds=seconds,
