@@ -63,9 +63,10 @@ def _build(config: RunConfig, example: torch.Tensor, device: torch.device) -> to
 def _apply_skip_list(run: Run) -> None:
     skip = run.folder.result("partial").get("skip_layers") or []
     if skip:
-        from sensitivity import disable_layers
+        from sensitivity.layers import find_layers, select_layers
 
-        disable_layers(run.model, skip)
+        for layer in select_layers(find_layers(run.model), skip):
+            layer.disable()
 
 
 def _failed_checks(folder: RunFolder) -> list[str]:
@@ -104,7 +105,7 @@ def _run(config: RunConfig, folder: RunFolder, progress: bool) -> RunResult:
     model = _build(config, inputs.example, device)
     run = Run(config=config, folder=folder, model=model, example=inputs.example,
               calib=inputs.calib, eval_loader=inputs.eval_loader, eval_fn=eval_fn,
-              device=device, data_description=inputs.description)
+              device=device, data_description=inputs.description, progress=progress)
     if config.qat_epochs and config.data.startswith("fashion-mnist"):
         from sensitivity.data import fashion_mnist_loader
 

@@ -128,10 +128,10 @@ def write_report(folder: RunFolder, config: RunConfig, data: str) -> None:
                   f"against a target of {_fmt(partial.get('target'))}.", ""]
     proxy = r("layers").get("proxy") or []
     if proxy:
-        worst = sorted(proxy, key=lambda x: x["sqnr_db"])[:10]
+        worst = [x for x in proxy if x["sqnr_db"] is not None][:10]
         parts += ["## Per-layer SQNR (one pass, no evaluation)", "",
                   _md_table(["layer", "SQNR dB", "output MSE"],
-                            [[x["layer"], x["sqnr_db"], f"{x.get('mse', 0):.3g}"]
+                            [[x["layer"], x["sqnr_db"], f"{x.get('mse') or 0:.3g}"]
                              for x in worst]),
                   "", "![layers](layers.png)", ""]
     if folder.status("qat") == "done":

@@ -42,6 +42,7 @@ class Run:
     eval_fn: Callable[[nn.Module, Iterable], float] | None
     device: torch.device
     data_description: str
+    progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def evaluate(self, model: nn.Module | None = None) -> float:
@@ -97,18 +98,19 @@ def calibrate(run: Run) -> dict[str, Any]:
     names = [cfg.calibrator] if cfg.calibrator else cfg.calibrators
     if len(names) > 1 and run.eval_fn is not None and run.eval_loader is not None:
         comparison = sensitivity.compare_calibrators(
-            run.model, run.calib, lambda m: run.evaluate(m), methods=names,
-            device=run.device)
-        rows = comparison.as_rows()
-        best = comparison.best
-        _plot_calibrators(run, rows, best)
-        result = {"method": best, "comparison": rows}
+            run.model, run.calib, run.evaluate, methods=names, device=run.device,
+            progress=run.progress)
+        comparison.write(run.folder.root)
+        rows = [{"method": r.method, "metric": r.metric, "seconds": round(r.seconds, 2),
+                 "error": r.error} for r in comparison.rows]
+        _plot_calibrators(run, rows, comparison.best)
+        result = {"method": comparison.best, "comparison": rows}
     else:
         method, kwargs = _calibrator_spec(names[0])
         uses_hist = method != "max"
         sensitivity.calibrate(run.model, run.calib, method="histogram" if uses_hist else "max",
                               amax_method=method if uses_hist else None,
-                              device=run.device, **kwargs)
+                              device=run.device, progress=run.progress, **kwargs)
         result = {"method": names[0], "comparison": []}
     run.folder.save_model_state(run.model)
     return result
@@ -124,8 +126,10 @@ def int8(run: Run) -> dict[str, Any]:
 def layers(run: Run) -> dict[str, Any]:
     import sensitivity
 
-    ranking = sensitivity.proxy_ranking(run.model, run.calib, device=run.device)
-    rows = ranking.as_rows()
+    ranking = sensitivity.proxy_ranking(run.model, run.calib, device=run.device,
+                                        progress=run.progress)
+    ranking.write(run.folder.root)
+    rows = ranking.to_dict()["rows"]
     amax = [r.as_dict() for r in qdq.summary_rows(run.model)]
     _plot_layers(run, rows, amax)
     return {"proxy": rows, "quantizers": len(amax)}
@@ -140,11 +144,14 @@ def sweep(run: Run) -> dict[str, Any]:
         raise Skip("sweep disabled (sweep: none)")
     folder = run.folder.path("sensitivity")
     folder.mkdir(exist_ok=True)
-    report = sensitivity.sweep(run.model, lambda m: run.evaluate(m), mode=run.config.sweep,
-                               resume=folder / "rows.jsonl")
+    report = sensitivity.sweep(run.model, run.evaluate, mode=run.config.sweep,
+                               resume=folder / "rows.jsonl", progress=run.progress)
     report.write(folder)
     run.extra["report"] = report
-    return {"folder": "sensitivity", "ranked": report.ranked_layers()[:10]}
+    ranked = [{"layer": r.layer, "metric": r.metric, "delta": r.delta, "status": r.status}
+              for r in report.ranked()]
+    return {"folder": "sensitivity", "fp32": report.fp32, "int8": report.int8,
+            "ranked": ranked[:10]}
 
 
 @stage("partial", "partial quantization to the target drop")
@@ -157,17 +164,19 @@ def partial(run: Run) -> dict[str, Any]:
     target = fp32_metric - run.config.max_drop
     report = run.extra.get("report")
     if report is None and run.folder.status("sweep") == "done":
-        report = sensitivity.load_report(run.folder.path("sensitivity"))
+        report = sensitivity.SensitivityReport.load(run.folder.path("sensitivity"))
     if int8_metric >= target or report is None:
         skip: list[str] = []
         metric = int8_metric
         why = ("already within the target" if int8_metric >= target
                else "no sensitivity report (sweep skipped)")
     else:
-        result = sensitivity.partial_quantize(run.model, report, lambda m: run.evaluate(m),
-                                              target=target)
-        skip, metric = list(result.skip_layers), float(result.metric)
-        why = "returned the most sensitive layers to float"
+        result = sensitivity.partial_quantize(run.model, report, run.evaluate, target=target)
+        skip, metric = list(result.skip), float(result.metric)
+        why = ("returned the most sensitive layers to float" if result.met else
+               "could not reach the target even with every measured layer in float")
+        report.write(run.folder.path("sensitivity"))
+        run.folder.save_model_state(run.model)
     run.folder.write_text("skip_layers.txt", "".join(f"{name}\n" for name in skip))
     return {"skip_layers": skip, "metric": metric, "target": target, "why": why}
 
@@ -182,11 +191,13 @@ def qat(run: Run) -> dict[str, Any]:
     train = run.extra.get("train_loader")
     if train is None:
         raise Skip("the data source has no labelled training split")
-    result = finetune(run.model, train, lambda m: run.evaluate(m), epochs=run.config.qat_epochs,
+    result = finetune(run.model, train, run.evaluate, epochs=run.config.qat_epochs,
                       lr=run.config.qat_lr, device=run.device,
-                      checkpoint=run.folder.path("qat_best.pt"))
+                      checkpoint=run.folder.path("qat_best.pt"), progress=run.progress)
     run.folder.save_model_state(run.model)
-    return {"metric": float(result.best_metric), "epochs": run.config.qat_epochs}
+    return {"metric": float(result.best_score), "epochs": run.config.qat_epochs,
+            "best_epoch": result.best_epoch,
+            "history": [list(h) for h in result.history]}
 
 
 @stage("export", "export ONNX (opset 13, Q/DQ)")
@@ -282,7 +293,7 @@ def _plot_layers(run: Run, proxy: list[dict[str, Any]], amax: list[dict[str, Any
     if not proxy:
         return
     names = [r["layer"] for r in proxy]
-    sqnr = [r["sqnr_db"] for r in proxy]
+    sqnr = [r["sqnr_db"] if r["sqnr_db"] is not None else float("nan") for r in proxy]
     inputs = {r["module"]: r for r in amax if r["quantizer"].endswith("input_quantizer")}
     amax_vals = [inputs.get(n, {}).get("amax_max") or float("nan") for n in names]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 0.28 * len(names) + 1.5), sharey=True)
