@@ -4,7 +4,8 @@
 
 ==================  ================================================================
 report.md           baselines, ranked table, failed layers, skip list, the chart
-rows.jsonl          one JSON object per measured layer (what the sweep streamed)
+rows.jsonl          the sweep's own record (a header, the baselines, one line per
+                    layer): ``sweep(resume=...)`` on it measures nothing again
 sensitivity.csv     the ranked table for spreadsheets
 sensitivity.json    everything, reloadable with ``SensitivityReport.load``
 sensitivity.png     horizontal bars: each layer's delta, ranked, baselines marked
@@ -90,10 +91,6 @@ def _write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:+.{digits}f}" if digits < 0 else f"{value:.{digits}f}"
-
-
 @dataclass
 class SensitivityReport:
     """Baselines and per-layer rows of one sweep (see :data:`MODES`)."""
@@ -116,6 +113,10 @@ class SensitivityReport:
         """Measured rows, most sensitive first; failed rows last, in model order."""
         ok = sorted((r for r in self.rows if r.ok), key=lambda r: -(r.sensitivity or 0.0))
         return ok + [r for r in self.rows if not r.ok]
+
+    def ranked_layers(self) -> list[str]:
+        """Names of the measured layers, most sensitive first."""
+        return [r.layer for r in self.ranked() if r.ok]
 
     @property
     def failed(self) -> list[LayerRow]:
@@ -207,6 +208,15 @@ class SensitivityReport:
         return self.suggested_skip(), ("suggested (not measured together): layers whose own "
                                        "sensitivity is at least 10% of the INT8 drop")
 
+    def rows_jsonl(self) -> str:
+        """The sweep's line format: header, baselines, then one line per layer."""
+        meta = {"kind": "meta", "mode": self.mode, "metric_name": self.metric_name,
+                "layers": [r.layer for r in self.rows]}
+        lines = [meta] + [{"task": name, "metric": value, "status": "ok", "error": None}
+                          for name, value in (("fp32", self.fp32), ("int8", self.int8))]
+        lines += [{"task": r.layer, **asdict(r)} for r in self.rows]
+        return "".join(json.dumps(line) + "\n" for line in lines)
+
     def csv(self) -> str:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
@@ -259,8 +269,7 @@ class SensitivityReport:
         """Write every report file into ``folder`` (created if needed); returns it."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        rows = "".join(json.dumps(asdict(r)) + "\n" for r in self.rows)
-        _write_text(folder / "rows.jsonl", rows)
+        _write_text(folder / "rows.jsonl", self.rows_jsonl())
         _write_text(folder / "sensitivity.csv", self.csv())
         _write_text(folder / "sensitivity.json", json.dumps(self.to_dict(), indent=1) + "\n")
         self.plot(folder / "sensitivity.png")
