@@ -27,7 +27,8 @@ from torch import nn
 from qdq.calib import HistogramCalibrator, MaxCalibrator
 from qdq.calib.base import CalibrationError
 from qdq.descriptor import QuantDescriptor
-from qdq.tensor_quant import fake_tensor_quant, quant_bounds, scale_from_amax, tensor_quant
+from qdq.kernels import default_backend, resolve_backend
+from qdq.tensor_quant import quant_bounds, scale_from_amax, tensor_quant
 
 __all__ = ["TensorQuantizer", "QuantizerError"]
 
@@ -56,6 +57,12 @@ class TensorQuantizer(nn.Module):
     #: Kept for pytorch-quantization scripts, which set it before ONNX export. qdq
     #: detects export by itself; setting it also makes eager mode use torch's ops.
     use_fb_fake_quant = False
+
+    #: Which fake-quant implementation runs in training and eager inference (see
+    #: :mod:`qdq.kernels`): ``"auto"`` (fused Triton kernels on CUDA, eager elsewhere),
+    #: ``"fused"`` or ``"eager"``. Same numbers either way; set it on the class or on one
+    #: quantizer.
+    backend: str = default_backend()
 
     def __init__(
         self,
@@ -332,7 +339,8 @@ class TensorQuantizer(nn.Module):
             return q
         if torch.onnx.is_in_onnx_export() or type(self).use_fb_fake_quant:
             return self._torch_fake_quant(x, amax)
-        return fake_tensor_quant(x, amax, self._num_bits, self._unsigned, self._narrow_range)
+        fake_quant = resolve_backend(self.backend, x)
+        return fake_quant(x, amax, self._num_bits, self._unsigned, self._narrow_range)
 
     def _torch_fake_quant(self, x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
         """torch's own fake-quant ops, which the ONNX exporter maps to Q/DQ (opset 13)."""
