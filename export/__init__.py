@@ -8,11 +8,13 @@
     print(verify(model, "model.onnx", batch))
 """
 
+from export.fp16 import convert_to_fp16, to_fp16
 from export.lint import Finding, LintError, check_qdq, format_findings
 from export.onnx_export import ExportError, ExportResult, fold_constants, to_onnx
 from export.verify import VerifyError, VerifyReport, verify
 
 __all__ = [
+    "convert_to_fp16", "to_fp16",
     "Finding", "LintError", "check_qdq", "format_findings",
     "ExportError", "ExportResult", "fold_constants", "to_onnx",
     "VerifyError", "VerifyReport", "verify",
