@@ -167,13 +167,15 @@ def _weights_to_int8(model: onnx.ModelProto) -> None:
             w = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
             scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
             axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            zp = (numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
+                  if len(node.input) > 2 and node.input[2] in inits else np.float32(0))
             if scale.ndim == 1 and scale.size > 1:
                 shape = [1] * w.ndim
                 shape[axis % w.ndim] = -1
                 scale = scale.reshape(shape)
-            zp = (numpy_helper.to_array(inits[node.input[2]])
-                  if len(node.input) > 2 and node.input[2] in inits else np.int8(0))
-            q = np.clip(np.rint(w / scale) + zp.astype(np.float32), -128, 127).astype(np.int8)
+                zp = zp.reshape(shape) if zp.size > 1 else zp
+            # the same arithmetic as QuantizeLinear: divide, round half to even, saturate
+            q = np.clip(np.rint(w / scale) + zp, -128, 127).astype(np.int8)
             graph.initializer.remove(inits.pop(node.input[0]))
             graph.initializer.append(numpy_helper.from_array(q, node.output[0]))
             continue

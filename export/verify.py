@@ -38,6 +38,8 @@ import onnx
 import torch
 from torch import nn
 
+from export.onnx_io import constant_values
+from export.onnx_io import load_onnx as _load
 from qdq import quantizers as iter_quantizers
 
 __all__ = ["VerifyError", "VerifyReport", "OutputDiff", "QuantizerFlips", "verify",
@@ -86,8 +88,10 @@ class QuantizerFlips:
 
     @property
     def boundary_only(self) -> bool:
-        return self.flips == 0 or (self.max_flip_steps <= 1
-                                   and self.max_boundary_distance <= BOUNDARY_TOL_STEPS)
+        """Inputs agree to float noise and every flip is one step at a k+0.5 boundary."""
+        return self.max_input_diff_steps <= BOUNDARY_TOL_STEPS and (
+            self.flips == 0 or (self.max_flip_steps <= 1
+                                and self.max_boundary_distance <= BOUNDARY_TOL_STEPS))
 
 
 @dataclass
@@ -134,7 +138,7 @@ class VerifyReport:
         """Same function: exact Q/DQ, boundary flips only, forced outputs within ``rel_l2``."""
         forced = self.forced_rel_l2
         return (self.qdq_mismatches == 0 and self.only_boundary_flips
-                and forced is not None and forced <= rel_l2)
+                and not self.unmatched_quantizers and forced is not None and forced <= rel_l2)
 
     def __str__(self) -> str:
         lines = [f"ONNX Runtime vs PyTorch on {self.onnx_path.name}, inputs {self.shapes}",
@@ -165,23 +169,15 @@ class VerifyReport:
                 lines.append(f"  {q.name[:44]:<44} {q.elements:>9} {q.flips:>6} {bound:>9} "
                              f"{free:>9}")
         if self.unmatched_quantizers:
-            lines.append(f"  not matched to Q nodes: {', '.join(self.unmatched_quantizers[:6])}")
+            lines.append("  no Q node of the same shape and scale for: "
+                         + ", ".join(self.unmatched_quantizers[:6]))
         return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- loading
 def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load and check an ONNX file; one clear error for a missing or corrupt file."""
-    path = Path(path)
-    if not path.is_file():
-        raise VerifyError(f"ONNX file {path}: no such file")
-    try:
-        model = onnx.load(str(path))
-    except Exception as err:  # noqa: BLE001 - any parse failure gets one message
-        raise VerifyError(f"ONNX file {path}: not a readable ONNX model ({_first(err)})") from err
-    if not model.graph.node:
-        raise VerifyError(f"ONNX file {path}: the graph has no nodes")
-    return model
+    """Load an ONNX file; a missing or corrupt file raises one VerifyError naming it."""
+    return _load(path, error=VerifyError)
 
 
 def ort_session(model: onnx.ModelProto | str | os.PathLike, threads: int | None = None):
@@ -289,17 +285,7 @@ def _other_kernels():
         yield
 
 
-def _constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    """Initializers and Constant node outputs by name."""
-    from onnx import numpy_helper
-
-    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.attribute:
-            attr = node.attribute[0]
-            if attr.name == "value":
-                values[node.output[0]] = numpy_helper.to_array(attr.t)
-    return values
+_constant_values = constant_values
 
 
 def _output_scales(graph: onnx.GraphProto, consts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

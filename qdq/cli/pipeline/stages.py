@@ -294,7 +294,7 @@ def _plot_layers(run: Run, proxy: list[dict[str, Any]], amax: list[dict[str, Any
         return
     names = [r["layer"] for r in proxy]
     sqnr = [r["sqnr_db"] if r["sqnr_db"] is not None else float("nan") for r in proxy]
-    inputs = {r["module"]: r for r in amax if r["quantizer"].endswith("input_quantizer")}
+    inputs = {r["module"]: r for r in amax if r["role"] == "input"}
     amax_vals = [inputs.get(n, {}).get("amax_max") or float("nan") for n in names]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 0.28 * len(names) + 1.5), sharey=True)
     a1.barh(names, sqnr, color="tab:blue")
