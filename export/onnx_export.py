@@ -17,6 +17,7 @@ a copy of the model, so the caller's model is never changed:
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from torch import nn
 
 from qdq import quantizers
 
-__all__ = ["ExportError", "ExportResult", "to_onnx", "uncalibrated_quantizers"]
+__all__ = ["ExportError", "ExportResult", "fold_constants", "to_onnx", "uncalibrated_quantizers"]
 
 
 class ExportError(RuntimeError):
@@ -68,10 +69,87 @@ def _as_tuple(example_inputs) -> tuple:
                       f"got {type(example_inputs).__name__}")
 
 
+class _PositionalOnly(nn.Module):
+    """Calls the model with exactly the traced tensors.
+
+    The TorchScript exporter fills unspecified ``forward`` parameters from their defaults
+    and traces them as tensors: ``TransformerEncoderLayer(is_causal=False)`` then fails
+    with "is_causal must be bool, not Tensor". Behind this wrapper the defaults stay Python
+    values.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args):
+        return self.model(*args)
+
+
+def _needs_wrapper(model: nn.Module, n_args: int) -> bool:
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) > n_args or any(p.kind == p.KEYWORD_ONLY for p in params)
+
+
 def _fold(model: nn.Module, args: tuple) -> list[str]:
     from qdq.rules import fold_batchnorm
 
     return [str(item) for item in fold_batchnorm(model, args)]
+
+
+#: Ops that may be evaluated ahead of time when every input is a constant. The scale
+#: ``clamp_min(amax, eps) / 127`` comes out of the TorchScript exporter as Clip and Div on
+#: the amax initializer; folding them leaves each Q/DQ with a plain scale initializer, which
+#: TensorRT and the lint read directly. QuantizeLinear is never folded (weights keep Q/DQ).
+_FOLDABLE = frozenset({"Constant", "Identity", "Clip", "Div", "Mul", "Add", "Sub", "Reshape",
+                       "Cast", "Unsqueeze", "Squeeze", "Max", "Min", "Abs", "Sqrt",
+                       "Transpose", "Shape", "Gather", "Concat"})
+
+
+def fold_constants(model: onnx.ModelProto) -> int:
+    """Evaluate foldable nodes whose inputs are all constants; returns how many went."""
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    opsets = list(model.opset_import)
+    keep, folded = [], 0
+    for node in graph.node:
+        inputs = [i for i in node.input if i]
+        if (node.op_type in _FOLDABLE and node.domain in ("", "ai.onnx")
+                and all(i in values for i in inputs)
+                and not any(o in outputs for o in node.output)):
+            single = onnx.helper.make_model(
+                onnx.helper.make_graph(
+                    [node], "fold",
+                    [onnx.helper.make_tensor_value_info(i, onnx.TensorProto.UNDEFINED, None)
+                     for i in dict.fromkeys(inputs)],
+                    [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None)
+                     for o in node.output]),
+                opset_imports=opsets)
+            try:
+                results = ReferenceEvaluator(single).run(None, {i: values[i] for i in inputs})
+            except Exception:  # noqa: BLE001 - leave anything the evaluator cannot run
+                keep.append(node)
+                continue
+            for name, value in zip(node.output, results, strict=True):
+                values[name] = np.asarray(value)
+                graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+            folded += 1
+            continue
+        keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+    used = {i for n in graph.node for i in n.input} | outputs
+    for init in list(graph.initializer):
+        if init.name not in used:
+            graph.initializer.remove(init)
+    return folded
 
 
 def _weights_to_int8(model: onnx.ModelProto) -> None:
@@ -89,13 +167,15 @@ def _weights_to_int8(model: onnx.ModelProto) -> None:
             w = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
             scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
             axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            zp = (numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
+                  if len(node.input) > 2 and node.input[2] in inits else np.float32(0))
             if scale.ndim == 1 and scale.size > 1:
                 shape = [1] * w.ndim
                 shape[axis % w.ndim] = -1
                 scale = scale.reshape(shape)
-            zp = (numpy_helper.to_array(inits[node.input[2]])
-                  if len(node.input) > 2 and node.input[2] in inits else np.int8(0))
-            q = np.clip(np.rint(w / scale) + zp.astype(np.float32), -128, 127).astype(np.int8)
+                zp = zp.reshape(shape) if zp.size > 1 else zp
+            # the same arithmetic as QuantizeLinear: divide, round half to even, saturate
+            q = np.clip(np.rint(w / scale) + zp, -128, 127).astype(np.int8)
             graph.initializer.remove(inits.pop(node.input[0]))
             graph.initializer.append(numpy_helper.from_array(q, node.output[0]))
             continue
@@ -156,6 +236,7 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, opset:
     dynamic_axes = ({name: {0: "batch"} for name in [*input_names, *output_names]}
                     if dynamic_batch else None)
 
+    traced = _PositionalOnly(work) if _needs_wrapper(work, len(args)) else work
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -163,12 +244,12 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, opset:
         try:
             if dynamo:
                 program = torch.onnx.export(
-                    work, args, dynamo=True, input_names=input_names,
+                    traced, args, dynamo=True, input_names=input_names,
                     output_names=output_names,
                     dynamic_shapes=_dynamo_shapes(args) if dynamic_batch else None)
                 program.save(str(tmp))
             else:
-                torch.onnx.export(work, args, str(tmp), opset_version=opset, dynamo=False,
+                torch.onnx.export(traced, args, str(tmp), opset_version=opset, dynamo=False,
                                   input_names=input_names, output_names=output_names,
                                   dynamic_axes=dynamic_axes, do_constant_folding=True)
         except ExportError:
@@ -177,6 +258,7 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, opset:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ExportError(f"torch.onnx.export failed: {first}") from err
         onnx_model = onnx.load(str(tmp))
+        fold_constants(onnx_model)
         if int8_weights:
             _weights_to_int8(onnx_model)
         onnx.checker.check_model(onnx_model)

@@ -71,3 +71,21 @@ def test_pytorch_quantization_names_exist():
     assert quant_nn.TensorQuantizer and calib.HistogramCalibrator and calib.MaxCalibrator
     assert QUANT_DESC_8BIT_PER_TENSOR == QuantDescriptor(num_bits=8)
     assert torch.equal(fake_tensor_quant(torch.zeros(2), torch.tensor(1.0)), torch.zeros(2))
+
+
+def test_pytorch_quantization_script_runs_with_histogram_percentile():
+    """The documented histogram flow: percentile amax at 99.99 for every input quantizer."""
+    from qdq import calib
+    from qdq import nn as quant_nn
+
+    env = {"CALIB_METHOD": "histogram"}
+    exec(SCRIPT, env)
+    assert env["out"].shape == (1, 1000)
+    assert all(a is not None and bool(torch.isfinite(a).all()) for a in env["amaxes"])
+    inputs = [m for m in env["model"].modules() if isinstance(m, quant_nn.TensorQuantizer)
+              and isinstance(m._calibrator, calib.HistogramCalibrator)]
+    assert len(inputs) == 21   # 20 convs + fc of resnet18
+    for q in inputs:
+        expected = q._calibrator.compute_amax("percentile", percentile=99.99)
+        assert torch.equal(q.amax, expected)
+        assert 0 < float(q.amax) <= float(q._calibrator.max)

@@ -1,0 +1,308 @@
+"""``check_qdq``: what in a Q/DQ ONNX graph TensorRT will reject (errors) or run slowly (warnings).
+
+Each rule is a function registered under a name and a severity; it receives the graph
+context and yields ``(node, message)`` pairs. Rules:
+
+=====================  ========  ==========================================================
+rule                   severity  finds
+=====================  ========  ==========================================================
+opset                  error     default-domain opset below 13 (no per-axis Q/DQ)
+zero-point             error     a zero point that is unsigned, missing (uint8) or non-zero
+scale                  error     a scale that is not a constant, not positive or not finite
+per-axis-activation    error     per-axis quantization of a computed tensor
+weight-axis            error     per-axis weight with the wrong axis (Conv/Gemm 0, ConvT 1)
+q-without-dq           error     a QuantizeLinear not followed by DequantizeLinear
+float-input            warning   Conv/ConvTranspose/Gemm/MatMul input that is not from a DQ
+residual-add           warning   Add of a quantized conv branch and an unquantized input
+shared-scale           warning   Concat/MaxPool whose inputs and output have other scales
+=====================  ========  ==========================================================
+
+Example::
+
+    findings = check_qdq("model.onnx")
+    errors = [f for f in findings if f.severity == "error"]
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from export.onnx_io import OnnxFileError, constant_values, consumers, load_onnx, opset_of, producers
+
+__all__ = ["Finding", "LintError", "RULES", "check_qdq", "format_findings"]
+
+ERROR, WARNING = "error", "warning"
+#: ops that only move or retype data: a DQ behind them still feeds quantized values
+PASS_THROUGH = frozenset({"Identity", "Cast", "Transpose", "Reshape", "Squeeze", "Unsqueeze",
+                          "Flatten"})
+#: ops TensorRT wants quantized inputs for
+HEAVY = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+
+class LintError(OnnxFileError):
+    """The file cannot be linted (missing or unreadable)."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    node: str
+    rule: str
+    severity: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.severity:<7} {self.rule:<20} {self.node}: {self.message}"
+
+
+class _Graph:
+    """What the rules read: the graph with its constants, producers and consumers."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.consts = constant_values(model.graph)
+        self.producer = producers(model.graph)
+        self.consumer = consumers(model.graph)
+
+    def nodes(self, *ops: str) -> Iterator[onnx.NodeProto]:
+        return (n for n in self.graph.node if n.op_type in ops)
+
+    def source(self, tensor: str) -> onnx.NodeProto | None:
+        """The producer of ``tensor``, looking through data-movement ops."""
+        node = self.producer.get(tensor)
+        while node is not None and node.op_type in PASS_THROUGH and node.input:
+            node = self.producer.get(node.input[0])
+        return node
+
+    def dq_scale(self, tensor: str) -> np.ndarray | None:
+        """The scale of the DQ feeding ``tensor`` (through data-movement ops), if any."""
+        node = self.source(tensor)
+        if node is not None and node.op_type == "DequantizeLinear":
+            return self.consts.get(node.input[1])
+        return None
+
+    def q_scale_after(self, tensor: str) -> np.ndarray | None:
+        """The scale of a QuantizeLinear consuming ``tensor``, if one does."""
+        for node in self.consumer.get(tensor, []):
+            if node.op_type == "QuantizeLinear":
+                return self.consts.get(node.input[1])
+        return None
+
+    def from_dq(self, tensor: str) -> bool:
+        node = self.source(tensor)
+        return node is not None and node.op_type == "DequantizeLinear"
+
+
+Rule = Callable[[_Graph], Iterator[tuple[str, str]]]
+#: rule name -> (severity, function)
+RULES: dict[str, tuple[str, Rule]] = {}
+
+
+def rule(name: str, severity: str) -> Callable[[Rule], Rule]:
+    def deco(fn: Rule) -> Rule:
+        RULES[name] = (severity, fn)
+        return fn
+
+    return deco
+
+
+def _label(node: onnx.NodeProto) -> str:
+    return node.name or f"{node.op_type}({node.output[0] if node.output else '?'})"
+
+
+def _axis(node: onnx.NodeProto) -> int:
+    return next((a.i for a in node.attribute if a.name == "axis"), 1)
+
+
+# ------------------------------------------------------------------------------ rules
+@rule("opset", ERROR)
+def _opset(g: _Graph):
+    version = opset_of(g.model)
+    if version < 13:
+        yield "model", (f"opset {version}: per-axis QuantizeLinear/DequantizeLinear needs "
+                        "opset 13 or newer")
+
+
+@rule("zero-point", ERROR)
+def _zero_point(g: _Graph):
+    for node in g.nodes("QuantizeLinear", "DequantizeLinear"):
+        if len(node.input) < 3 or not node.input[2]:
+            if node.op_type == "QuantizeLinear":
+                yield _label(node), "no zero point: the output defaults to uint8 (unsigned)"
+            continue
+        zp = g.consts.get(node.input[2])
+        if zp is None:
+            yield _label(node), f"zero point {node.input[2]!r} is not a constant"
+        elif zp.dtype != np.int8:
+            yield _label(node), f"zero point is {zp.dtype}, TensorRT needs signed int8"
+        elif np.any(zp != 0):
+            yield _label(node), f"non-zero zero point {zp.reshape(-1)[:4].tolist()}"
+
+
+@rule("scale", ERROR)
+def _scale(g: _Graph):
+    for node in g.nodes("QuantizeLinear", "DequantizeLinear"):
+        scale = g.consts.get(node.input[1])
+        if scale is None:
+            yield _label(node), f"scale {node.input[1]!r} is not a constant"
+            continue
+        bad = ~np.isfinite(scale) | (scale <= 0)
+        if np.any(bad):
+            values = scale.reshape(-1)[bad.reshape(-1)][:4].tolist()
+            yield _label(node), f"{int(bad.sum())} scale value(s) not positive and finite: {values}"
+
+
+@rule("per-axis-activation", ERROR)
+def _per_axis_activation(g: _Graph):
+    for node in g.nodes("QuantizeLinear"):
+        scale = g.consts.get(node.input[1])
+        if node.input[0] not in g.consts and scale is not None and scale.size > 1:
+            yield _label(node), (f"activation {node.input[0]!r} is quantized per axis "
+                                 f"({scale.size} scales); TensorRT needs one scale")
+
+
+def _expected_weight_axis(op: onnx.NodeProto) -> int | None:
+    if op.op_type == "Conv":
+        return 0
+    if op.op_type == "ConvTranspose":
+        return 1
+    if op.op_type == "Gemm":
+        trans_b = next((a.i for a in op.attribute if a.name == "transB"), 0)
+        return 0 if trans_b else 1
+    return None
+
+
+@rule("weight-axis", ERROR)
+def _weight_axis(g: _Graph):
+    for dq in g.nodes("DequantizeLinear"):
+        scale = g.consts.get(dq.input[1])
+        if scale is None or scale.size <= 1:
+            continue
+        for user in _users_through(g, dq.output[0]):
+            op, index = user
+            want = _expected_weight_axis(op)
+            if index != 1 or want is None:
+                continue
+            axis = _axis(dq)
+            rank = _rank_of(g, dq)
+            if rank:
+                axis %= rank
+            if axis != want:
+                yield _label(dq), (f"per-channel weight of {op.op_type} {_label(op)!r} on axis "
+                                   f"{axis}; its output channels are axis {want}")
+
+
+def _rank_of(g: _Graph, dq: onnx.NodeProto) -> int | None:
+    source = dq.input[0]
+    if source in g.consts:
+        return g.consts[source].ndim
+    q = g.producer.get(source)
+    if q is not None and q.op_type == "QuantizeLinear" and q.input[0] in g.consts:
+        return g.consts[q.input[0]].ndim
+    return None
+
+
+def _users_through(g: _Graph, tensor: str) -> Iterator[tuple[onnx.NodeProto, int]]:
+    """(consumer, input index) of ``tensor``, looking through Identity/Cast."""
+    for node in g.consumer.get(tensor, []):
+        if node.op_type in ("Identity", "Cast"):
+            yield from _users_through(g, node.output[0])
+        else:
+            for index, name in enumerate(node.input):
+                if name == tensor:
+                    yield node, index
+
+
+@rule("q-without-dq", ERROR)
+def _q_without_dq(g: _Graph):
+    outputs = {o.name for o in g.graph.output}
+    for node in g.nodes("QuantizeLinear"):
+        users = g.consumer.get(node.output[0], [])
+        others = sorted({u.op_type for u in users if u.op_type != "DequantizeLinear"})
+        if not users or others or node.output[0] in outputs:
+            what = f"feeds {', '.join(others)}" if others else "has no DequantizeLinear after it"
+            yield _label(node), f"QuantizeLinear {what}; TensorRT needs Q -> DQ pairs"
+
+
+@rule("float-input", WARNING)
+def _float_input(g: _Graph):
+    for node in g.nodes(*HEAVY):
+        count = 2
+        for index, name in enumerate(node.input[:count]):
+            if name and not g.from_dq(name):
+                what = "data" if index == 0 else "weight"
+                yield _label(node), (f"{node.op_type} {what} input {name!r} is not quantized; "
+                                     "TensorRT runs the layer in float")
+
+
+def _quantized_conv_branch(g: _Graph, tensor: str) -> bool:
+    node = g.producer.get(tensor)
+    while node is not None and node.op_type in ("BatchNormalization", "Identity"):
+        node = g.producer.get(node.input[0])
+    return (node is not None and node.op_type in ("Conv", "ConvTranspose")
+            and g.from_dq(node.input[0]))
+
+
+@rule("residual-add", WARNING)
+def _residual_add(g: _Graph):
+    for node in g.nodes("Add"):
+        if len(node.input) != 2 or any(i in g.consts for i in node.input):
+            continue
+        a, b = node.input
+        if g.from_dq(a) or g.from_dq(b):
+            continue
+        if _quantized_conv_branch(g, a) or _quantized_conv_branch(g, b):
+            identity = b if _quantized_conv_branch(g, a) else a
+            yield _label(node), (f"residual input {identity!r} is not quantized, so TensorRT "
+                                 "cannot fuse the Add into the quantized conv")
+
+
+@rule("shared-scale", WARNING)
+def _shared_scale(g: _Graph):
+    for node in g.nodes("Concat", "MaxPool"):
+        inputs = [i for i in node.input if i and i not in g.consts]
+        scales = [g.dq_scale(i) for i in inputs]
+        known = [float(s.reshape(-1)[0]) for s in scales if s is not None and s.size == 1]
+        after = g.q_scale_after(node.output[0])
+        if after is not None and after.size == 1:
+            known.append(float(after.reshape(-1)[0]))
+        if known and len(known) < len(inputs) + (after is not None) and any(
+                s is None for s in scales):
+            unquantized = [i for i, s in zip(inputs, scales, strict=True) if s is None]
+            yield _label(node), (f"{node.op_type} mixes quantized and float inputs "
+                                 f"({', '.join(unquantized[:3])} float)")
+        elif len(known) > 1 and not np.allclose(known, known[0], rtol=1e-6, atol=0):
+            shown = ", ".join(f"{s:.4g}" for s in dict.fromkeys(known))
+            yield _label(node), (f"{node.op_type} inputs and output carry different scales "
+                                 f"({shown}); TensorRT adds reformat layers")
+
+
+# -------------------------------------------------------------------------------- API
+def check_qdq(model: str | os.PathLike | onnx.ModelProto,
+              rules: list[str] | None = None) -> list[Finding]:
+    """Run every rule (or those named in ``rules``) and return the findings, errors first."""
+    proto = load_onnx(model, error=LintError)
+    unknown = sorted(set(rules or []) - set(RULES))
+    if unknown:
+        raise LintError(f"unknown lint rule(s) {unknown}; known: {sorted(RULES)}")
+    g = _Graph(proto)
+    findings = []
+    for name, (severity, fn) in RULES.items():
+        if rules is not None and name not in rules:
+            continue
+        findings += [Finding(node, name, severity, message) for node, message in fn(g)]
+    return sorted(findings, key=lambda f: f.severity != ERROR)
+
+
+def format_findings(findings: list[Finding]) -> str:
+    if not findings:
+        return "no findings: the Q/DQ placement looks right for TensorRT"
+    errors = sum(f.severity == ERROR for f in findings)
+    lines = [str(f) for f in findings]
+    lines.append(f"{errors} error(s), {len(findings) - errors} warning(s)")
+    return "\n".join(lines)

@@ -1,0 +1,510 @@
+"""``verify``: run the exported ONNX file in ONNX Runtime (CPU) and PyTorch on the same inputs.
+
+Why two comparisons. A quantized network is a step function of its float values: a value
+that sits within float rounding of a ``k + 0.5`` boundary rounds to ``k`` in one runtime
+and to ``k + 1`` in the other, because the two runtimes sum a convolution in a different
+order (a 1-ulp difference). In a deep network each such flip moves every value it feeds
+by one weight times one step, which pushes more values across boundaries downstream: the
+free-running outputs drift apart even though both runtimes compute the same function.
+PyTorch run against itself with another convolution kernel drifts just as far.
+
+So ``verify`` reports:
+
+* **free run**: both runtimes from the same inputs (max abs diff, relative L2, diff in
+  output quantization steps where an output comes straight out of a DequantizeLinear,
+  top-1 agreement for classifiers);
+* **forced run**: PyTorch again, but every activation quantizer hands on ONNX Runtime's
+  own quantized tensor, so flips cannot cascade. For every quantizer it counts the
+  values whose integer differs and checks each one is a rounding-boundary flip: one
+  step, with the PyTorch value within float noise of a ``k + 0.5`` boundary. It also
+  applies the PyTorch quantizer to ONNX Runtime's own input and counts mismatches
+  (QuantizeLinear/DequantizeLinear semantics: expected 0).
+* optionally the **noise floor**: PyTorch against PyTorch with oneDNN/cuDNN off.
+
+Quantizers are matched to Q nodes through the scope names the TorchScript exporter gives
+them (``/layer1/layer1.0/conv1/_input_quantizer/QuantizeLinear``); the k-th call of a
+quantizer is the k-th Q node of that scope in graph order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from export.onnx_io import constant_values
+from export.onnx_io import load_onnx as _load
+from qdq import quantizers as iter_quantizers
+
+__all__ = ["VerifyError", "VerifyReport", "OutputDiff", "QuantizerFlips", "verify",
+           "load_onnx", "ort_session"]
+
+#: A flip counts as a rounding-boundary flip when the PyTorch value is this close (in
+#: steps) to a ``k + 0.5`` boundary. fp32 has 24 bits: a value of up to 128 steps carries
+#: a rounding error of about 1e-5 steps, and a conv sum of a few thousand terms some more.
+BOUNDARY_TOL_STEPS = 1e-3
+
+
+class VerifyError(RuntimeError):
+    """The check cannot run as asked; the message names the input at fault."""
+
+
+@dataclass
+class OutputDiff:
+    name: str
+    max_abs: float
+    rel_l2: float
+    max_steps: float | None = None  # when the output comes straight from a DequantizeLinear
+    top1: float | None = None  # fraction of rows with the same argmax (classifiers)
+
+    def line(self) -> str:
+        parts = [f"max abs {self.max_abs:.3g}", f"rel L2 {self.rel_l2:.3g}"]
+        if self.max_steps is not None:
+            parts.append(f"max {self.max_steps:.3g} output steps")
+        if self.top1 is not None:
+            parts.append(f"top-1 agreement {100 * self.top1:.1f}%")
+        return f"{self.name}: " + ", ".join(parts)
+
+
+@dataclass
+class QuantizerFlips:
+    """One activation quantizer call, from the forced and the free run."""
+
+    name: str
+    node: str
+    elements: int
+    flips: int  # forced run: values whose integer differs
+    max_flip_steps: int  # forced run: largest integer difference (1 for boundary flips)
+    max_boundary_distance: float  # forced run: worst distance of a flip to k+0.5, in steps
+    max_input_diff_steps: float  # forced run: largest |x_torch - x_ort| / scale
+    qdq_mismatches: int  # torch quantizer on ORT's input vs ORT's DequantizeLinear output
+    free_differing: int | None = None  # free run: values whose integer differs
+
+    @property
+    def boundary_only(self) -> bool:
+        """Inputs agree to float noise and every flip is one step at a k+0.5 boundary."""
+        return self.max_input_diff_steps <= BOUNDARY_TOL_STEPS and (
+            self.flips == 0 or (self.max_flip_steps <= 1
+                                and self.max_boundary_distance <= BOUNDARY_TOL_STEPS))
+
+
+@dataclass
+class VerifyReport:
+    onnx_path: Path
+    shapes: list[list[int]]
+    outputs: list[OutputDiff]
+    forced_outputs: list[OutputDiff] = field(default_factory=list)
+    quantizers: list[QuantizerFlips] = field(default_factory=list)
+    unmatched_quantizers: list[str] = field(default_factory=list)
+    noise_floor_rel_l2: float | None = None
+
+    @property
+    def max_abs(self) -> float:
+        return max(o.max_abs for o in self.outputs)
+
+    @property
+    def rel_l2(self) -> float:
+        return max(o.rel_l2 for o in self.outputs)
+
+    @property
+    def top1(self) -> float | None:
+        values = [o.top1 for o in self.outputs if o.top1 is not None]
+        return min(values) if values else None
+
+    @property
+    def forced_rel_l2(self) -> float | None:
+        return max((o.rel_l2 for o in self.forced_outputs), default=None)
+
+    @property
+    def flips(self) -> int:
+        return sum(q.flips for q in self.quantizers)
+
+    @property
+    def qdq_mismatches(self) -> int:
+        return sum(q.qdq_mismatches for q in self.quantizers)
+
+    @property
+    def only_boundary_flips(self) -> bool:
+        """Every forced-run difference is a one-step flip at a rounding boundary."""
+        return all(q.boundary_only for q in self.quantizers)
+
+    def ok(self, rel_l2: float = 1e-3) -> bool:
+        """Same function: exact Q/DQ, boundary flips only, forced outputs within ``rel_l2``."""
+        forced = self.forced_rel_l2
+        return (self.qdq_mismatches == 0 and self.only_boundary_flips
+                and not self.unmatched_quantizers and forced is not None and forced <= rel_l2)
+
+    def __str__(self) -> str:
+        lines = [f"ONNX Runtime vs PyTorch on {self.onnx_path.name}, inputs {self.shapes}",
+                 "free run (both from the same inputs):"]
+        lines += [f"  {o.line()}" for o in self.outputs]
+        if self.noise_floor_rel_l2 is not None:
+            lines.append(f"  noise floor (PyTorch vs PyTorch, oneDNN/cuDNN off): rel L2 "
+                         f"{self.noise_floor_rel_l2:.3g}")
+        if self.forced_outputs:
+            lines.append("forced run (PyTorch takes ONNX Runtime's quantized activations):")
+            lines += [f"  {o.line()}" for o in self.forced_outputs]
+        if self.quantizers:
+            n = len(self.quantizers)
+            flipped = [q for q in self.quantizers if q.flips]
+            worst = max((q.max_boundary_distance for q in flipped), default=0.0)
+            verdict = ("none" if not flipped else
+                       f"every one a one-step flip within {worst:.2g} steps of a k+0.5 boundary"
+                       if self.only_boundary_flips else "NOT all are one-step boundary flips")
+            lines.append(
+                f"  {n} activation quantizer calls: Q/DQ mismatches on identical input "
+                f"{self.qdq_mismatches}; {self.flips} rounding flips in {len(flipped)} of "
+                f"them: {verdict}")
+            lines.append(f"  {'quantizer':<44} {'elements':>9} {'flips':>6} "
+                         f"{'to bound.':>9} {'free diff':>9}")
+            for q in self.quantizers:
+                free = "-" if q.free_differing is None else f"{q.free_differing / q.elements:.2%}"
+                bound = f"{q.max_boundary_distance:.1e}" if q.flips else "-"
+                lines.append(f"  {q.name[:44]:<44} {q.elements:>9} {q.flips:>6} {bound:>9} "
+                             f"{free:>9}")
+        if self.unmatched_quantizers:
+            lines.append("  no Q node of the same shape and scale for: "
+                         + ", ".join(self.unmatched_quantizers[:6]))
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- loading
+def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load an ONNX file; a missing or corrupt file raises one VerifyError naming it."""
+    return _load(path, error=VerifyError)
+
+
+def ort_session(model: onnx.ModelProto | str | os.PathLike, threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    try:
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001
+        raise VerifyError(f"ONNX Runtime cannot load the model: {_first(err)}") from err
+
+
+def _first(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+# ------------------------------------------------------------------------ matching
+def scope_of(node_name: str) -> str:
+    """``/layer1/layer1.0/conv1/_input_quantizer/QuantizeLinear`` -> module path.
+
+    Each scope part is named relative to an ancestor (``layer1.0`` under ``layer1``,
+    ``conv.0.0`` under ``conv``): keep only what it adds to the path so far.
+    """
+    path: list[str] = []
+    for part in [p for p in node_name.split("/") if p][:-1]:
+        pieces = part.split(".")
+        head = pieces[:-1]
+        if head and path[-len(head):] == head:
+            path.append(pieces[-1])
+        else:
+            path.extend(pieces)
+    return ".".join(path)
+
+
+def _constant_names(graph: onnx.GraphProto) -> set[str]:
+    names = {i.name for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" or (node.input and all(i in names for i in node.input if i)
+                                          and node.op_type != "QuantizeLinear"):
+            names.update(node.output)
+    return names
+
+
+def activation_qdq_pairs(graph: onnx.GraphProto) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:
+    """(QuantizeLinear, DequantizeLinear) pairs whose input is computed, not a weight."""
+    consts = _constant_names(graph)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    pairs = []
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] in consts:
+            continue
+        dq = next((c for c in consumers.get(node.output[0], [])
+                   if c.op_type == "DequantizeLinear"), None)
+        if dq is not None:
+            pairs.append((node, dq))
+    return pairs
+
+
+# -------------------------------------------------------------------------- helpers
+def _as_tuple(inputs) -> tuple[torch.Tensor, ...]:
+    if isinstance(inputs, torch.Tensor):
+        return (inputs,)
+    if isinstance(inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in inputs):
+        return tuple(inputs)
+    raise VerifyError(f"inputs must be a tensor or a tuple of tensors, got {type(inputs).__name__}")
+
+
+def _flatten(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flatten(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _flatten(o)]
+    raise VerifyError(f"model output of type {type(out).__name__} is not a tensor")
+
+
+def _diff(name: str, ours: np.ndarray, theirs: np.ndarray, step: float | None,
+          classifier: bool | None) -> OutputDiff:
+    ours = ours.astype(np.float64)
+    theirs = theirs.astype(np.float64)
+    delta = np.abs(ours - theirs)
+    norm = float(np.linalg.norm(theirs))
+    rel = float(np.linalg.norm(ours - theirs)) / norm if norm > 0 else float(delta.max() > 0)
+    top1 = None
+    is_classifier = classifier if classifier is not None else (ours.ndim == 2
+                                                               and ours.shape[1] > 1)
+    if is_classifier and ours.ndim == 2:
+        top1 = float(np.mean(ours.argmax(1) == theirs.argmax(1)))
+    steps = float(delta.max() / step) if step else None
+    return OutputDiff(name, float(delta.max()) if delta.size else 0.0, rel, steps, top1)
+
+
+@contextlib.contextmanager
+def _other_kernels():
+    """PyTorch with oneDNN and cuDNN off: the same math, another summation order."""
+    with torch.backends.mkldnn.flags(enabled=False), torch.backends.cudnn.flags(enabled=False):
+        yield
+
+
+_constant_values = constant_values
+
+
+def _output_scales(graph: onnx.GraphProto, consts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Output name -> per-tensor scale, for outputs produced by a DequantizeLinear."""
+    producers = {o: n for n in graph.node for o in n.output}
+    scales = {}
+    for out in graph.output:
+        node = producers.get(out.name)
+        if node is not None and node.op_type == "DequantizeLinear":
+            scale = consts.get(node.input[1])
+            if scale is not None and scale.size == 1:
+                scales[out.name] = scale
+    return scales
+
+
+# --------------------------------------------------------------------------- verify
+@dataclass
+class _Pair:
+    q: onnx.NodeProto
+    dq: onnx.NodeProto
+    scale: np.ndarray | None
+
+
+class _Recorder:
+    """Forward hooks on activation quantizers: record each call, optionally replace it.
+
+    With ``pairs`` and ``ort_values`` the hook hands on ONNX Runtime's DequantizeLinear
+    output for the Q node that matches the call: the one of the same scope when its shape
+    and scale agree, else (the exporter merges identical Q nodes, the dynamo exporter
+    names nodes its own way) the Q node of the same shape and scale whose input is closest,
+    within half a step.
+    """
+
+    def __init__(self, named: list[tuple[str, nn.Module]], pairs: list[_Pair] | None = None,
+                 ort_values: dict[str, np.ndarray] | None = None) -> None:
+        self.named = named
+        self.pairs = pairs
+        self.ort = ort_values or {}
+        self.by_scope: dict[str, list[_Pair]] = {}
+        for pair in pairs or []:
+            self.by_scope.setdefault(scope_of(pair.q.name), []).append(pair)
+        self.calls: dict[str, list[tuple[torch.Tensor, torch.Tensor, _Pair | None]]] = {}
+        self.unmatched: list[str] = []
+        self._handles = []
+
+    def __enter__(self) -> _Recorder:
+        for name, q in self.named:
+            self._handles.append(q.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _match(self, name: str, k: int, x: torch.Tensor, module) -> _Pair | None:
+        scale = module.scale.detach().float().cpu().numpy()
+
+        def fits(pair: _Pair) -> bool:
+            value = self.ort[pair.q.input[0]]
+            return tuple(value.shape) == tuple(x.shape) and (
+                pair.scale is None or (pair.scale.size == scale.size
+                                       and np.allclose(pair.scale.reshape(-1),
+                                                       scale.reshape(-1), rtol=1e-6, atol=0)))
+
+        own = self.by_scope.get(name, [])
+        if k < len(own) and fits(own[k]):
+            return own[k]
+        step = float(scale.max()) if scale.size else 1.0
+        xs = x.detach().float().cpu().numpy()
+        best, best_gap = None, 0.5
+        for pair in self.pairs or []:
+            if fits(pair):
+                gap = float(np.abs(self.ort[pair.q.input[0]] - xs).max()) / step
+                if gap <= best_gap:
+                    best, best_gap = pair, gap
+        return best
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            if isinstance(args[0], nn.Parameter):
+                return None  # a weight quantizer: its Q/DQ is constant in the graph
+            calls = self.calls.setdefault(name, [])
+            pair = (self._match(name, len(calls), args[0], module)
+                    if self.pairs is not None else None)
+            calls.append((args[0].detach(), output.detach(), pair))
+            if self.pairs is None:
+                return None
+            if pair is None:
+                self.unmatched.append(f"{name}#{len(calls) - 1}")
+                return None
+            return torch.from_numpy(self.ort[pair.dq.output[0]]).to(output.device,
+                                                                    output.dtype)
+
+        return hook
+
+
+def verify(model: nn.Module, onnx_path: str | os.PathLike, inputs, *, forced: bool = True,
+           noise_floor: bool = False, classifier: bool | None = None,
+           threads: int | None = None) -> VerifyReport:
+    """Compare ``model`` (PyTorch, eval mode) with ``onnx_path`` in ONNX Runtime on ``inputs``.
+
+    Args:
+        inputs: a tensor or tuple of tensors, fed to both in the same order.
+        forced: also run the forced comparison and the per-quantizer flip analysis.
+        noise_floor: also run PyTorch against itself with oneDNN/cuDNN off.
+        classifier: report top-1 agreement (default: for 2-D outputs with >1 column).
+
+    Example::
+
+        report = verify(model, "model.onnx", torch.randn(64, 3, 64, 64))
+        print(report)
+        assert report.ok() and report.top1 == 1.0
+    """
+    if not isinstance(model, nn.Module):
+        raise VerifyError(f"model must be an nn.Module, got {type(model).__name__}")
+    args = _as_tuple(inputs)
+    proto = load_onnx(onnx_path)
+    graph = proto.graph
+    init_names = {i.name for i in graph.initializer}
+    feeds_spec = [i for i in graph.input if i.name not in init_names]
+    if len(feeds_spec) != len(args):
+        raise VerifyError(f"{Path(onnx_path).name} takes {len(feeds_spec)} inputs, got "
+                          f"{len(args)}")
+    feeds = {}
+    for spec, tensor in zip(feeds_spec, args, strict=True):
+        dims = spec.type.tensor_type.shape.dim
+        want = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+        got = list(tensor.shape)
+        if len(want) != len(got) or any(w is not None and w != g
+                                        for w, g in zip(want, got, strict=True)):
+            shown = ["?" if w is None else w for w in want]
+            raise VerifyError(f"input {spec.name!r}: the ONNX model expects shape {shown}, "
+                              f"got {got}")
+        feeds[spec.name] = tensor.detach().cpu().numpy()
+    output_names = [o.name for o in graph.output]
+
+    consts = _constant_values(graph)
+    pairs = [_Pair(q, dq, consts.get(q.input[1])) for q, dq in activation_qdq_pairs(graph)
+             ] if forced else []
+    existing = set(output_names)
+    for pair in pairs:
+        for name in (pair.q.input[0], pair.dq.output[0]):
+            if name not in existing:
+                graph.output.append(onnx.ValueInfoProto(name=name))
+                existing.add(name)
+    session = ort_session(proto, threads)
+    try:
+        results = session.run(None, feeds)
+    except Exception as err:  # noqa: BLE001
+        raise VerifyError(f"ONNX Runtime failed on the inputs: {_first(err)}") from err
+    ort_values = dict(zip([o.name for o in session.get_outputs()], results, strict=True))
+    ort_outputs = [ort_values[n] for n in output_names]
+    steps = {n: float(v.reshape(())) for n, v in _output_scales(graph, consts).items()}
+
+    model = model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    targs = tuple(a.to(device) for a in args)
+    named = [(n, q) for n, q in iter_quantizers(model) if q.is_quant_enabled]
+    with torch.no_grad(), _Recorder(named) as rec:
+        try:
+            free = _flatten(model(*targs))
+        except Exception as err:  # noqa: BLE001
+            raise VerifyError(f"the PyTorch model fails on the inputs: {_first(err)}") from err
+        free_calls = rec.calls if forced else {}
+    if len(free) != len(ort_outputs):
+        raise VerifyError(f"PyTorch returns {len(free)} outputs, the ONNX model "
+                          f"{len(ort_outputs)}")
+    report = VerifyReport(
+        Path(onnx_path), [list(a.shape) for a in args],
+        [_diff(n, o, f.float().cpu().numpy(), steps.get(n), classifier)
+         for n, o, f in zip(output_names, ort_outputs, free, strict=True)])
+
+    if noise_floor:
+        with torch.no_grad(), _other_kernels():
+            alt = _flatten(model(*targs))
+        report.noise_floor_rel_l2 = max(
+            _diff("", a.float().cpu().numpy(), f.float().cpu().numpy(), None, False).rel_l2
+            for a, f in zip(alt, free, strict=True))
+
+    if forced and pairs:
+        with torch.no_grad(), _Recorder(named, pairs, ort_values) as rec:
+            forced_out = _flatten(model(*targs))
+        report.forced_outputs = [
+            _diff(n, o, f.float().cpu().numpy(), steps.get(n), classifier)
+            for n, o, f in zip(output_names, ort_outputs, forced_out, strict=True)]
+        report.unmatched_quantizers = rec.unmatched
+        quantizer_of = dict(named)
+        for name, calls in rec.calls.items():
+            free = free_calls.get(name, [])
+            for k, (x_t, _, pair) in enumerate(calls):
+                if pair is None:
+                    continue
+                report.quantizers.append(_flip_stats(
+                    f"{name}#{k}" if len(calls) > 1 else name, pair.q.name,
+                    quantizer_of[name], x_t.float().cpu(),
+                    torch.from_numpy(ort_values[pair.q.input[0]]).float(),
+                    torch.from_numpy(ort_values[pair.dq.output[0]]).float(),
+                    free[k][1].float().cpu() if k < len(free) else None))
+    return report
+
+
+def _flip_stats(name, node, quantizer, x_t, x_o, dq_o, free_out) -> QuantizerFlips:
+    scale = quantizer.scale.detach().float().cpu()
+    q_o = torch.round(dq_o / scale)
+    with torch.no_grad():
+        q_t = torch.round(quantizer(x_t).float() / scale)
+        same_input = quantizer(x_o).float()
+    qdq_mismatches = int((same_input != dq_o).sum())
+    delta = (q_t - q_o).abs()
+    flipped = delta > 0
+    ratio = x_t / scale
+    to_boundary = ((ratio - torch.floor(ratio)) - 0.5).abs()
+    free_differing = None
+    if free_out is not None and free_out.shape == dq_o.shape:
+        free_differing = int((torch.round(free_out / scale) != q_o).sum())
+    return QuantizerFlips(
+        name=name, node=node, elements=int(x_t.numel()), flips=int(flipped.sum()),
+        max_flip_steps=int(delta.max()) if delta.numel() else 0,
+        max_boundary_distance=float(to_boundary[flipped].max()) if flipped.any() else 0.0,
+        max_input_diff_steps=float(((x_t - x_o).abs() / scale).max()) if x_t.numel() else 0.0,
+        qdq_mismatches=qdq_mismatches, free_differing=free_differing)

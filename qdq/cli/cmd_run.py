@@ -1,0 +1,78 @@
+"""``qdq run``: the whole job into one run folder (see ``qdq.cli.pipeline``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from qdq.cli import CliError, register
+
+EPILOG = """examples:
+  qdq run                                    # the Fashion-MNIST reference demo
+  qdq run --model torchvision:resnet18 --data random:8x3x224x224 --out runs/r18
+  qdq run --config run.yaml --max-drop 0.5   # flags override the config file
+  qdq run --model mypkg.nets:build --checkpoint net.pt --data imagefolder:/data/imagenet \\
+          --eval mypkg.nets:evaluate --qat-epochs 1
+
+A re-run with the same --out skips the stages that finished; --restart starts over.
+Config files (YAML or TOML) use the same keys as the flags, e.g.:
+  model: torchvision:resnet50
+  data: imagefolder:/data/imagenet
+  calibrators: [max, entropy, percentile-99.99, mse]
+  max_drop: 0.5
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from qdq.cli.pipeline import RunConfig
+
+    defaults = RunConfig()
+    p.add_argument("--config", help="YAML or TOML file with the same keys as the flags")
+    p.add_argument("--restart", action="store_true", help="discard an earlier run in --out")
+    p.add_argument("--out", help=f"run folder (default {defaults.out})")
+    p.add_argument("--model", help="torchvision:NAME, package.module:factory or reference "
+                   f"(default {defaults.model})")
+    p.add_argument("--checkpoint", help="state_dict for the model (loaded weights_only)")
+    p.add_argument("--data", help="fashion-mnist, imagefolder:PATH or random:SHAPE "
+                   f"(default {defaults.data})")
+    p.add_argument("--eval", help="top1 or package.module:fn(model, loader) -> float")
+    p.add_argument("--input-shape", help="input shape when --data is random")
+    p.add_argument("--batch-size", type=int, help=f"default {defaults.batch_size}")
+    p.add_argument("--calib-batches", type=int, help=f"default {defaults.calib_batches}")
+    p.add_argument("--eval-batches", type=int, help="evaluate on this many batches only")
+    p.add_argument("--calibrators", help="comma-separated list to compare (default "
+                   f"{','.join(defaults.calibrators)})")
+    p.add_argument("--calibrator", help="use this calibrator, skip the comparison")
+    p.add_argument("--no-rules", dest="rules", action="store_const", const=False,
+                   help="do not apply the TensorRT placement rules")
+    p.add_argument("--ignore", action="append", help="module name kept in float (repeatable)")
+    p.add_argument("--sweep", help="leave-one-out, one-at-a-time or none")
+    p.add_argument("--max-drop", type=float, help="allowed metric drop from FP32 (default "
+                   f"{defaults.max_drop})")
+    p.add_argument("--qat-epochs", type=int, help="QAT fine-tune epochs (default 0: no QAT)")
+    p.add_argument("--qat-lr", type=float, help=f"default {defaults.qat_lr}")
+    p.add_argument("--int8-weights", action="store_const", const=True,
+                   help="store weights as int8 initializers in the ONNX file")
+    p.add_argument("--no-tensorrt", dest="tensorrt", action="store_const", const=False,
+                   help="skip the TensorRT stage even when TensorRT is installed")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--seed", type=int)
+
+
+def run(args: argparse.Namespace) -> int:
+    from qdq.cli.pipeline import ConfigError, RunConfig, load_config, run_pipeline
+
+    keys = {f.name for f in dataclasses.fields(RunConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in keys}
+    try:
+        config = load_config(args.config, **overrides)
+        result = run_pipeline(config, restart=args.restart, progress=not args.quiet)
+    except (ConfigError, ValueError, FileExistsError, PermissionError) as err:
+        raise CliError(str(err)) from err
+    if not result.ok:
+        raise CliError("; ".join(result.failed_checks), code=1)
+    return 0
+
+
+register("run", "the whole job: quantize, calibrate, sweep, export, check", add_arguments,
+         run, EPILOG)

@@ -1,0 +1,142 @@
+"""``RunConfig``: every knob of ``qdq run``, loadable from YAML or TOML.
+
+A config file and the command-line flags use the same keys (flags spell ``_`` as ``-``);
+flags override the file. Unknown keys and bad values are refused with the key named, so a
+typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RunConfig", "ConfigError", "load_config", "CALIBRATORS"]
+
+#: Calibrators ``compare_calibrators`` tries by default, by the name the report uses.
+CALIBRATORS = ("max", "entropy", "percentile-99.9", "percentile-99.99", "percentile-99.999",
+               "mse")
+SWEEP_MODES = ("leave-one-out", "one-at-a-time", "none")
+
+
+class ConfigError(ValueError):
+    """A config file or flag holds a bad key or value; the message names it."""
+
+
+@dataclass
+class RunConfig:
+    """What ``qdq run`` does. Defaults give the Fashion-MNIST reference demo."""
+
+    out: str = "runs/latest"
+    model: str = "reference"
+    checkpoint: str | None = None
+    data: str = "fashion-mnist"
+    eval: str = "top1"
+    input_shape: str | None = None
+    batch_size: int = 256
+    calib_batches: int = 8
+    eval_batches: int | None = None
+    calibrators: list[str] = field(default_factory=lambda: list(CALIBRATORS))
+    calibrator: str | None = None
+    rules: bool = True
+    ignore: list[str] = field(default_factory=list)
+    sweep: str = "leave-one-out"
+    max_drop: float = 0.3
+    qat_epochs: int = 0
+    qat_lr: float = 1e-4
+    opset: int = 13
+    int8_weights: bool = False
+    tensorrt: bool = True
+    device: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("calibrators", "ignore"):
+                if isinstance(value, str):
+                    value = [v.strip() for v in value.split(",") if v.strip()]
+                if not isinstance(value, (list, tuple)) or not all(
+                        isinstance(v, str) for v in value):
+                    raise ConfigError(f"{f.name}: expected a list of names, got {value!r}")
+                setattr(self, f.name, list(value))
+        for name in ("batch_size", "calib_batches", "opset", "seed", "qat_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name}: expected a non-negative integer, got {value!r}")
+        if self.batch_size == 0 or self.calib_batches == 0:
+            raise ConfigError("batch_size and calib_batches must be at least 1")
+        if self.eval_batches is not None and (not isinstance(self.eval_batches, int)
+                                              or self.eval_batches < 1):
+            raise ConfigError(f"eval_batches: expected a positive integer, got "
+                              f"{self.eval_batches!r}")
+        if self.sweep not in SWEEP_MODES:
+            raise ConfigError(f"sweep: {self.sweep!r} is not one of {', '.join(SWEEP_MODES)}")
+        for name in [*self.calibrators, *([self.calibrator] if self.calibrator else [])]:
+            if name not in CALIBRATORS and not name.startswith("percentile-"):
+                raise ConfigError(f"calibrator {name!r}: expected one of "
+                                  f"{', '.join(CALIBRATORS)} (or percentile-P)")
+        if not self.calibrators and not self.calibrator:
+            raise ConfigError("calibrators: the list is empty and no calibrator is set")
+        if not isinstance(self.max_drop, (int, float)) or self.max_drop < 0:
+            raise ConfigError(f"max_drop: expected a non-negative number, got "
+                              f"{self.max_drop!r}")
+        if self.opset < 13:
+            raise ConfigError(f"opset: {self.opset} is too old; Q/DQ export needs 13 or newer")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The keys that change results (not where they go or how they are printed)."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("out", "device")}
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config {path}: no such file")
+    text = path.read_text()
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif suffix == ".toml":
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:  # pragma: no cover - Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        else:
+            raise ConfigError(f"config {path}: expected a .yaml, .yml or .toml file")
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any parser error becomes one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"config {path}: cannot be parsed ({first})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path}: expected a table of keys, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
+    """Config from ``path`` (YAML or TOML), then ``overrides`` that are not None."""
+    data: dict[str, Any] = _read(Path(path)) if path else {}
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"config {path}: unknown key {unknown[0]!r} (known keys: "
+                          f"{', '.join(sorted(known))})")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return RunConfig(**data)
+    except TypeError as err:
+        raise ConfigError(str(err)) from err

@@ -1,0 +1,168 @@
+"""``report.md`` (with ``report.html`` rendered from it) and ``summary.json`` of a run.
+
+The report leads with the answer (FP32 vs INT8, what was kept in float, whether the ONNX
+file checks out), then the evidence: calibrators, sensitivity ranking, per-layer SQNR,
+export, lint, ONNX Runtime and TensorRT.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+from qdq.cli.pipeline.config import RunConfig
+from qdq.cli.pipeline.folder import RunFolder
+
+__all__ = ["write_report", "summary_table", "summary"]
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _status_line(folder: RunFolder, stage: str) -> str:
+    status = folder.status(stage)
+    if status == "skipped":
+        return f"skipped: {folder.result(stage).get('reason', '')}"
+    return status
+
+
+def summary(folder: RunFolder) -> dict[str, Any]:
+    """The headline numbers, also written as ``summary.json``."""
+    r = folder.result
+    fp32, int8, partial, qat = r("fp32"), r("int8"), r("partial"), r("qat")
+    check, lint = r("onnx_check"), r("lint")
+    final = qat.get("metric", partial.get("metric", int8.get("metric")))
+    if folder.status("onnx_check") == "done":
+        onnx_line = (f"rel L2 {check.get('rel_l2', float('nan')):.1e}, top-1 agreement "
+                     f"{_fmt(check.get('top1_agreement'))}%")
+        if check.get("ort_metric") is not None:
+            onnx_line += f", ORT accuracy {check['ort_metric']:.2f}"
+    else:
+        onnx_line = _status_line(folder, "onnx_check")
+    lint_line = (f"{lint.get('errors', 0)} errors, {lint.get('warnings', 0)} warnings"
+                 if folder.status("lint") == "done" else _status_line(folder, "lint"))
+    if folder.status("tensorrt") == "done":
+        trt = folder.result("tensorrt")
+        engine_line = (f"built: {100 * trt.get('int8_fraction', 0):.0f}% INT8 layers, p50 "
+                       f"{_fmt(trt.get('latency_ms_p50'), 3)} ms")
+    else:
+        engine_line = _status_line(folder, "tensorrt")
+    return {
+        "fp32_metric": fp32.get("metric"),
+        "int8_metric": int8.get("metric"),
+        "calibrator": r("calibrate").get("method"),
+        "skip_layers": partial.get("skip_layers", []),
+        "partial_metric": partial.get("metric"),
+        "qat_metric": qat.get("metric"),
+        "final_metric": final,
+        "onnx": "model.onnx" if folder.status("export") == "done" else None,
+        "onnx_check": onnx_line,
+        "lint": lint_line,
+        "engine": engine_line,
+        "stages": {name: entry["status"] for name, entry in folder.state["stages"].items()},
+    }
+
+
+def _summary_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    skip = s["skip_layers"]
+    return [
+        ("FP32 metric", _fmt(s["fp32_metric"])),
+        ("INT8 metric (all layers)", f"{_fmt(s['int8_metric'])} ({s['calibrator'] or '-'})"),
+        ("layers kept in float", f"{len(skip)}" + (f": {', '.join(skip)}" if skip else "")),
+        ("final INT8 metric", _fmt(s["final_metric"])),
+        ("Q/DQ lint", s["lint"]),
+        ("ONNX Runtime check", s["onnx_check"]),
+        ("TensorRT engine", s["engine"]),
+    ]
+
+
+def summary_table(folder: RunFolder) -> str:
+    """The short table ``qdq run`` prints at the end."""
+    rows = _summary_rows(summary(folder))
+    width = max(len(k) for k, _ in rows)
+    lines = [f"qdq run: {folder.root}"]
+    lines += [f"  {k:<{width}}  {v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def _md_table(header: list[str], rows: list[list[Any]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def write_report(folder: RunFolder, config: RunConfig, data: str) -> None:
+    s = summary(folder)
+    folder.write_json("summary.json", s)
+    r = folder.result
+    parts = [f"# qdq run: `{config.model}`", "",
+             f"Data: {data}. Evaluation: `{config.eval}`. Target: at most "
+             f"{config.max_drop} below FP32.", "",
+             "## Summary", "", _md_table(["", ""], [list(row) for row in _summary_rows(s)]), ""]
+    comparison = r("calibrate").get("comparison") or []
+    if comparison:
+        parts += ["## Calibrators", "",
+                  _md_table(["method", "metric", "seconds"],
+                            [[c["method"], c["metric"], c.get("seconds")] for c in comparison]),
+                  "", "![calibrators](calibrators.png)", ""]
+    if folder.status("sweep") == "done":
+        ranked = r("sweep").get("ranked", [])
+        parts += ["## Sensitivity", "",
+                  "Most sensitive layers first; the full table is in "
+                  "[sensitivity/report.md](sensitivity/report.md).", "",
+                  _md_table(["layer", "metric", "delta"],
+                            [[x["layer"], x.get("metric"), x.get("delta")] for x in ranked]),
+                  "", "![sensitivity](sensitivity/sensitivity.png)", ""]
+    else:
+        parts += ["## Sensitivity", "", _status_line(folder, "sweep"), ""]
+    partial = r("partial")
+    if partial:
+        parts += ["## Partial quantization", "",
+                  f"{partial.get('why', '')}: {len(partial.get('skip_layers', []))} layers kept "
+                  f"in float (`skip_layers.txt`), measured metric {_fmt(partial.get('metric'))} "
+                  f"against a target of {_fmt(partial.get('target'))}.", ""]
+    proxy = r("layers").get("proxy") or []
+    if proxy:
+        worst = [x for x in proxy if x["sqnr_db"] is not None][:10]
+        parts += ["## Per-layer SQNR (one pass, no evaluation)", "",
+                  _md_table(["layer", "SQNR dB", "output MSE"],
+                            [[x["layer"], x["sqnr_db"], f"{x.get('mse') or 0:.3g}"]
+                             for x in worst]),
+                  "", "![layers](layers.png)", ""]
+    if folder.status("qat") == "done":
+        parts += ["## QAT", "", f"{r('qat')['epochs']} epochs: metric "
+                  f"{_fmt(r('qat')['metric'])}.", ""]
+    exp = r("export")
+    if exp:
+        parts += ["## Export", "",
+                  f"`model.onnx`: opset {config.opset}, {exp['quantize_nodes']} QuantizeLinear / "
+                  f"{exp['dequantize_nodes']} DequantizeLinear, {exp['bytes'] / 1e6:.2f} MB, "
+                  f"{exp['folded_batchnorms']} BatchNorm folded.", ""]
+    lint = r("lint")
+    if lint:
+        parts += ["## Q/DQ lint", "", s["lint"] + ".", ""]
+        if lint.get("findings"):
+            parts += [_md_table(["severity", "rule", "node", "message"],
+                                [[f["severity"], f["rule"], f["node"], f["message"]]
+                                 for f in lint["findings"]]), ""]
+    parts += ["## ONNX Runtime", "", s["onnx_check"] + ".", "",
+              "## TensorRT", "", s["engine"] + ".", ""]
+    text = "\n".join(parts)
+    folder.write_text("report.md", text)
+    folder.write_text("report.html", _html(text, f"qdq run: {config.model}"))
+
+
+def _html(markdown_text: str, title: str) -> str:
+    import markdown
+
+    body = markdown.markdown(markdown_text, extensions=["tables"])
+    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;line-height:1.4}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px}"
+             "img{max-width:100%}code{background:#f4f4f4}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+            f"</title><style>{style}</style></head><body>{body}</body></html>\n")

@@ -1,0 +1,212 @@
+"""The placement rules, each a small registered function (see :mod:`qdq.rules.registry`).
+
+Graph rewrites (run first):
+
+- ``attention``: ``nn.MultiheadAttention`` -> :class:`QuantMultiheadAttention` (quantized
+  projections, ``q @ k^T`` and ``attn @ v`` through ``QuantMatMul``).
+- ``residual_add``: an add with one input coming from a quantized Conv/ConvTranspose/
+  Linear (possibly through BatchNorm, ReLU, dropout or stochastic depth) becomes
+  ``QuantAdd`` with only the other, identity input quantized; the conv side stays float
+  so TensorRT fuses the add into the conv. When both inputs come from convs the second
+  one is quantized.
+- ``matmul``: ``torch.matmul``/``bmm``/``@`` -> ``QuantMatMul`` (both operands).
+- ``concat``: ``torch.cat`` -> ``QuantConcat`` (one quantizer for every input).
+
+Ties (run after the rewrites; one quantizer object per group):
+
+- ``concat_shared``: a concat's quantizer and every quantizer reading its output.
+- ``maxpool_shared``: a max pool's input quantizer and every quantizer reading its output.
+- ``same_tensor``: quantizers that read the same tensor (up to reshapes, flatten,
+  dropout and other ops in ``graph.TRANSPARENT``, which commute with Q/DQ exactly).
+
+ReLU, average pooling and activations are not treated as commuting: their output range
+differs from their input's, so tying would widen the scale on one side.
+
+Left alone: Resize/Upsample/interpolate/grid_sample (``graph.RESIZE``): no concat or
+residual add next to them gets Q/DQ from these rules.
+"""
+
+from __future__ import annotations
+
+import operator
+
+from torch import fx
+
+from qdq.nn.functional import QuantAdd, QuantConcat, QuantMatMul
+from qdq.rules.attention import QuantMultiheadAttention, swap_attention
+from qdq.rules.graph import (
+    ADD,
+    CAT,
+    FUSIBLE,
+    MATMUL,
+    MAXPOOL,
+    RESIZE,
+    TRANSPARENT,
+    WEIGHTED,
+    is_tensor,
+    matches,
+    module_of,
+    producer,
+    sites,
+)
+from qdq.rules.registry import RuleContext, register_rule
+
+__all__ = ["from_weighted_layer"]
+
+
+def _near_resize(ctx: RuleContext, node) -> bool:
+    return isinstance(node, fx.Node) and matches(ctx.gm, producer(ctx.gm, node), RESIZE)
+
+
+def from_weighted_layer(ctx: RuleContext, node) -> bool:
+    """Whether ``node`` is the output of a quantized Conv/Linear, up to fusible ops."""
+    src = producer(ctx.gm, node, FUSIBLE)
+    if not isinstance(src, fx.Node):
+        return False
+    if src.op == "call_function" and src.target is operator.getitem \
+            and isinstance(src.args[0], fx.Node) and src.args[1] == 0:
+        # attention returns (output, weights): element 0 is the out projection's output
+        inner = module_of(ctx.gm, src.args[0])
+        return isinstance(inner, QuantMultiheadAttention)
+    module = module_of(ctx.gm, src)
+    return isinstance(module, WEIGHTED) and module._weight_quantizer.is_enabled
+
+
+def _replace_call(ctx: RuleContext, node: fx.Node, stem: str, module, args: tuple) -> fx.Node:
+    target = ctx.add_module(node, stem, module)
+    with ctx.gm.graph.inserting_before(node):
+        new = ctx.gm.graph.call_module(target, args)
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    ctx.gm.graph.erase_node(node)
+    return new
+
+
+def _binary_args(node: fx.Node) -> tuple | None:
+    """``(a, b)`` for a plain two-tensor call, or None (alpha=, out=, scalars...)."""
+    if node.kwargs and set(node.kwargs) - {"other"}:
+        return None
+    args = list(node.args) + ([node.kwargs["other"]] if "other" in node.kwargs else [])
+    if len(args) != 2 or not all(isinstance(a, fx.Node) for a in args):
+        return None
+    if any(is_tensor(a) is False for a in args):
+        return None
+    return tuple(args)
+
+
+@register_rule("attention")
+def _attention(ctx: RuleContext) -> int:
+    swapped, skipped = swap_attention(ctx.gm)
+    for name, why in skipped:
+        ctx.notes.append(f"attention: {ctx.qualify(name)} left as is ({why})")
+    return len(swapped)
+
+
+@register_rule("residual_add")
+def _residual_add(ctx: RuleContext) -> int:
+    changed = 0
+    for node in list(ctx.gm.graph.nodes):
+        if not matches(ctx.gm, node, ADD):
+            continue
+        args = _binary_args(node)
+        if args is None:
+            continue
+        weighted = [from_weighted_layer(ctx, a) for a in args]
+        if not any(weighted):
+            continue
+        identity = 1 if weighted[0] else 0  # both from convs: quantize the second
+        if _near_resize(ctx, args[identity]):
+            ctx.notes.append(f"residual_add: {node.name} left as is (input from a resize)")
+            continue
+        add = QuantAdd()
+        conv_side = add._other_quantizer if identity == 0 else add._input_quantizer
+        conv_side.disable()
+        quantized = add._input_quantizer if identity == 0 else add._other_quantizer
+        quantized.placed_by = "residual_add"
+        _replace_call(ctx, node, "residual_add", add, args)
+        changed += 1
+    return changed
+
+
+@register_rule("matmul")
+def _matmul(ctx: RuleContext) -> int:
+    changed = 0
+    for node in list(ctx.gm.graph.nodes):
+        if not matches(ctx.gm, node, MATMUL):
+            continue
+        args = _binary_args(node)
+        if args is None:
+            continue
+        mm = QuantMatMul()
+        mm._input_quantizer.placed_by = mm._other_quantizer.placed_by = "matmul"
+        _replace_call(ctx, node, "matmul", mm, args)
+        changed += 1
+    return changed
+
+
+def _cat_args(node: fx.Node) -> tuple[list, int] | None:
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int):
+        return None
+    if not tensors or not all(isinstance(t, fx.Node) for t in tensors):
+        return None
+    if any(is_tensor(t) is False for t in tensors):
+        return None
+    return list(tensors), dim
+
+
+@register_rule("concat")
+def _concat(ctx: RuleContext) -> int:
+    changed = 0
+    for node in list(ctx.gm.graph.nodes):
+        if not matches(ctx.gm, node, CAT):
+            continue
+        parsed = _cat_args(node)
+        if parsed is None:
+            continue
+        tensors, dim = parsed
+        if any(_near_resize(ctx, t) for t in tensors):
+            ctx.notes.append(f"concat: {node.name} left as is (an input comes from a resize)")
+            continue
+        cat = QuantConcat(dim=dim)
+        cat._input_quantizer.placed_by = "concat"
+        _replace_call(ctx, node, "concat", cat, (tensors,))
+        changed += 1
+    return changed
+
+
+def _tie_readers(ctx: RuleContext, kinds: tuple, rule: str) -> int:
+    """Tie the input quantizer of each ``kinds`` node to the quantizers reading its output."""
+    all_sites = sites(ctx.gm)
+    tied = 0
+    for node in ctx.gm.graph.nodes:
+        module = module_of(ctx.gm, node)
+        if not isinstance(module, kinds) or not module._input_quantizer.is_enabled:
+            continue
+        for site in all_sites:
+            if producer(ctx.gm, site.source) is node:
+                tied += ctx.tie(module._input_quantizer, site.quantizer, rule)
+    return tied
+
+
+@register_rule("concat_shared")
+def _concat_shared(ctx: RuleContext) -> int:
+    return _tie_readers(ctx, (QuantConcat,), "concat_shared")
+
+
+@register_rule("maxpool_shared")
+def _maxpool_shared(ctx: RuleContext) -> int:
+    return _tie_readers(ctx, MAXPOOL, "maxpool_shared")
+
+
+@register_rule("same_tensor")
+def _same_tensor(ctx: RuleContext) -> int:
+    by_source: dict[fx.Node, list] = {}
+    for site in sites(ctx.gm):
+        by_source.setdefault(producer(ctx.gm, site.source, TRANSPARENT), []).append(site)
+    tied = 0
+    for group in by_source.values():
+        for site in group[1:]:
+            tied += ctx.tie(group[0].quantizer, site.quantizer, "same_tensor")
+    return tied

@@ -1,0 +1,75 @@
+"""Tracing with torch.fx, part by part.
+
+A model that does not trace as a whole (data-dependent control flow, calls fx cannot
+follow) is split: each child is traced on its own, recursively, so only the smallest
+parts that fail are left to module-level handling. Callers get the traced parts and the
+names of the parts that failed, with the reason, to warn about.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from torch import fx, nn
+
+from qdq.nn.mixin import QuantInputMixin
+from qdq.quantizer import TensorQuantizer
+
+__all__ = ["QdqTracer", "TracedPart", "trace_parts", "module_path"]
+
+
+class QdqTracer(fx.Tracer):
+    """Keeps quantizers and quant twins as single ``call_module`` nodes.
+
+    Their forwards branch on quantizer state, which fx cannot follow, and the rules
+    want to see "a QuantConv2d" rather than the ops inside it.
+    """
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, (TensorQuantizer, QuantInputMixin)):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+@dataclass
+class TracedPart:
+    """A traced submodule: its path in the model (``""`` for the root) and its graph."""
+
+    path: str
+    module: nn.Module
+    graph_module: fx.GraphModule | None
+    error: str | None = None
+
+    def qualify(self, target: str) -> str:
+        """The model-level path of a target inside this part."""
+        return f"{self.path}.{target}" if self.path else target
+
+
+def module_path(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _has_children(module: nn.Module) -> bool:
+    return next(module.children(), None) is not None
+
+
+def trace_parts(model: nn.Module, tracer_cls: type[fx.Tracer] = QdqTracer,
+                prefix: str = "") -> Iterator[TracedPart]:
+    """Yield a traced part for ``model`` or, if it fails, for its children (recursively).
+
+    Parts that fail and have no children to fall back on are yielded with
+    ``graph_module=None`` and the error text.
+    """
+    try:
+        graph = tracer_cls().trace(model)
+        gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    except Exception as err:  # noqa: BLE001 - fx raises many kinds; we report and fall back
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        yield TracedPart(prefix, model, None, f"{type(err).__name__}: {first_line[:200]}")
+        for name, child in model.named_children():
+            if _has_children(child):
+                yield from trace_parts(child, tracer_cls, module_path(prefix, name))
+        return
+    yield TracedPart(prefix, model, gm)
+

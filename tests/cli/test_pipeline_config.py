@@ -1,0 +1,78 @@
+"""Run configuration and run folder of ``qdq run``: files, overrides, resume records."""
+
+import json
+
+import pytest
+import torch
+
+from qdq.cli.pipeline.config import ConfigError, RunConfig, load_config
+from qdq.cli.pipeline.folder import RunFolder, atomic_write
+
+
+def test_yaml_and_toml_give_the_same_config(tmp_path):
+    (tmp_path / "run.yaml").write_text(
+        "model: torchvision:resnet18\ncalibrators: [max, mse]\nmax-drop: 0.5\n")
+    (tmp_path / "run.toml").write_text(
+        'model = "torchvision:resnet18"\ncalibrators = ["max", "mse"]\nmax_drop = 0.5\n')
+    a, b = load_config(tmp_path / "run.yaml"), load_config(tmp_path / "run.toml")
+    assert a == b and a.calibrators == ["max", "mse"] and a.max_drop == 0.5
+
+
+def test_flags_override_the_file(tmp_path):
+    (tmp_path / "run.yaml").write_text("model: torchvision:resnet18\nbatch_size: 32\n")
+    cfg = load_config(tmp_path / "run.yaml", batch_size=8, model=None)
+    assert cfg.batch_size == 8 and cfg.model == "torchvision:resnet18"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("modle: x\n", "unknown key 'modle'"),
+    ("batch_size: -1\n", "batch_size"),
+    ("sweep: sideways\n", "sweep: 'sideways'"),
+    ("calibrators: [max, kl]\n", "calibrator 'kl'"),
+    ("opset: 11\n", "opset: 11"),
+    ("- a list\n", "expected a table"),
+    ("model: [unclosed\n", "cannot be parsed"),
+])
+def test_bad_config_names_the_key(tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_config(path)
+
+
+def test_missing_and_unknown_kind_of_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "run.ini").write_text("x=1")
+    with pytest.raises(ConfigError, match=r"\.yaml, \.yml or \.toml"):
+        load_config(tmp_path / "run.ini")
+
+
+def test_calibrators_from_a_comma_list():
+    assert RunConfig(calibrators="max, percentile-99.9").calibrators == ["max",
+                                                                        "percentile-99.9"]
+
+
+def test_run_folder_records_and_refuses_a_changed_config(tmp_path):
+    cfg = RunConfig(out=str(tmp_path / "run"))
+    folder = RunFolder(cfg.out, cfg.fingerprint())
+    folder.mark("fp32", "done", {"metric": 90.0}, 1.0)
+    again = RunFolder(cfg.out, cfg.fingerprint())
+    assert again.done("fp32") and again.result("fp32") == {"metric": 90.0}
+    changed = RunConfig(out=cfg.out, max_drop=1.0)
+    with pytest.raises(ValueError, match="changed: max_drop"):
+        RunFolder(changed.out, changed.fingerprint())
+    fresh = RunFolder(changed.out, changed.fingerprint(), restart=True)
+    assert not fresh.done("fp32")
+
+
+def test_model_state_round_trip_and_atomic_write(tmp_path):
+    folder = RunFolder(tmp_path, RunConfig().fingerprint())
+    model = torch.nn.Linear(3, 2)
+    folder.save_model_state(model)
+    other = torch.nn.Linear(3, 2)
+    assert folder.load_model_state(other)
+    assert torch.equal(other.weight, model.weight)
+    atomic_write(tmp_path / "x.json", json.dumps({"a": 1}))
+    assert json.loads((tmp_path / "x.json").read_text()) == {"a": 1}
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -1,0 +1,97 @@
+"""Two real CPU processes on the gloo backend: calibration and sweep across ranks."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import qdq
+from sensitivity.calibrate import calibrate
+from sensitivity.evaluate import top1_accuracy
+from sensitivity.sweep import read_rows, sweep
+from tests.sensitivity.models import float_model, make_data
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or sys.platform == "win32",
+                                reason="needs torch.distributed with gloo")
+
+WORLD = 2
+
+
+def _worker(rank: int, init: str, out: str, task: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    try:
+        model = float_model()
+        qdq.replace_modules(model)
+        result = {}
+        if task == "calibrate":
+            summary = calibrate(model, make_data(64, seed=10 + rank), progress=False)
+            result["world"] = summary.world_size
+            result["samples"] = summary.num_samples
+        else:
+            calibrate(model, make_data(64, seed=10), progress=False)  # same data everywhere
+            data = make_data(128, seed=3, batch=64)
+            calls = []
+
+            def eval_fn(m):
+                calls.append(1)
+                return top1_accuracy(m, data)
+
+            report = sweep(model, eval_fn, resume=os.path.join(out, "rows.jsonl"),
+                           progress=False)
+            result["report"] = report.to_dict()
+            result["calls"] = len(calls)
+        result["amax"] = {n: q.amax.flatten().tolist() for n, q in qdq.quantizers(model)}
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
+            json.dump(result, fh)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(tmp_path, task):
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_worker, args=(init, str(tmp_path), task), nprocs=WORLD, join=True)
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+@pytest.mark.slow
+def test_calibration_gives_identical_amax_on_every_rank(tmp_path):
+    ranks = _spawn(tmp_path, "calibrate")
+    assert ranks[0]["amax"] == ranks[1]["amax"]
+    assert ranks[0]["world"] == 2 and ranks[0]["samples"] == 128  # summed over ranks
+    # and equal to one process calibrating on both ranks' data
+    model = float_model()
+    qdq.replace_modules(model)
+    calibrate(model, make_data(64, seed=10) + make_data(64, seed=11), progress=False)
+    single = {n: q.amax.flatten().tolist() for n, q in qdq.quantizers(model)}
+    assert single.keys() == ranks[0]["amax"].keys()
+    for name, values in single.items():
+        assert ranks[0]["amax"][name] == pytest.approx(values, rel=1e-6), name
+
+
+@pytest.mark.slow
+def test_sweep_shards_layers_and_gathers_every_row(tmp_path):
+    ranks = _spawn(tmp_path, "sweep")
+    a, b = ranks[0]["report"], ranks[1]["report"]
+    tasks = 2 + len(a["rows"])
+    a.pop("seconds"), b.pop("seconds")  # each rank's own wall time
+    assert a == b and len(a["rows"]) == 5 and not [r for r in a["rows"] if r["status"] != "ok"]
+    assert ranks[0]["calls"] + ranks[1]["calls"] == tasks
+    assert ranks[0]["calls"] == (tasks + 1) // 2 and ranks[1]["calls"] == tasks // 2
+    # rank 0 merged the rows file; the per-rank files are gone
+    merged = [r["task"] for r in read_rows(tmp_path / "rows.jsonl") if "task" in r]
+    assert sorted(merged) == sorted(["fp32", "int8", *(r["layer"] for r in a["rows"])])
+    assert not list(tmp_path.glob("rows.rank*.jsonl"))
+    # the same metrics as one process measures
+    model = float_model()
+    qdq.replace_modules(model)
+    calibrate(model, make_data(64, seed=10), progress=False)
+    data = make_data(128, seed=3, batch=64)
+    single = sweep(model, lambda m: top1_accuracy(m, data), progress=False).to_dict()
+    assert [(r["layer"], r["metric"]) for r in single["rows"]] == \
+        [(r["layer"], r["metric"]) for r in a["rows"]]
+    assert (single["fp32"], single["int8"]) == (a["fp32"], a["int8"])
