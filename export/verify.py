@@ -46,10 +46,13 @@ from qdq import quantizers as iter_quantizers
 __all__ = ["VerifyError", "VerifyReport", "OutputDiff", "QuantizerFlips", "verify",
            "load_onnx", "ort_session"]
 
-#: A flip counts as a rounding-boundary flip when the PyTorch value is this close (in
-#: steps) to a ``k + 0.5`` boundary. fp32 has 24 bits: a value of up to 128 steps carries
-#: a rounding error of about 1e-5 steps, and a conv sum of a few thousand terms some more.
-BOUNDARY_TOL_STEPS = 1e-3
+#: A flip counts as a rounding-boundary flip when the two runtimes' inputs to the quantizer
+#: differ by at most this many steps. In the forced run both sides start from the same
+#: quantized activations, so what is left is summation order: a conv sum of a few thousand
+#: fp32 terms with cancellation lands within about 1e-2 steps (2e-3 measured on the
+#: reference model), while a real defect (changed weight, wrong op, wrong scale) moves
+#: values by a good part of a step or more.
+BOUNDARY_TOL_STEPS = 2e-2
 
 
 class VerifyError(RuntimeError):
@@ -163,12 +166,12 @@ class VerifyReport:
                 f"{self.qdq_mismatches}; {self.flips} rounding flips in {len(flipped)} of "
                 f"them: {verdict}")
             lines.append(f"  {'quantizer':<44} {'elements':>9} {'flips':>6} "
-                         f"{'to bound.':>9} {'free diff':>9}")
+                         f"{'to bound.':>9} {'in diff':>9} {'free diff':>9}")
             for q in self.quantizers:
                 free = "-" if q.free_differing is None else f"{q.free_differing / q.elements:.2%}"
                 bound = f"{q.max_boundary_distance:.1e}" if q.flips else "-"
                 lines.append(f"  {q.name[:44]:<44} {q.elements:>9} {q.flips:>6} {bound:>9} "
-                             f"{free:>9}")
+                             f"{q.max_input_diff_steps:>9.1e} {free:>9}")
         if self.unmatched_quantizers:
             lines.append("  no Q node of the same shape and scale for: "
                          + ", ".join(self.unmatched_quantizers[:6]))
