@@ -57,7 +57,12 @@ def prepare_model(args: argparse.Namespace) -> torch.nn.Module:
             q.enable_calib()
         with torch.no_grad():
             for _ in range(max(1, args.calib_batches)):
-                model(torch.randn(shape, generator=gen))
+                try:
+                    model(torch.randn(shape, generator=gen))
+                except Exception as err:  # noqa: BLE001 - one line naming the shape
+                    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                    raise CliError(f"the model does not run on inputs of shape "
+                                   f"{list(shape)} (--shape): {first}") from err
         for _, q in qdq.quantizers(model):
             q.load_calib_amax(strict=False)
             q.enable_quant()
