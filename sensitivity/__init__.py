@@ -24,14 +24,18 @@ from sensitivity import evaluate
 from sensitivity.calibrate import CalibrationSummary, calibrate
 from sensitivity.compare import CalibratorComparison, compare_calibrators
 from sensitivity.errors import SensitivityError
-from sensitivity.layers import Layer, find_layers
+from sensitivity.layers import Layer, disable_layers, find_layers
 from sensitivity.partial import PartialResult, partial_quantize
 from sensitivity.proxy import ProxyReport, proxy_ranking, spearman
 from sensitivity.report import LayerRow, SensitivityReport
 from sensitivity.sweep import sweep
 
+#: Read a written report back (``sensitivity.json`` or its folder).
+load_report = SensitivityReport.load
+
 __all__ = [
     "evaluate", "calibrate", "CalibrationSummary", "compare_calibrators", "CalibratorComparison",
-    "SensitivityError", "Layer", "find_layers", "partial_quantize", "PartialResult",
+    "SensitivityError", "Layer", "find_layers", "disable_layers", "load_report",
+    "partial_quantize", "PartialResult",
     "proxy_ranking", "ProxyReport", "spearman", "sweep", "SensitivityReport", "LayerRow",
 ]

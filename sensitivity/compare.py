@@ -81,6 +81,10 @@ class CalibratorComparison:
         d.pop("amax")
         return d
 
+    def as_rows(self) -> list[dict[str, Any]]:
+        """One plain dict per method, in the order run."""
+        return [asdict(r) for r in self.rows]
+
     def markdown(self) -> str:
         lines = [f"# Calibrator comparison ({self.metric_name})", "",
                  f"Histograms collected once in {self.collect_seconds:.1f} s; FP32 "

@@ -28,8 +28,8 @@ from torch import nn
 from qdq.quantizer import TensorQuantizer
 from sensitivity.errors import SensitivityError
 
-__all__ = ["Layer", "find_layers", "select_layers", "enabled_quantizers", "saved_states",
-           "ROOT_NAME"]
+__all__ = ["Layer", "find_layers", "select_layers", "disable_layers", "enabled_quantizers",
+           "saved_states", "ROOT_NAME"]
 
 #: How the root module is named when it owns quantizers itself.
 ROOT_NAME = "<model>"
@@ -144,6 +144,14 @@ def select_layers(layers: Sequence[Layer], names: Iterable[str] | None) -> list[
         if layer not in chosen:
             chosen.append(layer)
     return chosen
+
+
+def disable_layers(model: nn.Module, names: Iterable[str]) -> list[Layer]:
+    """Keep the named layers in float (a skip list): all their quantizers off."""
+    layers = select_layers(find_layers(model), list(names))
+    for layer in layers:
+        layer.disable()
+    return layers
 
 
 @contextmanager

@@ -40,6 +40,10 @@ class PartialResult:
     met: bool
     history: list[tuple[int, float]] = field(default_factory=list)
 
+    @property
+    def skip_layers(self) -> list[str]:
+        return self.skip
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -80,6 +80,10 @@ class ProxyReport:
         return {"num_batches": self.num_batches, "seconds": self.seconds, "rows": rows,
                 **self.extra}
 
+    def as_rows(self) -> list[dict[str, Any]]:
+        """Ranked rows as plain dicts (JSON-ready)."""
+        return self.to_dict()["rows"]
+
     def markdown(self) -> str:
         lines = [f"# Proxy ranking (SQNR of each layer's output, {self.num_batches} batches, "
                  f"{self.seconds:.1f} s)", "", "| rank | layer | SQNR dB | output MSE |",

@@ -4,7 +4,8 @@
 
 ==================  ================================================================
 report.md           baselines, ranked table, failed layers, skip list, the chart
-rows.jsonl          one JSON object per measured layer (what the sweep streamed)
+rows.jsonl          the sweep's own record (a header, the baselines, one line per
+                    layer): ``sweep(resume=...)`` on it measures nothing again
 sensitivity.csv     the ranked table for spreadsheets
 sensitivity.json    everything, reloadable with ``SensitivityReport.load``
 sensitivity.png     horizontal bars: each layer's delta, ranked, baselines marked
@@ -90,10 +91,6 @@ def _write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:+.{digits}f}" if digits < 0 else f"{value:.{digits}f}"
-
-
 @dataclass
 class SensitivityReport:
     """Baselines and per-layer rows of one sweep (see :data:`MODES`)."""
@@ -116,6 +113,10 @@ class SensitivityReport:
         """Measured rows, most sensitive first; failed rows last, in model order."""
         ok = sorted((r for r in self.rows if r.ok), key=lambda r: -(r.sensitivity or 0.0))
         return ok + [r for r in self.rows if not r.ok]
+
+    def ranked_layers(self) -> list[str]:
+        """Names of the measured layers, most sensitive first."""
+        return [r.layer for r in self.ranked() if r.ok]
 
     @property
     def failed(self) -> list[LayerRow]:
@@ -207,6 +208,15 @@ class SensitivityReport:
         return self.suggested_skip(), ("suggested (not measured together): layers whose own "
                                        "sensitivity is at least 10% of the INT8 drop")
 
+    def rows_jsonl(self) -> str:
+        """The sweep's line format: header, baselines, then one line per layer."""
+        meta = {"kind": "meta", "mode": self.mode, "metric_name": self.metric_name,
+                "layers": [r.layer for r in self.rows]}
+        lines = [meta] + [{"task": name, "metric": value, "status": "ok", "error": None}
+                          for name, value in (("fp32", self.fp32), ("int8", self.int8))]
+        lines += [{"task": r.layer, **asdict(r)} for r in self.rows]
+        return "".join(json.dumps(line) + "\n" for line in lines)
+
     def csv(self) -> str:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
@@ -232,7 +242,13 @@ class SensitivityReport:
             widths = [r.delta for r in ok]
             colors = ["#c0392b" if (r.sensitivity or 0) > 0 else "#7f8c8d" for r in ok]
             ax.barh(y, widths, left=ref, color=colors, height=0.7)
-            ax.set_yticks(y, [r.layer for r in ok], fontsize=8)
+            labels = [r.layer + (f" (+{len(r.members) - 1} shared)" if len(r.members) > 1
+                                 else "") for r in ok]
+            ax.set_yticks(y, labels, fontsize=8)
+            for yi, w in zip(y, widths, strict=True):
+                ax.annotate(f"{w:+.3g}", (ref + w, yi), xytext=(3 if w >= 0 else -3, 0),
+                            textcoords="offset points", va="center",
+                            ha="left" if w >= 0 else "right", fontsize=7)
             ax.invert_yaxis()
             ax.axvline(self.fp32, color="#2471a3", ls="--", lw=1.2,
                        label=f"FP32 {self.fp32:.3f}")
@@ -246,7 +262,7 @@ class SensitivityReport:
             values = [ref + w for w in widths] + [self.fp32, self.int8]
             finite = [v for v in values if math.isfinite(v)]
             lo, hi = min(finite), max(finite)
-            pad = 0.05 * (hi - lo) or 0.5
+            pad = 0.12 * (hi - lo) or 0.5
             ax.set_xlim(lo - pad, hi + pad)
             ax.legend(loc="lower right", fontsize=8)
             ax.grid(axis="x", alpha=0.3)
@@ -259,8 +275,7 @@ class SensitivityReport:
         """Write every report file into ``folder`` (created if needed); returns it."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        rows = "".join(json.dumps(asdict(r)) + "\n" for r in self.rows)
-        _write_text(folder / "rows.jsonl", rows)
+        _write_text(folder / "rows.jsonl", self.rows_jsonl())
         _write_text(folder / "sensitivity.csv", self.csv())
         _write_text(folder / "sensitivity.json", json.dumps(self.to_dict(), indent=1) + "\n")
         self.plot(folder / "sensitivity.png")

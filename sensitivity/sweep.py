@@ -193,12 +193,13 @@ def sweep(model: nn.Module, eval_fn: EvalFn, mode: str = "leave-one-out",
     rows_file = path if (path is None or world == 1) else _rank_file(path, rank)
     log_rows = _RowLog(rows_file, meta)
     measured: list[dict[str, Any]] = []
+    switch = _Switch(deployed)
     try:
         with saved_states(deployed):
             bar = tqdm(mine, desc=f"sweep {mode}", unit="eval", disable=not progress)
             for task in bar:
                 bar.set_postfix_str(task, refresh=False)
-                row = _run_task(task, by_name.get(task), deployed, mode, eval_fn, model)
+                row = _run_task(task, by_name.get(task), switch, mode, eval_fn, model)
                 log_rows.write(row)
                 measured.append(row)
                 if world == 1 and task in _BASELINES and row["status"] != "ok":
@@ -217,23 +218,46 @@ def sweep(model: nn.Module, eval_fn: EvalFn, mode: str = "leave-one-out",
     return report
 
 
-def _run_task(task: str, layer: Layer | None, deployed: list, mode: str, eval_fn: EvalFn,
+class _Switch:
+    """Puts every deployed quantizer on or off, only when they are not so already.
+
+    Each task then toggles one layer and puts it back, so a task costs a handful of
+    attribute writes, not a pass over every quantizer of the model.
+    """
+
+    def __init__(self, deployed: list) -> None:
+        self._deployed = deployed
+        self._on: bool | None = None
+
+    def all(self, on: bool) -> None:
+        if self._on is not on:
+            for q in self._deployed:
+                q.enable() if on else q.disable()
+            self._on = on
+
+
+def _run_task(task: str, layer: Layer | None, switch: _Switch, mode: str, eval_fn: EvalFn,
               model: nn.Module) -> dict[str, Any]:
-    """Set the quantizers for one task, evaluate, put them back."""
-    with saved_states(deployed):
-        if task == "fp32":
-            for q in deployed:
-                q.disable()
-        elif task == "int8":
-            for q in deployed:
-                q.enable()
-        elif mode == "leave-one-out":
-            layer.disable()
-        else:
-            for q in deployed:
-                q.disable()
-            layer.enable()
+    """Set the quantizers for one task, evaluate, put the layer back."""
+    if task == "fp32":
+        switch.all(False)
         metric, error, seconds = measure(eval_fn, model)
+    elif task == "int8" or mode == "leave-one-out":
+        switch.all(True)
+        if layer is not None:
+            layer.disable()
+        try:
+            metric, error, seconds = measure(eval_fn, model)
+        finally:
+            if layer is not None:
+                layer.enable()
+    else:
+        switch.all(False)
+        layer.enable()
+        try:
+            metric, error, seconds = measure(eval_fn, model)
+        finally:
+            layer.disable()
     row: dict[str, Any] = {"task": task, "metric": metric, "status": "failed" if error
                            else "ok", "error": error, "seconds": seconds}
     if layer is not None:
@@ -275,7 +299,7 @@ def _build_report(mode: str, chosen: list[Layer], done: dict[str, dict[str, Any]
             row.delta, row.sensitivity = sensitivity_score(mode, row.metric, fp32, int8,
                                                            higher_is_better)
         rows.append(row)
-    times = [r["seconds"] for r in done.values() if r["status"] == "ok"]
+    times = [r["seconds"] for r in done.values() if r["status"] == "ok" and r.get("seconds")]
     return SensitivityReport(
         mode=mode, fp32=fp32, int8=int8, rows=rows, metric_name=metric_name,
         higher_is_better=higher_is_better, seconds=seconds,

@@ -3,9 +3,10 @@
 Every function takes the histogram as ``counts`` (1-D integer tensor, ``N`` bins) and
 ``bin_width``: bin ``b`` covers ``[b * w, (b + 1) * w)``, so the edges are ``arange(N + 1) * w``.
 A candidate amax is an edge ``i * w`` ("keep the first ``i`` bins"). The searches are
-vectorised over all candidates at once (prefix sums, or one ``[candidates x bins]`` block),
-never a Python loop over bins or candidates, and run on the histogram's device; the result
-is a 0-dim float32 tensor there.
+vectorised over all candidates at once (prefix sums, or a ``[candidates x bins]`` block
+built in a few chunks of candidates to bound memory), never a Python loop over bins or
+candidates, and run on the histogram's device; the result is a 0-dim float32 tensor there.
+On a CPU they run on one thread (see ``_one_cpu_thread``).
 
 ======================  ==========================================================
 function                amax
@@ -23,7 +24,9 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -47,6 +50,30 @@ __all__ = [
 KL_TIE_TOL = 1e-10
 
 
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run on one CPU thread. The searches work on tensors of about 10^5 elements, where
+    starting a parallel region costs more than it saves; on a busy machine, where the
+    second thread waits for a core, 2 threads were measured 10-100x slower than one."""
+    old = torch.get_num_threads()
+    if device.type != "cpu" or old == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _single_threaded(fn):
+    @functools.wraps(fn)
+    def wrapper(counts, *args, **kwargs):
+        with _one_cpu_thread(counts.device):
+            return fn(counts, *args, **kwargs)
+    return wrapper
+
+
 def num_levels(num_bits: int, unsigned: bool) -> int:
     """Quantization levels covering ``[0, amax]``: 2^(b-1) signed (128 for int8, the
     TensorRT convention for a histogram of ``|x|``), 2^b unsigned (256)."""
@@ -61,10 +88,10 @@ def candidate_bins(num_bins: int, start_bin: int, stride: int, device=None) -> t
             f"start_bin and stride must be >= 1, got start_bin={start_bin}, stride={stride}"
         )
     start = min(start_bin, num_bins)
-    cands = torch.arange(start, num_bins + 1, stride, device=device)
-    if int(cands[-1]) != num_bins:
-        cands = torch.cat([cands, cands.new_tensor([num_bins])])
-    return cands
+    cands = list(range(start, num_bins + 1, stride))
+    if cands[-1] != num_bins:
+        cands.append(num_bins)
+    return torch.tensor(cands, dtype=torch.int64, device=device)
 
 
 def _check_counts(counts: torch.Tensor) -> torch.Tensor:
@@ -91,6 +118,7 @@ def _last_argmin(values: torch.Tensor, tol: float = 0.0) -> torch.Tensor:
     return torch.where(hits, pos, -1).max()
 
 
+@_single_threaded
 def entropy_divergences(
     counts: torch.Tensor, num_bits: int = 8, unsigned: bool = False,
     start_bin: int = 128, stride: int = 1,
@@ -103,13 +131,15 @@ def entropy_divergences(
     remainder), then spreads each level's count evenly over the bins of that level where
     P is non-zero. Both are normalised. ``inf`` where P has mass and Q none.
 
-    Sums over bins become differences of prefix sums, so the cost is
-    ``[candidates x levels]`` instead of ``[candidates x bins]``:
+    With T the total count, S_i the count of the first ``i`` bins, and per level j its
+    mass P_j in P, Q_j in Q and nz_j bins where P is non-zero:
 
         KL_i = (sum_b P_b log P_b - sum_j P_j log(Q_j / nz_j)) / T - log T + log S_i
 
-    with T the total count, S_i the count of the first ``i`` bins, and per level j:
-    P_j its mass in P, Q_j its mass in Q, nz_j the number of bins where P is non-zero.
+    P and Q differ only in the level holding bin ``i - 1`` (the "tail" level); all levels
+    before it (the "head") depend on ``m`` alone, and there are only ``N // L`` values of
+    ``m``. So the head sums are one ``[m values x levels]`` block, everything else is a
+    prefix sum: the cost is O(candidates + bins), not O(candidates x bins).
     """
     counts = _check_counts(counts)
     dev = counts.device
@@ -124,30 +154,36 @@ def entropy_divergences(
     prefix_xlogx = torch.cat([zero, torch.cumsum(torch.special.xlogy(c, c), 0)])
     total = prefix[-1]
 
-    # Level j of candidate i spans bins [bounds[i, j], bounds[i, j + 1]).
-    m = torch.clamp(cand // levels, min=1)[:, None]
-    k = torch.arange(levels + 1, device=dev)[None, :]
-    bounds = torch.minimum(k * m, cand[:, None])
-    bounds[:, -1] = cand
-    q_mass = prefix[bounds].diff(dim=1)
-    nz = prefix_nz[bounds].diff(dim=1)
+    # Head of merge width m: levels [k m, (k + 1) m) for k < L - 1 (no outliers, P = Q).
+    widths = torch.arange(1, max(n // levels, 1) + 1, device=dev)
+    bounds = widths[:, None] * torch.arange(levels, device=dev)[None, :]
+    q_head = prefix[bounds].diff(dim=1)
+    nz_head = prefix_nz[bounds].diff(dim=1)
+    head_by_width = torch.special.xlogy(q_head, q_head / nz_head.clamp(min=1)).sum(1)
 
-    # P moves the outliers (bins >= i) into bin i - 1, which lies in level min(i-1, L-1).
+    m = torch.clamp(cand // levels, min=1)
+    # Fewer bins than levels: every bin is its own level and the tail is bin i - 1.
+    short = cand < levels
+    head_end = torch.where(short, cand - 1, (levels - 1) * m)
+    head = torch.where(short, prefix_xlogx[head_end], head_by_width[m - 1])
+
+    # Tail level [head_end, i): P adds the outliers (bins >= i) into bin i - 1.
     outliers = total - prefix[cand]
     last_bin = c[cand - 1]
-    last_level = torch.clamp(cand - 1, max=levels - 1)[:, None]
-    p_mass = q_mass.scatter_add(1, last_level, outliers[:, None])
-    newly_nz = ((last_bin == 0) & (outliers > 0)).to(torch.float64)[:, None]
-    nz = nz.scatter_add(1, last_level, newly_nz)
+    q_tail = prefix[cand] - prefix[head_end]
+    p_tail = q_tail + outliers
+    nz_tail = (prefix_nz[cand] - prefix_nz[head_end]
+               + ((last_bin == 0) & (outliers > 0)).to(torch.float64))
+    tail = torch.special.xlogy(p_tail, q_tail / nz_tail.clamp(min=1))
 
     sum_plogp = prefix_xlogx[cand - 1] + torch.special.xlogy(last_bin + outliers,
                                                              last_bin + outliers)
-    # xlogy gives 0 where P has no mass and -inf where P has mass but Q none (KL = inf).
-    cross = torch.special.xlogy(p_mass, q_mass / nz.clamp(min=1)).sum(1)
-    kl = (sum_plogp - cross) / total - torch.log(total) + torch.log(prefix[cand])
-    return cand, kl
+    kl = (sum_plogp - head - tail) / total - torch.log(total) + torch.log(prefix[cand])
+    starved = (p_tail > 0) & (q_tail == 0)
+    return cand, torch.where(starved, torch.inf, kl)
 
 
+@_single_threaded
 def entropy_amax(
     counts: torch.Tensor, bin_width, *, num_bits: int = 8, unsigned: bool = False,
     start_bin: int = 128, stride: int = 1,
@@ -160,6 +196,7 @@ def entropy_amax(
     return _amax_at(cand[_last_argmin(kl, KL_TIE_TOL)], bin_width, counts.device)
 
 
+@_single_threaded
 def percentile_amax(counts: torch.Tensor, bin_width, percentile: float = 99.99) -> torch.Tensor:
     """Smallest edge ``i * w`` with at least ``percentile`` % of the counts in bins below it."""
     counts = _check_counts(counts)
@@ -175,9 +212,10 @@ def percentile_amax(counts: torch.Tensor, bin_width, percentile: float = 99.99) 
     return _amax_at(torch.clamp(i, max=counts.numel()), bin_width, counts.device)
 
 
+@_single_threaded
 def mse_errors(
     counts: torch.Tensor, num_bits: int = 8, unsigned: bool = False,
-    start_bin: int = 128, stride: int = 1, chunk: int = 256,
+    start_bin: int = 128, stride: int = 1, chunk: int = 128,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared fake-quant error of the histogram, in units of ``bin_width**2``, for every
     candidate: ``(candidates, errors)``.
@@ -186,8 +224,10 @@ def mse_errors(
     ``s = i w / qmax`` (qmax 127 signed, 255 unsigned), a centre below amax rounds to the
     grid (half to even) and one above clips to amax:
     ``err_i = sum_b c_b (x_b - s * min(round(x_b / s), qmax))^2``.
-    One ``[candidates x bins]`` block of squared errors (built in chunks of candidates)
-    times the counts, as a matrix product.
+    Per chunk of candidates, one ``[candidates x bins]`` block of squared errors times
+    the counts (a matrix product) over the non-empty bins below the chunk's largest amax;
+    bins above it only clip, which suffix sums of ``c``, ``c x`` and ``c x^2`` give in
+    closed form.
     """
     counts = _check_counts(counts)
     dev = counts.device
@@ -197,17 +237,32 @@ def mse_errors(
 
     c = counts.to(torch.float64)
     centre = torch.arange(n, device=dev, dtype=torch.float64) + 0.5   # x / w
+    zero = c.new_zeros(1)
+    # Suffix sums over bins >= k of c, c x, c x^2: the clipping error of bins past a chunk.
+    tail0, tail1, tail2 = (torch.cat([torch.cumsum(v.flip(0), 0).flip(0), zero])
+                           for v in (c, c * centre, c * centre * centre))
+    # Empty bins add nothing: the block only spans bins with counts (one host sync).
+    kept = torch.nonzero(counts).reshape(-1)
+    kept_cpu = kept.cpu()
+    c_kept, x_kept = c[kept], centre[kept]
     a = cand.to(torch.float64)                                         # amax / w
+    cand_cpu = cand.cpu()
     err = torch.empty_like(a)
     for lo in range(0, cand.numel(), chunk):  # chunks bound memory; each is vectorised
-        ai = a[lo:lo + chunk, None]
-        r = centre[None, :] * (qmax / ai)         # x / s, in grid steps
+        hi = min(lo + chunk, cand.numel())
+        top = int(cand_cpu[hi - 1])                      # bins >= top only clip
+        k = int(torch.searchsorted(kept_cpu, top))       # kept bins below top
+        ai = a[lo:hi, None]
+        r = x_kept[None, :k] * (qmax / ai)        # x / s, in grid steps
         q = torch.round(r).clamp_(max=qmax)       # centres above amax clip to qmax
         r.sub_(q).square_()
-        err[lo:lo + chunk] = (r @ c) * (ai[:, 0] / qmax) ** 2
+        ai = ai[:, 0]
+        clip = tail2[top] - 2 * ai * tail1[top] + ai * ai * tail0[top]
+        err[lo:hi] = (r @ c_kept[:k]) * (ai / qmax) ** 2 + clip
     return cand, err
 
 
+@_single_threaded
 def mse_amax(
     counts: torch.Tensor, bin_width, *, num_bits: int = 8, unsigned: bool = False,
     start_bin: int = 128, stride: int = 1,

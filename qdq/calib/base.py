@@ -77,7 +77,12 @@ class Calibrator(abc.ABC):
         """Raise on NaN/Inf. Only done eagerly on CPU: on a GPU the check would force a
         host sync per batch, so there the reduced statistic carries NaN/Inf forward and
         ``compute_amax`` reports it."""
-        if x.device.type == "cpu" and not bool(torch.isfinite(x).all()):
+        if x.device.type != "cpu" or not x.is_floating_point() or x.numel() == 0:
+            return
+        # min and max propagate NaN and show Inf: one pass and no temporary, where
+        # isfinite(x).all() makes several passes and a mask as large as x.
+        lo, hi = torch.aminmax(x)
+        if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
             bad = x[~torch.isfinite(x)].flatten()[0].item()
             raise CalibrationError(
                 f"{self.owner}: calibration data contains a non-finite value ({bad})"

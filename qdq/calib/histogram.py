@@ -24,6 +24,8 @@ Example::
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from qdq.calib.amax_search import AMAX_SEARCHES
@@ -122,7 +124,6 @@ class HistogramCalibrator(Calibrator):
         x = x.detach()
         if x.numel() == 0:
             return
-        self._check_finite(x)
         cpu = x.device.type == "cpu"
         if self._unsigned and cpu and bool((x < 0).any()):
             raise CalibrationError(f"{self.owner}: unsigned quantizer received negative "
@@ -132,10 +133,19 @@ class HistogramCalibrator(Calibrator):
         elif self._counts.device != x.device:
             raise CalibrationError(f"{self.owner}: histogram lives on {self._counts.device} "
                                    f"but a batch came on {x.device}")
-        xa = x.reshape(-1).abs() if x.dtype == torch.float32 else x.reshape(-1).float().abs_()
+        flat = x.reshape(-1)
+        xa = _scratch(flat.numel(), torch.float32, x.device)
+        if flat.dtype == torch.float32:
+            torch.abs(flat, out=xa)
+        else:
+            xa.copy_(flat).abs_()
         batch_max = xa.max()
+        if cpu and not torch.isfinite(batch_max):   # max carries NaN and Inf along
+            self._check_finite(x)                    # raises, naming the bad value
+            raise CalibrationError(f"{self.owner}: calibration data exceeds the float32 "
+                                   f"range (largest |x| {float(x.abs().max()):g})")
         self._grow_to(_exponent_above(batch_max), fresh=self._max == 0)
-        self._max = torch.maximum(self._max, batch_max)   # propagates NaN to compute_amax
+        self._max = torch.maximum(self._max, batch_max)   # NaN on a GPU: compute_amax raises
 
         scale = torch.ldexp(torch.tensor(float(self._num_bins), device=x.device), -self._exp)
         xa.mul_(scale)
@@ -222,11 +232,32 @@ def _exponent_above(value: torch.Tensor) -> torch.Tensor:
 
 
 def _add_counts(counts: torch.Tensor, scaled: torch.Tensor, num_bins: int) -> None:
-    """``counts[floor(v)] += 1`` for every ``v`` of ``scaled`` (all in ``[0, num_bins)``)."""
-    if counts.device.type == "cpu":
-        # bincount on int32 is the fastest exact counter on the CPU (and has no sync there).
-        counts.add_(torch.bincount(scaled.to(torch.int32), minlength=num_bins))
-    else:
-        idx = scaled.to(torch.int64)
-        counts.index_add_(0, idx, torch.ones((), dtype=torch.int64,
-                                             device=counts.device).expand(idx.numel()))
+    """``counts[floor(v)] += 1`` for every ``v`` of ``scaled`` (all in ``[0, num_bins)``).
+
+    ``index_add_`` into the int64 counts: exact, no sync on a GPU (unlike ``bincount``,
+    which also makes two extra passes for its min and max on a CPU)."""
+    idx = _scratch(scaled.numel(), torch.int32, scaled.device, slot=1)
+    idx.copy_(scaled)                           # truncation = floor for v >= 0
+    ones = torch.ones((), dtype=torch.int64, device=counts.device).expand(idx.numel())
+    counts.index_add_(0, idx, ones)
+
+
+_SCRATCH = threading.local()
+#: Largest buffer kept between batches (2^26 elements: 256 MiB as float32).
+_SCRATCH_MAX = 1 << 26
+
+
+def _scratch(numel: int, dtype: torch.dtype, device: torch.device, slot: int = 0
+             ) -> torch.Tensor:
+    """A reusable 1-D buffer. On a CPU every fresh tensor of activation size costs page
+    faults on first touch, as much as the binning itself; one buffer per thread, grown to
+    the largest batch (up to ``_SCRATCH_MAX`` elements), avoids that. GPUs have a caching
+    allocator and get a new tensor."""
+    if device.type != "cpu" or numel > _SCRATCH_MAX:
+        return torch.empty(numel, dtype=dtype, device=device)
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    buf = buffers.get((slot, dtype))
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=dtype)
+        buffers[(slot, dtype)] = buf
+    return buf[:numel]

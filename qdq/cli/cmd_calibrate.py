@@ -75,13 +75,15 @@ def prepare_model(args: argparse.Namespace):
     if rules is not None:
         from sensitivity.sources import load_data
 
-        example = first_input(load_data(args.data, "calib", args.batch_size, 1,
-                                        args.image_size)).to(device)
-        folded = rules.fold_batchnorm(model, example)
-        log.info("folded %d BatchNorm layers", len(folded))
+        example = (first_input(load_data(args.data, "calib", args.batch_size, 1,
+                                         args.image_size)).to(device),)
+        if hasattr(rules, "fold_batchnorm"):
+            folded = rules.fold_batchnorm(model, example)
+            log.info("folded %d BatchNorm layers", len(folded))
     qdq.replace_modules(model, ignore=args.ignore or None)
-    if rules is not None:
+    if rules is not None and hasattr(rules, "apply_rules"):
         model = rules.apply_rules(model, example).eval().to(device)
+        qdq.name_quantizers(model)
     return model, device
 
 

@@ -25,7 +25,7 @@ EPILOG = """examples:
 
 writes into --out: report.md, sensitivity.png (ranked bar chart), sensitivity.csv,
 sensitivity.json, rows.jsonl, skip_layers.txt, calibration.json, and proxy.md/json with
---proxy. Measurements stream into progress.jsonl as they finish: run the same command
+--proxy. Measurements stream into rows.jsonl as they finish: run the same command
 again after an interruption and it resumes (--fresh starts over).
 With random data (no labels) the metric is top-1 agreement with the FP32 model.
 """
@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                            "drop from FP32 is at most this")
     goal.add_argument("--target", type=float, help="as --max-drop, for an absolute metric")
     goal.add_argument("--top-k", type=int, help="keep exactly the K most sensitive in float")
-    p.add_argument("--fresh", action="store_true", help="ignore progress.jsonl and start over")
+    p.add_argument("--fresh", action="store_true", help="delete rows.jsonl and start over")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    progress_file = out / "progress.jsonl"
+    progress_file = out / "rows.jsonl"
     if args.fresh:
         progress_file.unlink(missing_ok=True)
     model, device = prepare_model(args)

@@ -250,6 +250,7 @@ def test_quantizer_nan_names_the_quantizer():
 def test_quant_conv_model_calibrates_with_histograms():
     from qdq import nn as quant_nn
 
+    torch.manual_seed(0)
     desc = QuantDescriptor(calib_method="histogram", skip_zeros=True)
     model = torch.nn.Sequential(
         quant_nn.QuantConv2d(3, 8, 3, quant_desc_input=desc), torch.nn.ReLU(),
@@ -257,6 +258,8 @@ def test_quant_conv_model_calibrates_with_histograms():
     ).eval()
     quantizers = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
     inputs = [m._input_quantizer for m in model if hasattr(m, "_input_quantizer")]
+    seen = []
+    model[2].register_forward_pre_hook(lambda mod, args: seen.append(args[0].clone()))
     for q in quantizers:
         q.disable_quant()
         q.enable_calib()
@@ -271,7 +274,10 @@ def test_quant_conv_model_calibrates_with_histograms():
     assert all(q.amax is not None for q in quantizers)
     # skip_zeros: the ReLU output's zeros never reach the second histogram.
     second = inputs[1].calibrator
-    assert int(second.counts.sum()) < 2 * 8 * 14 * 14
+    relu_out = torch.cat([s.reshape(-1) for s in seen])
+    assert 0 < int((relu_out == 0).sum())
+    assert int(second.counts.sum()) == int((relu_out != 0).sum())
+    np.testing.assert_array_equal(second.counts.numpy(), _numpy_counts(second, seen))
 
 
 # ------------------------------------------------------------------ all_reduce
@@ -353,3 +359,10 @@ def test_cuda_nan_surfaces_at_compute_amax():
     calib.collect(torch.tensor([1.0, float("nan"), 2.0], device="cuda"))
     with pytest.raises(CalibrationError, match="NaN or Inf"):
         calib.compute_amax("entropy")
+
+
+def test_float64_beyond_float32_range_is_refused():
+    calib = HistogramCalibrator()
+    calib.owner = "big"
+    with pytest.raises(CalibrationError, match="big.*float32 range"):
+        calib.collect(torch.tensor([1.0, 1e300], dtype=torch.float64))

@@ -153,7 +153,12 @@ def test_report_files(qmodel, eval_fn, tmp_path):
     skip = [line for line in (out / "skip_layers.txt").read_text().splitlines()
             if not line.startswith("#")]
     assert skip[0] == "conv2"
-    assert len((out / "rows.jsonl").read_text().splitlines()) == len(LAYERS)
+    # rows.jsonl is the sweep's record: resuming from it measures nothing again
+    assert len(read_rows(out / "rows.jsonl")) == 1 + 2 + len(LAYERS)
+    calls = []
+    again = sweep(qmodel, lambda m: calls.append(1) or eval_fn(m), resume=out / "rows.jsonl",
+                  progress=False)
+    assert calls == [] and again.ranked_layers() == report.ranked_layers()
 
 
 class _SharedNet(nn.Module):
