@@ -286,9 +286,6 @@ def _other_kernels():
         yield
 
 
-_constant_values = constant_values
-
-
 def _output_scales(graph: onnx.GraphProto, consts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Output name -> per-tensor scale, for outputs produced by a DequantizeLinear."""
     producers = {o: n for n in graph.node for o in n.output}
@@ -427,7 +424,7 @@ def verify(model: nn.Module, onnx_path: str | os.PathLike, inputs, *, forced: bo
         feeds[spec.name] = tensor.detach().cpu().numpy()
     output_names = [o.name for o in graph.output]
 
-    consts = _constant_values(graph)
+    consts = constant_values(graph)
     pairs = [_Pair(q, dq, consts.get(q.input[1])) for q, dq in activation_qdq_pairs(graph)
              ] if forced else []
     existing = set(output_names)
