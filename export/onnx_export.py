@@ -10,8 +10,10 @@ a copy of the model, so the caller's model is never changed:
 3. trace with the TorchScript exporter (``dynamo=False``, the path that turns torch's
    fake-quant ops into Q/DQ at opset 13 on torch 2.4-2.14), or the dynamo exporter on
    request;
-4. optionally store weights as int8 initializers feeding DQ (about 4x smaller);
-5. check the model and move it into place atomically: a failed export leaves no file.
+4. fold the constant scale arithmetic (``Clip``/``Div`` on amax) into plain initializers,
+   so every Q/DQ reads a constant scale;
+5. optionally store weights as int8 initializers feeding DQ (about 4x smaller);
+6. check the model and move it into place atomically: a failed export leaves no file.
 """
 
 from __future__ import annotations

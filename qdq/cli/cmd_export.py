@@ -13,6 +13,7 @@ from qdq.cli.models import load_model, parse_shape
 EPILOG = """examples:
   qdq export torchvision:resnet18 --calib random --shape 8,3,224,224 --out resnet18.onnx
   qdq export torchvision:mobilenet_v2 --calib random --int8-weights --out mnv2.onnx
+  qdq export torchvision:resnet18 --rules --calib random --lint --out resnet18_placed.onnx
   qdq export mypkg.models:build_net --checkpoint calibrated.pt --out net.onnx
   qdq export torchvision:resnet18 --calib random --fp16-out resnet18_fp16.onnx --out r.onnx
 
@@ -35,6 +36,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="random batches for --calib random (default 2)")
     p.add_argument("--ignore", action="append", default=[],
                    help="module name to keep in float (repeatable)")
+    p.add_argument("--rules", action="store_true",
+                   help="apply the TensorRT placement rules (qdq.rules.apply_rules): fold BN, "
+                        "quantize residual inputs, share concat/maxpool scales")
     p.add_argument("--seed", type=int, default=0,
                    help="seed for random weights and random calibration data (default 0)")
 
@@ -48,6 +52,10 @@ def prepare_model(args: argparse.Namespace) -> torch.nn.Module:
     qdq.replace_modules(model, ignore=args.ignore or None)
     if args.checkpoint:
         _load_checkpoint(model, Path(args.checkpoint), args.model)
+    if args.rules:
+        from qdq.rules import apply_rules
+
+        model = apply_rules(model, torch.zeros(parse_shape(args.shape))).eval()
     if args.calib == "random":
         shape = parse_shape(args.shape)
         gen = torch.Generator().manual_seed(args.seed)
@@ -57,7 +65,12 @@ def prepare_model(args: argparse.Namespace) -> torch.nn.Module:
             q.enable_calib()
         with torch.no_grad():
             for _ in range(max(1, args.calib_batches)):
-                model(torch.randn(shape, generator=gen))
+                try:
+                    model(torch.randn(shape, generator=gen))
+                except Exception as err:  # noqa: BLE001 - one line naming the shape
+                    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                    raise CliError(f"the model does not run on inputs of shape "
+                                   f"{list(shape)} (--shape): {first}") from err
         for _, q in qdq.quantizers(model):
             q.load_calib_amax(strict=False)
             q.enable_quant()

@@ -187,3 +187,19 @@ def test_int8_weight_export_lints_clean(tmp_path):
     model, inputs = quantized_torchvision("resnet18", 32)
     to_onnx(model, inputs[:1], tmp_path / "m.onnx", fold_bn=False, int8_weights=True)
     assert not [f for f in check_qdq(tmp_path / "m.onnx") if f.severity == "error"]
+
+
+def test_placement_rules_make_resnet18_lint_clean(tmp_path):
+    """With qdq.rules placing Q/DQ (residual inputs quantized), nothing is left to flag."""
+    import torch
+    import torchvision
+
+    from qdq.rules import apply_rules
+    from tests.export.conftest import calibrate
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 32, 32)
+    model = apply_rules(torchvision.models.resnet18().eval(), x[:1])
+    calibrate(model, x)
+    to_onnx(model, x[:1], tmp_path / "placed.onnx")
+    assert check_qdq(tmp_path / "placed.onnx") == []
