@@ -267,15 +267,29 @@ def tensorrt(run: Run) -> dict[str, Any]:
     if not export.tensorrt_available():
         raise Skip("TensorRT is not installed (pip install tensorrt polygraphy)")
     onnx_path = run.folder.path("model.onnx")
-    shape = tuple(run.example.shape[1:])
-    engine_path = run.folder.path("model.engine")
-    export.build_engine(onnx_path, engine_path, input_shape=shape)
-    inspection = export.inspect_engine(engine_path)
-    bench = export.benchmark_engine(engine_path)
-    run.folder.write_json("engine.json", {"inspection": inspection.as_dict(),
-                                          "benchmark": bench.as_dict()})
+    sample = tuple(run.example.shape[1:])
+    batch = run.config.batch_size
+    profile = {"min_shape": (1, *sample), "opt_shape": (batch, *sample),
+               "max_shape": (batch, *sample)}
+    cache = run.folder.path("timing.cache")
+    int8_engine = export.build_engine(onnx_path, run.folder.path("model.engine"),
+                                      timing_cache=cache, **profile)
+    # the FP16 baseline: the same model with every quantizer off
+    fp16_onnx = run.folder.path("model_fp32.onnx")
+    with qdq.disable_quantization(run.model):
+        export.to_onnx(run.model, run.example.to(run.device), fp16_onnx, opset=run.config.opset)
+    fp16_engine = export.build_engine(fp16_onnx, run.folder.path("model_fp16.engine"),
+                                      timing_cache=cache, **profile)
+    inspection = export.inspect_engine(int8_engine)
+    fp16_bench = export.benchmark_engine(fp16_engine, (batch, *sample), name="FP16")
+    int8_bench = export.benchmark_engine(int8_engine, (batch, *sample), name="INT8")
+    text = "\n".join([inspection.table(), "", fp16_bench.line(), int8_bench.line()])
+    run.folder.write_text("engine.txt", text + "\n")
     return {"engine": "model.engine", "int8_fraction": inspection.int8_fraction,
-            "latency_ms_p50": bench.p50_ms}
+            "heavy_int8_fraction": inspection.heavy_int8_fraction,
+            "reformat_layers": len(inspection.reformat_layers),
+            "latency_ms_p50": int8_bench.p50_ms, "fp16_latency_ms_p50": fp16_bench.p50_ms,
+            "speedup_vs_fp16": fp16_bench.p50_ms / int8_bench.p50_ms}
 
 
 def _plot_calibrators(run: Run, rows: list[dict[str, Any]], best: str) -> None:
