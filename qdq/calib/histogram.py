@@ -117,6 +117,8 @@ class HistogramCalibrator(Calibrator):
         self._exp = torch.zeros((), dtype=torch.int64, device=device)
         self._max = torch.zeros((), dtype=torch.float32, device=device)
         self._bin_ids = torch.arange(self._num_bins, dtype=torch.int64, device=device)
+        # Filled on the device (torch.full), not copied from the host: no sync.
+        self._num_bins_f = torch.full((), float(self._num_bins), device=device)
 
     # ---------------------------------------------------------------- collect
     def collect(self, x: torch.Tensor) -> None:
@@ -147,7 +149,7 @@ class HistogramCalibrator(Calibrator):
         self._grow_to(_exponent_above(batch_max), fresh=self._max == 0)
         self._max = torch.maximum(self._max, batch_max)   # NaN on a GPU: compute_amax raises
 
-        scale = torch.ldexp(torch.tensor(float(self._num_bins), device=x.device), -self._exp)
+        scale = torch.ldexp(self._num_bins_f, -self._exp)    # num_bins / R, on the device
         xa.mul_(scale)
         if not cpu:
             torch.nan_to_num_(xa, nan=0.0, posinf=self._num_bins - 1)
