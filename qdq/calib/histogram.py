@@ -55,11 +55,16 @@ class HistogramCalibrator(Calibrator):
         unsigned: the quantizer is unsigned (256 levels for 8 bits instead of 128).
         num_bins: bins over ``[0, R)``; a power of two keeps range growth exact.
         skip_zeros: leave exact zeros out of the histogram (e.g. after ReLU).
+        grow_method, torch_hist: accepted for pytorch-quantization scripts; no effect.
     """
 
     def __init__(self, num_bits: int = 8, axis=None, unsigned: bool = False,
-                 num_bins: int = 2048, skip_zeros: bool = False) -> None:
+                 num_bins: int = 2048, skip_zeros: bool = False, *,
+                 grow_method: str | None = None, torch_hist: bool | None = None) -> None:
         super().__init__(num_bits, axis, unsigned)
+        # grow_method / torch_hist: pytorch-quantization's knobs, accepted so its scripts
+        # run; here growth is always exact doubling and binning always uses torch.
+        del grow_method, torch_hist
         if axis is not None:
             raise CalibrationError(
                 f"{self.owner}: the histogram calibrator is per tensor; got axis={axis} "
