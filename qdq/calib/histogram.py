@@ -55,11 +55,16 @@ class HistogramCalibrator(Calibrator):
         unsigned: the quantizer is unsigned (256 levels for 8 bits instead of 128).
         num_bins: bins over ``[0, R)``; a power of two keeps range growth exact.
         skip_zeros: leave exact zeros out of the histogram (e.g. after ReLU).
+        grow_method, torch_hist: accepted for pytorch-quantization scripts; no effect.
     """
 
     def __init__(self, num_bits: int = 8, axis=None, unsigned: bool = False,
-                 num_bins: int = 2048, skip_zeros: bool = False) -> None:
+                 num_bins: int = 2048, skip_zeros: bool = False, *,
+                 grow_method: str | None = None, torch_hist: bool | None = None) -> None:
         super().__init__(num_bits, axis, unsigned)
+        # grow_method / torch_hist: pytorch-quantization's knobs, accepted so its scripts
+        # run; here growth is always exact doubling and binning always uses torch.
+        del grow_method, torch_hist
         if axis is not None:
             raise CalibrationError(
                 f"{self.owner}: the histogram calibrator is per tensor; got axis={axis} "
@@ -117,6 +122,8 @@ class HistogramCalibrator(Calibrator):
         self._exp = torch.zeros((), dtype=torch.int64, device=device)
         self._max = torch.zeros((), dtype=torch.float32, device=device)
         self._bin_ids = torch.arange(self._num_bins, dtype=torch.int64, device=device)
+        # Filled on the device (torch.full), not copied from the host: no sync.
+        self._num_bins_f = torch.full((), float(self._num_bins), device=device)
 
     # ---------------------------------------------------------------- collect
     def collect(self, x: torch.Tensor) -> None:
@@ -147,7 +154,7 @@ class HistogramCalibrator(Calibrator):
         self._grow_to(_exponent_above(batch_max), fresh=self._max == 0)
         self._max = torch.maximum(self._max, batch_max)   # NaN on a GPU: compute_amax raises
 
-        scale = torch.ldexp(torch.tensor(float(self._num_bins), device=x.device), -self._exp)
+        scale = torch.ldexp(self._num_bins_f, -self._exp)    # num_bins / R, on the device
         xa.mul_(scale)
         if not cpu:
             torch.nan_to_num_(xa, nan=0.0, posinf=self._num_bins - 1)

@@ -366,3 +366,10 @@ def test_float64_beyond_float32_range_is_refused():
     calib.owner = "big"
     with pytest.raises(CalibrationError, match="big.*float32 range"):
         calib.collect(torch.tensor([1.0, 1e300], dtype=torch.float64))
+
+
+def test_pytorch_quantization_constructor_keywords_are_accepted():
+    calib = HistogramCalibrator(8, None, False, num_bins=512, grow_method="append",
+                                skip_zeros=True, torch_hist=True)
+    calib.collect(torch.tensor([0.0, 1.0, 2.0]))
+    assert calib.num_bins == 512 and int(calib.counts.sum()) == 2
