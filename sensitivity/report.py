@@ -242,7 +242,13 @@ class SensitivityReport:
             widths = [r.delta for r in ok]
             colors = ["#c0392b" if (r.sensitivity or 0) > 0 else "#7f8c8d" for r in ok]
             ax.barh(y, widths, left=ref, color=colors, height=0.7)
-            ax.set_yticks(y, [r.layer for r in ok], fontsize=8)
+            labels = [r.layer + (f" (+{len(r.members) - 1} shared)" if len(r.members) > 1
+                                 else "") for r in ok]
+            ax.set_yticks(y, labels, fontsize=8)
+            for yi, w in zip(y, widths, strict=True):
+                ax.annotate(f"{w:+.3g}", (ref + w, yi), xytext=(3 if w >= 0 else -3, 0),
+                            textcoords="offset points", va="center",
+                            ha="left" if w >= 0 else "right", fontsize=7)
             ax.invert_yaxis()
             ax.axvline(self.fp32, color="#2471a3", ls="--", lw=1.2,
                        label=f"FP32 {self.fp32:.3f}")
@@ -256,7 +262,7 @@ class SensitivityReport:
             values = [ref + w for w in widths] + [self.fp32, self.int8]
             finite = [v for v in values if math.isfinite(v)]
             lo, hi = min(finite), max(finite)
-            pad = 0.05 * (hi - lo) or 0.5
+            pad = 0.12 * (hi - lo) or 0.5
             ax.set_xlim(lo - pad, hi + pad)
             ax.legend(loc="lower right", fontsize=8)
             ax.grid(axis="x", alpha=0.3)

@@ -8,14 +8,6 @@ from qdq.calib import HistogramCalibrator
 from sensitivity import SensitivityError, calibrate
 from tests.sensitivity.models import float_model, make_data
 
-try:
-    HistogramCalibrator()
-    HAVE_HISTOGRAM = True
-except NotImplementedError:
-    HAVE_HISTOGRAM = False
-needs_histogram = pytest.mark.skipif(not HAVE_HISTOGRAM,
-                                     reason="HistogramCalibrator is not merged yet")
-
 
 def _fresh():
     model = float_model()
@@ -121,7 +113,6 @@ def test_no_enabled_quantizers():
         calibrate(model, make_data(32, seed=1), progress=False)
 
 
-@needs_histogram
 @pytest.mark.parametrize("amax_method", ["entropy", "percentile", "mse", "max"])
 def test_histogram_calibration(amax_method):
     model = _fresh()

@@ -32,6 +32,11 @@ def _worker(rank: int, init: str, out: str, task: str) -> None:
             summary = calibrate(model, make_data(64, seed=10 + rank), progress=False)
             result["world"] = summary.world_size
             result["samples"] = summary.num_samples
+            hist = float_model()
+            qdq.replace_modules(hist)
+            calibrate(hist, make_data(64, seed=10 + rank), method="histogram",
+                      amax_method="percentile", percentile=99.9, progress=False)
+            result["hist"] = {n: q.amax.flatten().tolist() for n, q in qdq.quantizers(hist)}
         else:
             calibrate(model, make_data(64, seed=10), progress=False)  # same data everywhere
             data = make_data(128, seed=3, batch=64)
@@ -71,6 +76,15 @@ def test_calibration_gives_identical_amax_on_every_rank(tmp_path):
     assert single.keys() == ranks[0]["amax"].keys()
     for name, values in single.items():
         assert ranks[0]["amax"][name] == pytest.approx(values, rel=1e-6), name
+    # histograms are summed: percentile amax as if one process saw all the data
+    assert ranks[0]["hist"] == ranks[1]["hist"]
+    hist = float_model()
+    qdq.replace_modules(hist)
+    calibrate(hist, make_data(64, seed=10) + make_data(64, seed=11), method="histogram",
+              amax_method="percentile", percentile=99.9, progress=False)
+    for name, q in qdq.quantizers(hist):
+        assert ranks[0]["hist"][name] == pytest.approx(q.amax.flatten().tolist(), rel=1e-6), \
+            name
 
 
 @pytest.mark.slow
