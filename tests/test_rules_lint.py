@@ -64,6 +64,7 @@ def _placement_warnings(model, x, path) -> list:
 def test_rules_clear_placement_warnings(name, tmp_path):
     model, x = _build(name)
     qdq.replace_modules(model)
+    before_model = model
     before = _placement_warnings(model, x, tmp_path / f"{name}_before.onnx")
 
     model, x = _build(name)
@@ -72,6 +73,11 @@ def test_rules_clear_placement_warnings(name, tmp_path):
         ruled = apply_rules(model, x)
     after = _placement_warnings(ruled, x, tmp_path / f"{name}_after.onnx")
 
+    enabled = {n: len({id(q) for _, q in qdq.quantizers(m) if q.is_enabled})
+               for n, m in (("before", before_model), ("after", ruled))}
+    # one line per model for BENCHMARKS.md (shown with pytest -s)
+    print(f"\n[rules-lint] {name}: placement warnings {len(before)} -> {len(after)}; "
+          f"enabled quantizers {enabled['before']} -> {enabled['after']}")
     assert after == [], "\n".join(map(str, after))
     if name in CLEAN_BEFORE:
         assert before == []
