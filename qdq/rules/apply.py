@@ -78,7 +78,6 @@ def apply_rules(model: nn.Module, example_inputs=None, rules: list[str] | None =
     if insert and not any(isinstance(m, QuantInputMixin) for m in model.modules()):
         replace_modules(model)
     result = model
-    contexts: list[RuleContext] = []
     for part in trace_parts(model):
         if part.graph_module is None:
             report.untraced.append(f"{part.path or '(root)'} ({part.error})")
@@ -93,7 +92,6 @@ def apply_rules(model: nn.Module, example_inputs=None, rules: list[str] | None =
         ctx.apply_ties()
         gm.graph.lint()
         gm.recompile()
-        contexts.append(ctx)
         report.notes.extend(ctx.notes)
         if part.path:
             _install(model, part.path, gm)
