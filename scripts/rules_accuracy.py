@@ -33,9 +33,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--method", default="max", choices=["max", "histogram"])
     parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--seed", type=int, default=0, help="which training batches calibrate")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    calib = fashion_mnist_loader("train", args.batch_size, shuffle=True, seed=0)
+    torch.manual_seed(args.seed)
+    calib = fashion_mnist_loader("train", args.batch_size, shuffle=True, seed=args.seed)
     test = fashion_mnist_loader("test", args.batch_size)
     example = next(iter(test))[0][:2]
 
@@ -62,7 +63,7 @@ def main() -> None:
     diff = results["PTQ, rules"] - results["PTQ, module-level"]
     print(f"rules - module-level: {diff:+.2f} points  "
           f"({time.perf_counter() - start:.0f} s, {args.calib_batches} calibration batches "
-          f"of {args.batch_size}, method {args.method})")
+          f"of {args.batch_size}, method {args.method}, seed {args.seed})")
     print(ruled.qdq_rules_report)
 
 
