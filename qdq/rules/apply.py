@@ -9,7 +9,7 @@ import torch
 from torch import fx, nn
 
 from qdq.nn.mixin import QuantInputMixin
-from qdq.replace import disable_quantization, name_quantizers, replace_modules
+from qdq.replace import disable_quantization, name_quantizers, quantizers, replace_modules
 from qdq.rules import placement  # noqa: F401 - registers the rules
 from qdq.rules.fold import _as_tuple, fold_batchnorm
 from qdq.rules.registry import RULES, RuleContext
@@ -78,7 +78,6 @@ def apply_rules(model: nn.Module, example_inputs=None, rules: list[str] | None =
     if insert and not any(isinstance(m, QuantInputMixin) for m in model.modules()):
         replace_modules(model)
     result = model
-    contexts: list[RuleContext] = []
     for part in trace_parts(model):
         if part.graph_module is None:
             report.untraced.append(f"{part.path or '(root)'} ({part.error})")
@@ -93,7 +92,6 @@ def apply_rules(model: nn.Module, example_inputs=None, rules: list[str] | None =
         ctx.apply_ties()
         gm.graph.lint()
         gm.recompile()
-        contexts.append(ctx)
         report.notes.extend(ctx.notes)
         if part.path:
             _install(model, part.path, gm)
@@ -104,5 +102,8 @@ def apply_rules(model: nn.Module, example_inputs=None, rules: list[str] | None =
                       "quantizers only (no residual/concat/shared-scale rules): "
                       + "; ".join(report.untraced), stacklevel=2)
     name_quantizers(result)
+    for _, q in quantizers(result):
+        if q.placed_by is None:
+            q.placed_by = "module"  # inserted with its layer, not moved by a rule
     result.qdq_rules_report = report
     return result

@@ -121,6 +121,7 @@ def _residual_add(ctx: RuleContext) -> int:
         add = QuantAdd()
         conv_side = add._other_quantizer if identity == 0 else add._input_quantizer
         conv_side.disable()
+        conv_side.placed_by = "residual_add"
         quantized = add._input_quantizer if identity == 0 else add._other_quantizer
         quantized.placed_by = "residual_add"
         _replace_call(ctx, node, "residual_add", add, args)
