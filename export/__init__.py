@@ -8,11 +8,27 @@
     print(verify(model, "model.onnx", batch))
 """
 
+from export.engine_report import EngineReport, LayerInfo, parse_engine_json
+from export.fp16 import convert_to_fp16, to_fp16
 from export.lint import Finding, LintError, check_qdq, format_findings
 from export.onnx_export import ExportError, ExportResult, fold_constants, to_onnx
+from export.tensorrt import (
+    BenchmarkResult,
+    BuildError,
+    TensorRTUnavailable,
+    benchmark_engine,
+    build_engine,
+    compare_engines,
+    inspect_engine,
+    tensorrt_available,
+)
 from export.verify import VerifyError, VerifyReport, verify
 
 __all__ = [
+    "EngineReport", "LayerInfo", "parse_engine_json",
+    "BenchmarkResult", "BuildError", "TensorRTUnavailable", "benchmark_engine", "build_engine",
+    "compare_engines", "inspect_engine", "tensorrt_available",
+    "convert_to_fp16", "to_fp16",
     "Finding", "LintError", "check_qdq", "format_findings",
     "ExportError", "ExportResult", "fold_constants", "to_onnx",
     "VerifyError", "VerifyReport", "verify",

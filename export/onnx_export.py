@@ -16,6 +16,7 @@ a copy of the model, so the caller's model is never changed:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import os
@@ -29,7 +30,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from qdq import quantizers
+from qdq import TensorQuantizer, quantizers
 
 __all__ = ["ExportError", "ExportResult", "fold_constants", "to_onnx", "uncalibrated_quantizers"]
 
@@ -196,7 +197,8 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, opset:
         dynamic_batch: mark dim 0 of every input and output as dynamic.
         fold_bn: fold BatchNorm into the preceding conv (on a copy) before export.
         int8_weights: store weights as int8 initializers -> DQ instead of fp32 -> Q -> DQ.
-        dynamo: use torch's dynamo exporter (it picks its own opset, 18 or newer).
+        dynamo: use torch's dynamo exporter (it picks its own opset, 18 or newer; static
+            shapes only).
 
     Example::
 
@@ -209,9 +211,17 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, opset:
     path = Path(path)
     if not path.parent.exists():
         raise ExportError(f"output folder {path.parent} does not exist")
+    if not path.parent.is_dir():
+        raise ExportError(f"output folder {path.parent} is not a folder")
     if not os.access(path.parent, os.W_OK):
         raise ExportError(f"output folder {path.parent} is not writable")
     args = _as_tuple(example_inputs)
+    if dynamo and dynamic_batch:
+        # torch.export traces with fake tensors, and torch (2.14) has no fake-tensor kernel
+        # for fake_quantize_*_affine with tensor qparams once a dimension is symbolic.
+        raise ExportError(f"the dynamo exporter cannot trace fake-quant ops with a dynamic "
+                          f"batch on torch {torch.__version__}: pass dynamic_batch=False "
+                          f"(static shapes) or use the TorchScript exporter (dynamo=False)")
     missing = uncalibrated_quantizers(model)
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8
@@ -243,10 +253,11 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, opset:
     try:
         try:
             if dynamo:
-                program = torch.onnx.export(
-                    traced, args, dynamo=True, input_names=input_names,
-                    output_names=output_names,
-                    dynamic_shapes=_dynamo_shapes(args) if dynamic_batch else None)
+                with _torch_fake_quant_ops():
+                    program = torch.onnx.export(
+                        traced, args, dynamo=True, input_names=input_names,
+                        output_names=output_names, verbose=False,
+                        dynamic_shapes=_dynamo_shapes(args) if dynamic_batch else None)
                 program.save(str(tmp))
             else:
                 torch.onnx.export(traced, args, str(tmp), opset_version=opset, dynamo=False,
@@ -274,6 +285,18 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, opset:
                         output_names=output_names, quantize_nodes=ops.count("QuantizeLinear"),
                         dequantize_nodes=ops.count("DequantizeLinear"),
                         folded_batchnorms=folded, bytes=path.stat().st_size)
+
+
+@contextlib.contextmanager
+def _torch_fake_quant_ops():
+    """Make quantizers call torch's fake-quant ops, which the dynamo exporter maps to Q/DQ
+    (it does not set ``is_in_onnx_export``); restored whatever happens."""
+    saved = TensorQuantizer.use_fb_fake_quant
+    TensorQuantizer.use_fb_fake_quant = True
+    try:
+        yield
+    finally:
+        TensorQuantizer.use_fb_fake_quant = saved
 
 
 def _dynamo_shapes(args: tuple):

@@ -29,6 +29,7 @@ quantizer is the k-th Q node of that scope in graph order.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -385,7 +386,7 @@ class _Recorder:
 
 def verify(model: nn.Module, onnx_path: str | os.PathLike, inputs, *, forced: bool = True,
            noise_floor: bool = False, classifier: bool | None = None,
-           threads: int | None = None) -> VerifyReport:
+           fold_bn: bool | None = None, threads: int | None = None) -> VerifyReport:
     """Compare ``model`` (PyTorch, eval mode) with ``onnx_path`` in ONNX Runtime on ``inputs``.
 
     Args:
@@ -393,6 +394,9 @@ def verify(model: nn.Module, onnx_path: str | os.PathLike, inputs, *, forced: bo
         forced: also run the forced comparison and the per-quantizer flip analysis.
         noise_floor: also run PyTorch against itself with oneDNN/cuDNN off.
         classifier: report top-1 agreement (default: for 2-D outputs with >1 column).
+        fold_bn: compare with a copy of ``model`` whose BatchNorms are folded, as
+            ``to_onnx(fold_bn=True)`` exports it. Default: when the graph has no
+            BatchNormalization and the model has BatchNorm layers.
 
     Example::
 
@@ -441,6 +445,15 @@ def verify(model: nn.Module, onnx_path: str | os.PathLike, inputs, *, forced: bo
     ort_outputs = [ort_values[n] for n in output_names]
     steps = {n: float(v.reshape(())) for n, v in _output_scales(graph, consts).items()}
 
+    if fold_bn is None:
+        fold_bn = (not any(n.op_type == "BatchNormalization" for n in graph.node)
+                   and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                           for m in model.modules()))
+    if fold_bn:
+        from qdq.rules import fold_batchnorm
+
+        model = copy.deepcopy(model).eval()
+        fold_batchnorm(model, args)
     model = model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     targs = tuple(a.to(device) for a in args)

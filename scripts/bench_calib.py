@@ -231,7 +231,7 @@ def main() -> None:
                 slow = min(slow, float(c.max))
             diffs.append(abs(fast - slow) / width)
         note = "" if limit == len(hists) else f" (x{len(hists) / limit:.1f} from {limit})"
-        print(f"    {method:<11}{fast_s:>11.3f}s{loop_s:>11.2f}s{loop_s / fast_s:>16.0f}x"
+        print(f"    {method:<11}{fast_s:>11.3f}s{loop_s:>11.3f}s{loop_s / fast_s:>16.3g}x"
               f"{max(diffs):>19.1f}{note}")
 
 

@@ -82,8 +82,9 @@ def set_amax(model, amax: dict) -> None:
         q.amax = amax[name]
 
 
-def onnx_accuracy(model, loader, path: Path) -> float:
-    """Export with Q/DQ and score the graph in ONNX Runtime on the same data."""
+def onnx_check(model, loader, path: Path) -> dict:
+    """Export with Q/DQ and score the graph in ONNX Runtime on the same data, next to the
+    PyTorch model: accuracy of each, predictions that differ, largest logit difference."""
     import onnxruntime as ort
 
     from export.onnx_export import to_onnx
@@ -96,12 +97,19 @@ def onnx_accuracy(model, loader, path: Path) -> float:
         to_onnx(model, example, path, fold_bn=False)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
-    correct = total = 0
-    for x, y in loader:
-        out = sess.run(None, {name: x.numpy()})[0]
-        correct += (out.argmax(1) == y.numpy()).sum()
-        total += len(y)
-    return 100.0 * float(correct) / total
+    right_ort = right_torch = differ = total = 0
+    max_diff = 0.0
+    with torch.no_grad():
+        for x, y in loader:
+            got = torch.from_numpy(sess.run(None, {name: x.numpy()})[0])
+            ref = model(x)
+            right_ort += (got.argmax(1) == y).sum().item()
+            right_torch += (ref.argmax(1) == y).sum().item()
+            differ += (got.argmax(1) != ref.argmax(1)).sum().item()
+            max_diff = max(max_diff, (got - ref).abs().max().item())
+            total += len(y)
+    return {"ort": 100.0 * right_ort / total, "torch": 100.0 * right_torch / total,
+            "predictions_differing": differ, "max_logit_diff": max_diff, "samples": total}
 
 
 def main(argv=None) -> int:
@@ -197,8 +205,11 @@ def main(argv=None) -> int:
         (args.out / f"amax_rank{rank}.json").write_text(json.dumps(dump))
     if rank == 0:
         if args.onnx:
-            results["onnx_ort"] = onnx_accuracy(model, test, args.out / "qat.onnx")
-            log(f"QAT ONNX in ONNX Runtime: {results['onnx_ort']:.2f}")
+            check = onnx_check(model, test, args.out / "qat.onnx")
+            results["onnx"] = check
+            log(f"QAT ONNX in ONNX Runtime: {check['ort']:.2f} (PyTorch {check['torch']:.2f}, "
+                f"{check['predictions_differing']} predictions differ, largest logit "
+                f"difference {check['max_logit_diff']:.2e})")
         tmp = args.out / "results.json.tmp"
         tmp.write_text(json.dumps(results, indent=2))
         os.replace(tmp, args.out / "results.json")

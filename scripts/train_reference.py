@@ -31,6 +31,7 @@ def atomic_save(obj, path: Path) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is an ordinary file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -70,6 +71,10 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=None, help="Fashion-MNIST folder (idx .gz files)")
     p.add_argument("--out", type=Path, default=Path("runs/fmnist_resnet.pt"))
     p.add_argument("--resume", action="store_true", help="continue from <out>.state")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start from these weights (a state_dict), e.g. to finish a run")
+    p.add_argument("--schedule", choices=("onecycle", "cosine"), default="onecycle",
+                   help="onecycle: warm up then anneal; cosine: anneal from --lr only")
     args = p.parse_args(argv)
 
     if args.threads:
@@ -78,12 +83,19 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     train_x, train_y = fashion_mnist("train", args.data).tensors
     test_x, test_y = fashion_mnist("test", args.data).tensors
-    model = build_reference_model().to(device)
+    model = build_reference_model()
+    if args.init is not None:
+        model.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=True))
+    model = model.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
                           weight_decay=args.weight_decay)
     steps_per_epoch = len(train_x) // args.batch_size
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch, pct_start=0.25)
+    total = args.epochs * steps_per_epoch
+    if args.schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=total,
+                                                    pct_start=0.25)
+    else:
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     gen = torch.Generator().manual_seed(args.seed)
     state_path = args.out.with_name(args.out.name + ".state")
     start, elapsed, best = 0, 0.0, 0.0

@@ -3,9 +3,10 @@
 Every function takes the histogram as ``counts`` (1-D integer tensor, ``N`` bins) and
 ``bin_width``: bin ``b`` covers ``[b * w, (b + 1) * w)``, so the edges are ``arange(N + 1) * w``.
 A candidate amax is an edge ``i * w`` ("keep the first ``i`` bins"). The searches are
-vectorised over all candidates at once (prefix sums, or one ``[candidates x bins]`` block),
-never a Python loop over bins or candidates, and run on the histogram's device; the result
-is a 0-dim float32 tensor there.
+vectorised over all candidates at once (prefix sums, or a ``[candidates x bins]`` block
+built in a few chunks of candidates to bound memory), never a Python loop over bins or
+candidates, and run on the histogram's device; the result is a 0-dim float32 tensor there.
+On a CPU they run on one thread (see ``_one_cpu_thread``).
 
 ======================  ==========================================================
 function                amax
@@ -53,7 +54,7 @@ KL_TIE_TOL = 1e-10
 def _one_cpu_thread(device: torch.device) -> Iterator[None]:
     """Run on one CPU thread. The searches work on tensors of about 10^5 elements, where
     starting a parallel region costs more than it saves; on a busy machine, where the
-    second thread waits for a core, 2 threads were measured 20-100x slower than one."""
+    second thread waits for a core, 2 threads were measured 10-100x slower than one."""
     old = torch.get_num_threads()
     if device.type != "cpu" or old == 1:
         yield
@@ -87,10 +88,10 @@ def candidate_bins(num_bins: int, start_bin: int, stride: int, device=None) -> t
             f"start_bin and stride must be >= 1, got start_bin={start_bin}, stride={stride}"
         )
     start = min(start_bin, num_bins)
-    cands = torch.arange(start, num_bins + 1, stride, device=device)
-    if int(cands[-1]) != num_bins:
-        cands = torch.cat([cands, cands.new_tensor([num_bins])])
-    return cands
+    cands = list(range(start, num_bins + 1, stride))
+    if cands[-1] != num_bins:
+        cands.append(num_bins)
+    return torch.tensor(cands, dtype=torch.int64, device=device)
 
 
 def _check_counts(counts: torch.Tensor) -> torch.Tensor:

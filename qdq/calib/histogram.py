@@ -243,14 +243,17 @@ def _add_counts(counts: torch.Tensor, scaled: torch.Tensor, num_bins: int) -> No
 
 
 _SCRATCH = threading.local()
+#: Largest buffer kept between batches (2^26 elements: 256 MiB as float32).
+_SCRATCH_MAX = 1 << 26
 
 
 def _scratch(numel: int, dtype: torch.dtype, device: torch.device, slot: int = 0
              ) -> torch.Tensor:
     """A reusable 1-D buffer. On a CPU every fresh tensor of activation size costs page
     faults on first touch, as much as the binning itself; one buffer per thread, grown to
-    the largest batch, avoids that. GPUs have a caching allocator and get a new tensor."""
-    if device.type != "cpu":
+    the largest batch (up to ``_SCRATCH_MAX`` elements), avoids that. GPUs have a caching
+    allocator and get a new tensor."""
+    if device.type != "cpu" or numel > _SCRATCH_MAX:
         return torch.empty(numel, dtype=dtype, device=device)
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
     buf = buffers.get((slot, dtype))

@@ -32,15 +32,19 @@ class MaxCalibrator(Calibrator):
         x = x.detach()
         if x.numel() == 0:
             return
-        self._check_finite(x)
-        if self._unsigned and x.device.type == "cpu" and bool((x < 0).any()):
-            raise CalibrationError(
-                f"{self.owner}: unsigned quantizer received negative values "
-                f"(min {x.min().item():g})"
-            )
-        _, reduced = reduce_axes(x.dim(), self._axis, self.owner)
-        xa = x.float().abs()
-        batch_amax = torch.amax(xa, dim=reduced, keepdim=True) if reduced else xa
+        kept, reduced = reduce_axes(x.dim(), self._axis, self.owner)
+        lo, hi = _min_max(x, kept, reduced)
+        if x.device.type == "cpu":
+            # min/max carry NaN and Inf along: no separate pass over x to check them.
+            if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())):
+                self._check_finite(x)
+            if self._unsigned and bool((lo < 0).any()):
+                raise CalibrationError(
+                    f"{self.owner}: unsigned quantizer received negative values "
+                    f"(min {lo.min().item():g})"
+                )
+        # maximum() propagates NaN, so a NaN seen on the GPU surfaces at compute_amax.
+        batch_amax = torch.maximum(hi, -lo).float()
         if self._axis is None:
             batch_amax = batch_amax.reshape(())
         if self._calib_amax is None:
@@ -51,7 +55,6 @@ class MaxCalibrator(Calibrator):
                     f"{self.owner}: per-channel amax shape changed between batches "
                     f"({tuple(self._calib_amax.shape)} -> {tuple(batch_amax.shape)})"
                 )
-            # maximum() propagates NaN, so a NaN seen on the GPU surfaces at compute_amax.
             self._calib_amax = torch.maximum(self._calib_amax, batch_amax)
         if self._track_amax:
             self._amaxs.append(batch_amax.cpu())
@@ -72,3 +75,26 @@ class MaxCalibrator(Calibrator):
         if self._calib_amax is None:
             raise CalibrationError(f"{self.owner}: nothing collected on this rank to reduce")
         dist.all_reduce(self._calib_amax, op=dist.ReduceOp.MAX, group=group)
+
+
+def _min_max(x: torch.Tensor, kept: tuple[int, ...], reduced: tuple[int, ...]
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max over ``reduced`` in one pass (``aminmax``), keeping reduced dims as 1."""
+    if not reduced:
+        return x, x
+    if not kept:
+        lo, hi = torch.aminmax(x)
+        shape = [1] * x.dim()
+    else:
+        # Kept axes first, the rest flattened: a view for the usual axis 0, a copy otherwise.
+        rows = x.permute(*kept, *reduced).reshape(-1, _numel(x, reduced))
+        lo, hi = torch.aminmax(rows, dim=1)
+        shape = [x.shape[d] if d in kept else 1 for d in range(x.dim())]
+    return lo.reshape(shape), hi.reshape(shape)
+
+
+def _numel(x: torch.Tensor, dims: tuple[int, ...]) -> int:
+    n = 1
+    for d in dims:
+        n *= x.shape[d]
+    return n

@@ -136,8 +136,28 @@ def _apply_mask(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return scores + mask
 
 
+def _self_attention_targets(gm: nn.Module) -> dict[str, bool]:
+    """module target -> whether every call passes the query as key and value too."""
+    graph = getattr(gm, "graph", None)
+    found: dict[str, bool] = {}
+    for node in graph.nodes if graph is not None else ():
+        if node.op != "call_module":
+            continue
+        args = list(node.args[:3])
+        args += [node.kwargs.get(k) for k in ("query", "key", "value")[len(args):]]
+        same = len(args) == 3 and args[0] is args[1] is args[2]
+        found[node.target] = found.get(node.target, True) and same
+    return found
+
+
 def swap_attention(gm: nn.Module) -> tuple[list[str], list[tuple[str, str]]]:
-    """Swap every ``nn.MultiheadAttention`` under ``gm`` for its quant twin, in place."""
+    """Swap every ``nn.MultiheadAttention`` under ``gm`` for its quant twin, in place.
+
+    On a traced graph, a module only ever called as self-attention gets its key and value
+    quantizers switched off (they would never see data, and the query quantizer already
+    covers that tensor).
+    """
+    self_attention = _self_attention_targets(gm)
     swapped, skipped = [], []
     for name, module in list(gm.named_modules()):
         if type(module) is not nn.MultiheadAttention:
@@ -151,6 +171,9 @@ def swap_attention(gm: nn.Module) -> tuple[list[str], list[tuple[str, str]]]:
                   twin.qk._other_quantizer, twin.av._input_quantizer,
                   twin.av._other_quantizer):
             q.placed_by = "attention"
+        if self_attention.get(name, False):
+            twin._key_quantizer.disable()
+            twin._value_quantizer.disable()
         parent, _, attr = name.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, attr, twin)
         swapped.append(name)

@@ -13,6 +13,7 @@ import qdq
 def calibrate(model: nn.Module, data: torch.Tensor, batches: int = 1) -> nn.Module:
     """Max-calibrate every quantizer of ``model`` on ``data`` and switch them to quantize."""
     for _, q in qdq.quantizers(model):
+        q.calibrator.reset()
         q.disable_quant()
         q.enable_calib()
     with torch.no_grad():

@@ -312,3 +312,18 @@ def test_cuda_matches_cpu(name):
         gpu = fn(counts.cuda(), width)
         assert gpu.device.type == "cuda"
         assert float(gpu) == pytest.approx(float(cpu), abs=width)
+
+
+def test_cpu_searches_restore_the_thread_count():
+    counts, width = HISTOGRAMS["laplace"]
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        entropy_amax(counts, width)
+        mse_amax(counts, width)
+        assert torch.get_num_threads() == 2
+        with pytest.raises(CalibrationError):
+            percentile_amax(counts, width, 101)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(old)

@@ -60,7 +60,7 @@ def _cases(device):
 
 def run_cases(device: str) -> int:
     """Compare the fused and eager paths forward and backward; raise on any difference."""
-    from qdq.kernels.fake_quant import fused_fake_tensor_quant, fused_supported
+    from qdq.kernels.fake_quant import fused_fake_tensor_quant, fused_supported, triton_available
 
     checked = 0
     for name, x, amax, kw in _cases(device):
@@ -84,6 +84,9 @@ def run_cases(device: str) -> int:
         assert _same_bits(xe.grad, xf.grad), f"{name}: gradient differs"
         assert not torch.equal(xf.grad.isfinite(), torch.ones_like(xf.grad, dtype=torch.bool))
         checked += 1
+    # A kernel that failed to build would have switched itself off and let the eager path
+    # answer: make sure the kernels really ran.
+    assert triton_available(), "the fused kernels were disabled during the run"
     print(f"fused == eager for {checked} cases")
     return checked
 
@@ -113,12 +116,17 @@ def test_quantized_conv_training_step_is_identical_with_both_backends():
     def make():
         torch.manual_seed(0)
         m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                          nn.Conv2d(16, 8, 3), nn.Flatten(), nn.LazyLinear(10))
-        m(torch.randn(2, 3, 12, 12))
+                          nn.Conv2d(16, 8, 3), nn.Flatten(), nn.Linear(8 * 10 * 10, 10))
         replace_modules(m)
         for _, q in quantizers(m):
-            q.amax = torch.tensor(1.0) if q.axis is None else torch.rand(
-                q.amax.shape if q.amax is not None else (1,)) + 0.5
+            q.disable_quant()
+            q.enable_calib()
+        with torch.no_grad():
+            m(torch.randn(8, 3, 12, 12))
+        for _, q in quantizers(m):
+            q.load_calib_amax()
+            q.disable_calib()
+            q.enable_quant()
         return m.cuda()
 
     x = torch.randn(4, 3, 12, 12, device="cuda")
@@ -134,6 +142,9 @@ def test_quantized_conv_training_step_is_identical_with_both_backends():
     assert torch.equal(grads["eager"][0], grads["fused"][0])
     for a, b in zip(grads["eager"][1], grads["fused"][1], strict=True):
         assert torch.equal(a, b)
+    from qdq.kernels.fake_quant import triton_available
+
+    assert triton_available()
 
 
 def test_auto_backend_uses_eager_on_cpu_and_names_are_checked():

@@ -118,8 +118,7 @@ def _run(config: RunConfig, folder: RunFolder, progress: bool) -> RunResult:
     total = len(STAGES)
     for i, st in enumerate(STAGES, 1):
         if folder.done(st.name):
-            log.info("[%d/%d] %s: %s earlier, skipped", i, total, st.title,
-                     folder.status(st.name))
+            log.info("[%d/%d] %s: %s earlier", i, total, st.title, folder.status(st.name))
             continue
         log.info("[%d/%d] %s", i, total, st.title)
         start = time.perf_counter()

@@ -48,8 +48,9 @@ def summary(folder: RunFolder) -> dict[str, Any]:
                  if folder.status("lint") == "done" else _status_line(folder, "lint"))
     if folder.status("tensorrt") == "done":
         trt = folder.result("tensorrt")
-        engine_line = (f"built: {100 * trt.get('int8_fraction', 0):.0f}% INT8 layers, p50 "
-                       f"{_fmt(trt.get('latency_ms_p50'), 3)} ms")
+        engine_line = (f"built: {100 * trt.get('int8_fraction', 0):.0f}% of layers in INT8, "
+                       f"p50 {_fmt(trt.get('latency_ms_p50'), 3)} ms, "
+                       f"{_fmt(trt.get('speedup_vs_fp16'))}x vs FP16 (engine.txt)")
     else:
         engine_line = _status_line(folder, "tensorrt")
     return {

@@ -9,6 +9,7 @@ finished stages never run twice.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -216,7 +217,7 @@ def lint(run: Run) -> dict[str, Any]:
     import export
 
     findings = export.check_qdq(run.folder.path("model.onnx"))
-    rows = [f.as_dict() for f in findings]
+    rows = [dataclasses.asdict(f) for f in findings]
     run.folder.write_json("lint.json", rows)
     errors = sum(r["severity"] == "error" for r in rows)
     return {"errors": errors, "warnings": len(rows) - errors, "findings": rows[:20]}
@@ -226,14 +227,35 @@ def lint(run: Run) -> dict[str, Any]:
 def onnx_check(run: Run) -> dict[str, Any]:
     import export
 
-    batch = next(iter(run.calib))[:64]
+    batch = next(iter(run.calib))[:64].to(run.device)
     report = export.verify(run.model, run.folder.path("model.onnx"), batch)
-    result = report.as_dict()
+    run.folder.write_text("onnx_check.txt", str(report) + "\n")
+    result = {"rel_l2": report.rel_l2, "max_abs": report.max_abs,
+              "top1_agreement": None if report.top1 is None else 100 * report.top1,
+              "forced_rel_l2": report.forced_rel_l2, "rounding_flips": report.flips,
+              "only_boundary_flips": report.only_boundary_flips, "ok": report.ok()}
     if run.eval_loader is not None and run.config.eval == "top1":
-        result["ort_metric"] = export.onnx_top1_accuracy(
-            run.folder.path("model.onnx"), run.eval_loader, max_batches=run.config.eval_batches)
+        result["ort_metric"] = _onnx_top1(run.folder.path("model.onnx"), run.eval_loader,
+                                          run.config.eval_batches)
     run.folder.write_json("onnx_check.json", result)
     return result
+
+
+def _onnx_top1(path, loader: Iterable, max_batches: int | None) -> float:
+    """Top-1 accuracy (percent) of the exported file in ONNX Runtime (CPU)."""
+    import itertools
+
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    correct = total = 0
+    for x, y in itertools.islice(loader, max_batches):
+        logits = session.run(None, {name: x.numpy().astype(np.float32)})[0]
+        correct += int((logits.argmax(1) == y.numpy()).sum())
+        total += len(y)
+    return 100.0 * correct / max(total, 1)
 
 
 @stage("tensorrt", "TensorRT engine build, inspection and benchmark")
@@ -245,15 +267,29 @@ def tensorrt(run: Run) -> dict[str, Any]:
     if not export.tensorrt_available():
         raise Skip("TensorRT is not installed (pip install tensorrt polygraphy)")
     onnx_path = run.folder.path("model.onnx")
-    shape = tuple(run.example.shape[1:])
-    engine_path = run.folder.path("model.engine")
-    export.build_engine(onnx_path, engine_path, input_shape=shape)
-    inspection = export.inspect_engine(engine_path)
-    bench = export.benchmark_engine(engine_path)
-    run.folder.write_json("engine.json", {"inspection": inspection.as_dict(),
-                                          "benchmark": bench.as_dict()})
+    sample = tuple(run.example.shape[1:])
+    batch = run.config.batch_size
+    profile = {"min_shape": (1, *sample), "opt_shape": (batch, *sample),
+               "max_shape": (batch, *sample)}
+    cache = run.folder.path("timing.cache")
+    int8_engine = export.build_engine(onnx_path, run.folder.path("model.engine"),
+                                      timing_cache=cache, **profile)
+    # the FP16 baseline: the same model with every quantizer off
+    fp16_onnx = run.folder.path("model_fp32.onnx")
+    with qdq.disable_quantization(run.model):
+        export.to_onnx(run.model, run.example.to(run.device), fp16_onnx, opset=run.config.opset)
+    fp16_engine = export.build_engine(fp16_onnx, run.folder.path("model_fp16.engine"),
+                                      timing_cache=cache, **profile)
+    inspection = export.inspect_engine(int8_engine)
+    fp16_bench = export.benchmark_engine(fp16_engine, (batch, *sample), name="FP16")
+    int8_bench = export.benchmark_engine(int8_engine, (batch, *sample), name="INT8")
+    text = "\n".join([inspection.table(), "", fp16_bench.line(), int8_bench.line()])
+    run.folder.write_text("engine.txt", text + "\n")
     return {"engine": "model.engine", "int8_fraction": inspection.int8_fraction,
-            "latency_ms_p50": bench.p50_ms}
+            "heavy_int8_fraction": inspection.heavy_int8_fraction,
+            "reformat_layers": len(inspection.reformat_layers),
+            "latency_ms_p50": int8_bench.p50_ms, "fp16_latency_ms_p50": fp16_bench.p50_ms,
+            "speedup_vs_fp16": fp16_bench.p50_ms / int8_bench.p50_ms}
 
 
 def _plot_calibrators(run: Run, rows: list[dict[str, Any]], best: str) -> None:
