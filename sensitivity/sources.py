@@ -48,8 +48,12 @@ def check_spec(spec: str) -> None:
         parse_batch_shape(spec.split(":", 1)[1])
         return
     if not Path(spec).is_dir():
-        raise SensitivityError(f"data {spec!r}: expected 'fashion-mnist', 'random:NxCxHxW' "
-                               "or an existing image folder")
+        raise _bad_spec(spec)
+
+
+def _bad_spec(spec: str) -> SensitivityError:
+    return SensitivityError(f"data {spec!r}: expected 'fashion-mnist', 'random:NxCxHxW' or "
+                            "an existing image folder")
 
 
 def load_data(spec: str, split: str = "test", batch_size: int = 64,
@@ -84,5 +88,4 @@ def load_data(spec: str, split: str = "test", batch_size: int = 64,
         except (FileNotFoundError, RuntimeError) as err:
             raise SensitivityError(f"image folder {path}: {err}") from err
         return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    check_spec(spec)
-    raise AssertionError("unreachable")  # pragma: no cover
+    raise _bad_spec(spec)
