@@ -18,7 +18,7 @@ import torch
 
 from sensitivity.errors import SensitivityError
 
-__all__ = ["load_data", "parse_batch_shape", "has_labels"]
+__all__ = ["load_data", "check_spec", "parse_batch_shape", "has_labels"]
 
 _SEEDS = {"calib": 0, "train": 0, "test": 1, "eval": 1}
 
@@ -38,6 +38,22 @@ def parse_batch_shape(text: str) -> tuple[int, ...]:
 
 def has_labels(spec: str) -> bool:
     return not spec.startswith("random:")
+
+
+def check_spec(spec: str) -> None:
+    """Raise for a data spec that cannot work, before anything expensive runs."""
+    if spec == "fashion-mnist":
+        return
+    if spec.startswith("random:"):
+        parse_batch_shape(spec.split(":", 1)[1])
+        return
+    if not Path(spec).is_dir():
+        raise _bad_spec(spec)
+
+
+def _bad_spec(spec: str) -> SensitivityError:
+    return SensitivityError(f"data {spec!r}: expected 'fashion-mnist', 'random:NxCxHxW' or "
+                            "an existing image folder")
 
 
 def load_data(spec: str, split: str = "test", batch_size: int = 64,
@@ -72,5 +88,4 @@ def load_data(spec: str, split: str = "test", batch_size: int = 64,
         except (FileNotFoundError, RuntimeError) as err:
             raise SensitivityError(f"image folder {path}: {err}") from err
         return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    raise SensitivityError(f"data {spec!r}: expected 'fashion-mnist', 'random:NxCxHxW' or an "
-                           "existing image folder")
+    raise _bad_spec(spec)

@@ -61,7 +61,9 @@ def first_input(data) -> torch.Tensor:
 def prepare_model(args: argparse.Namespace):
     """Float model -> BN folded -> quantizers inserted -> placement rules, on the device."""
     import qdq
+    from sensitivity.sources import check_spec
 
+    check_spec(args.data)  # fail on bad data before the model is built
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(args.model, args.checkpoint).eval().to(device)
     rules = None

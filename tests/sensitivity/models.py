@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -56,10 +58,22 @@ def trained_state() -> dict[str, torch.Tensor]:
     return _TRAINED
 
 
+#: Subprocesses (CLI, distributed workers) load the weights from this file if it is set,
+#: instead of training again.
+WEIGHTS_ENV = "QDQ_TEST_TINYNET"
+
+
 def float_model() -> TinyNet:
     model = TinyNet()
-    model.load_state_dict(trained_state())
+    path = os.environ.get(WEIGHTS_ENV)
+    state = torch.load(path, weights_only=True) if path else trained_state()
+    model.load_state_dict(state)
     return model.eval()
+
+
+def save_weights(path) -> str:
+    torch.save(trained_state(), path)
+    return str(path)
 
 
 def build() -> TinyNet:

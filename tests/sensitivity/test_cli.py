@@ -9,12 +9,23 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.sensitivity.models import WEIGHTS_ENV, save_weights
+
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "tests.sensitivity.models:build"
 
 
+_ENV: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def weights(tmp_path_factory):
+    """Train the tiny model once; every subprocess loads its weights from a file."""
+    _ENV[WEIGHTS_ENV] = save_weights(tmp_path_factory.mktemp("tinynet") / "tinynet.pt")
+
+
 def qdq(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **_ENV}
     return subprocess.run([sys.executable, "-m", "qdq.cli", *args], capture_output=True,
                           text=True, timeout=300, cwd=ROOT, env=env)
 
@@ -39,6 +50,7 @@ def test_calibrate_writes_amax_and_a_loadable_state(tmp_path):
     assert "conv1._input_quantizer" in out.stdout
 
 
+@pytest.mark.slow
 def test_sensitivity_writes_the_report_folder_and_resumes(tmp_path):
     args = ("sensitivity", MODEL, "--data", "random:32x1x12x12", "--calib-batches", "2",
             "--eval-batches", "2", "--proxy", "--top-k", "1", "--out", str(tmp_path),

@@ -13,7 +13,7 @@ import qdq
 from sensitivity.calibrate import calibrate
 from sensitivity.evaluate import top1_accuracy
 from sensitivity.sweep import read_rows, sweep
-from tests.sensitivity.models import float_model, make_data
+from tests.sensitivity.models import WEIGHTS_ENV, float_model, make_data, save_weights
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or sys.platform == "win32",
                                 reason="needs torch.distributed with gloo")
@@ -23,6 +23,7 @@ WORLD = 2
 
 def _worker(rank: int, init: str, out: str, task: str) -> None:
     torch.set_num_threads(1)
+    os.environ[WEIGHTS_ENV] = os.path.join(out, "tinynet.pt")
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
     try:
         model = float_model()
@@ -59,6 +60,7 @@ def _worker(rank: int, init: str, out: str, task: str) -> None:
 
 def _spawn(tmp_path, task):
     init = f"file://{tmp_path / 'rendezvous'}"
+    save_weights(tmp_path / "tinynet.pt")
     mp.spawn(_worker, args=(init, str(tmp_path), task), nprocs=WORLD, join=True)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
