@@ -1,8 +1,9 @@
 """Train the Fashion-MNIST reference CNN (sensitivity.reference) in FP32.
 
-Reaches >= 91% test accuracy in a few epochs; sized so that 2 CPU cores do it in about
-10 minutes (``--device cpu --threads 2``). Progress is saved after every epoch next to the
-output (``<out>.state``) and a rerun with ``--resume`` continues from it.
+Aims at >= 91% test accuracy with the default 6-epoch one-cycle schedule, sized for about
+10 minutes on 2 CPU cores (``--device cpu --threads 2``; see BENCHMARKS.md for what was
+measured). Progress is saved after every epoch next to the output (``<out>.state``) and
+a rerun with ``--resume`` continues from it; ``--init`` starts from given weights.
 
     PYTHONPATH=. python scripts/train_reference.py --device cpu --threads 2 \
         --out runs/fmnist_resnet.pt
