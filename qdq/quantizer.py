@@ -199,7 +199,15 @@ class TensorQuantizer(nn.Module):
     # -------------------------------------------------------------------- amax
     @property
     def amax(self) -> torch.Tensor | None:
-        return None if self._amax.numel() == 0 else self._amax
+        if torch.jit.is_tracing():
+            # the ONNX exporter traces: whether amax is set is a constant of the graph,
+            # so the tracer's warning about reading a size as a Python bool is noise
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                empty = bool(self._amax.numel() == 0)
+        else:
+            empty = self._amax.numel() == 0
+        return None if empty else self._amax
 
     @amax.setter
     def amax(self, value) -> None:
