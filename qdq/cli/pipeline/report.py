@@ -143,7 +143,11 @@ def write_report(folder: RunFolder, config: RunConfig, data: str) -> None:
         parts += ["## Export", "",
                   f"`model.onnx`: opset {config.opset}, {exp['quantize_nodes']} QuantizeLinear / "
                   f"{exp['dequantize_nodes']} DequantizeLinear, {exp['bytes'] / 1e6:.2f} MB, "
-                  f"{exp['folded_batchnorms']} BatchNorm folded.", ""]
+                  f"{exp['folded_batchnorms']} BatchNorm folded into the layer before."]
+        rules = exp.get("rules")
+        placed = ("off (`--no-rules`)" if rules is None else
+                  ", ".join(f"{k} {v}" for k, v in rules.items()) or "nothing to change")
+        parts += [f"Placement rules: {placed}.", ""]
     lint = r("lint")
     if lint:
         parts += ["## Q/DQ lint", "", s["lint"] + ".", ""]

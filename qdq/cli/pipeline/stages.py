@@ -207,9 +207,12 @@ def export_onnx(run: Run) -> dict[str, Any]:
 
     result = export.to_onnx(run.model, run.example.to(run.device), run.folder.path("model.onnx"),
                             opset=run.config.opset, int8_weights=run.config.int8_weights)
+    rules = getattr(run.model, "qdq_rules_report", None)  # BN folded there already
     return {"file": "model.onnx", "quantize_nodes": result.quantize_nodes,
             "dequantize_nodes": result.dequantize_nodes, "bytes": result.bytes,
-            "folded_batchnorms": len(result.folded_batchnorms)}
+            "folded_batchnorms": len(result.folded_batchnorms)
+            + (len(rules.folded) if rules else 0),
+            "rules": {k: v for k, v in rules.changes.items() if v} if rules else None}
 
 
 @stage("lint", "Q/DQ lint")
