@@ -3,8 +3,11 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+import qdq.cli as qdq_cli
 
 
 def qdq(*args: str) -> subprocess.CompletedProcess:
@@ -12,9 +15,20 @@ def qdq(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+COMMANDS = sorted(p.stem[4:] for p in Path(qdq_cli.__file__).parent.glob("cmd_*.py"))
+
+
 def test_help_lists_commands():
     out = qdq("--help")
-    assert out.returncode == 0 and "summary" in out.stdout
+    assert out.returncode == 0 and all(command in out.stdout for command in COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_with_examples(command):
+    out = qdq(command, "--help")
+    assert out.returncode == 0, out.stderr
+    assert "example" in out.stdout.lower() and f"qdq {command}" in out.stdout
+    assert "--quiet" in out.stdout and "--debug" in out.stdout
 
 
 def test_summary_calibrated_json():
