@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import onnx
 import pytest
 
@@ -75,6 +76,31 @@ def test_export_only_run_on_random_data(tmp_path):
     state = json.loads((out / "state.json").read_text())["stages"]
     assert state["fp32"]["status"] == "skipped" and state["export"]["status"] == "done"
     assert state["lint"]["result"]["errors"] == 0
+
+
+def test_image_folder_run(tmp_path):
+    """An ImageFolder of real PNG files with train/ and val/, as users keep their data."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label in ("cat", "dog"):
+            folder = tmp_path / "images" / split / label
+            folder.mkdir(parents=True)
+            for i in range(2):
+                pixels = (rng.random((40, 48, 3)) * 255).astype("uint8")
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    out = tmp_path / "r"
+    result = qdq("run", "--model", "torchvision:resnet18", "--data",
+                 f"imagefolder:{tmp_path / 'images'}", "--out", str(out), "--calibrators",
+                 "max", "--batch-size", "4", "--calib-batches", "1", "--quiet")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(4 calibration / 4 eval images)" in (out / "report.md").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 <= summary["fp32_metric"] <= 100 and summary["stages"]["onnx_check"] == "done"
+    graph = onnx.load(str(out / "model.onnx")).graph
+    dims = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:]]
+    assert dims == [3, 224, 224]  # resize 256 / centre crop 224
 
 
 @pytest.mark.parametrize("args, message", [
