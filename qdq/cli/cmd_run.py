@@ -51,6 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    f"{defaults.max_drop})")
     p.add_argument("--qat-epochs", type=int, help="QAT fine-tune epochs (default 0: no QAT)")
     p.add_argument("--qat-lr", type=float, help=f"default {defaults.qat_lr}")
+    p.add_argument("--qat-steps", type=int, help="at most this many training steps per QAT "
+                   "epoch (default: the whole training split)")
     p.add_argument("--int8-weights", action="store_const", const=True,
                    help="store weights as int8 initializers in the ONNX file")
     p.add_argument("--no-tensorrt", dest="tensorrt", action="store_const", const=False,

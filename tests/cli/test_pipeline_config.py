@@ -30,6 +30,8 @@ def test_flags_override_the_file(tmp_path):
     ("sweep: sideways\n", "sweep: 'sideways'"),
     ("calibrators: [max, kl]\n", "calibrator 'kl'"),
     ("opset: 11\n", "opset: 11"),
+    ("qat_steps: 0\n", "qat_steps: expected a positive integer, got 0"),
+    ("eval_batches: true\n", "eval_batches: expected a positive integer, got True"),
     ("- a list\n", "expected a table"),
     ("model: [unclosed\n", "cannot be parsed"),
 ])

@@ -79,7 +79,8 @@ def test_export_only_run_on_random_data(tmp_path):
 
 
 def test_image_folder_run(tmp_path):
-    """An ImageFolder of real PNG files with train/ and val/, as users keep their data."""
+    """An ImageFolder of real PNG files with train/ and val/, as users keep their data,
+    QAT included (one step on its training split)."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -93,9 +94,13 @@ def test_image_folder_run(tmp_path):
     out = tmp_path / "r"
     result = qdq("run", "--model", "torchvision:resnet18", "--data",
                  f"imagefolder:{tmp_path / 'images'}", "--out", str(out), "--calibrators",
-                 "max", "--batch-size", "4", "--calib-batches", "1", "--quiet")
+                 "max", "--batch-size", "4", "--calib-batches", "1", "--qat-epochs", "1",
+                 "--qat-steps", "1", "--quiet")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "(4 calibration / 4 eval images)" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "(4 calibration / 4 eval images)" in report and "## QAT" in report
+    qat = json.loads((out / "state.json").read_text())["stages"]["qat"]
+    assert qat["status"] == "done" and qat["result"]["epochs"] == 1
     summary = json.loads((out / "summary.json").read_text())
     assert 0 <= summary["fp32_metric"] <= 100 and summary["stages"]["onnx_check"] == "done"
     graph = onnx.load(str(out / "model.onnx")).graph

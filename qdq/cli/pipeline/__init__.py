@@ -106,12 +106,7 @@ def _run(config: RunConfig, folder: RunFolder, progress: bool) -> RunResult:
     run = Run(config=config, folder=folder, model=model, example=inputs.example,
               calib=inputs.calib, eval_loader=inputs.eval_loader, eval_fn=eval_fn,
               device=device, data_description=inputs.description, progress=progress)
-    if config.qat_epochs and config.data.startswith("fashion-mnist"):
-        from sensitivity.data import fashion_mnist_loader
-
-        root = config.data.partition(":")[2] or None
-        run.extra["train_loader"] = fashion_mnist_loader("train", batch_size=config.batch_size,
-                                                         shuffle=True, root=root)
+    run.extra["train_loader"] = inputs.train_loader
     if folder.load_model_state(run.model):
         log.info("resumed: loaded %s", folder.path("model_state.pt"))
         _apply_skip_list(run)

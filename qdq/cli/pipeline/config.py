@@ -47,6 +47,7 @@ class RunConfig:
     max_drop: float = 0.3
     qat_epochs: int = 0
     qat_lr: float = 1e-4
+    qat_steps: int | None = None
     opset: int = 13
     int8_weights: bool = False
     tensorrt: bool = True
@@ -69,10 +70,11 @@ class RunConfig:
                 raise ConfigError(f"{name}: expected a non-negative integer, got {value!r}")
         if self.batch_size == 0 or self.calib_batches == 0:
             raise ConfigError("batch_size and calib_batches must be at least 1")
-        if self.eval_batches is not None and (not isinstance(self.eval_batches, int)
-                                              or self.eval_batches < 1):
-            raise ConfigError(f"eval_batches: expected a positive integer, got "
-                              f"{self.eval_batches!r}")
+        for name in ("eval_batches", "qat_steps"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
         if self.sweep not in SWEEP_MODES:
             raise ConfigError(f"sweep: {self.sweep!r} is not one of {', '.join(SWEEP_MODES)}")
         for name in [*self.calibrators, *([self.calibrator] if self.calibrator else [])]:

@@ -5,8 +5,9 @@ Data specs:
 - ``fashion-mnist`` (or ``fashion-mnist:ROOT``): Debian's idx files; calibration batches
   from the training split, evaluation on the 10k test split.
 - ``imagefolder:PATH`` (or just an existing folder): torchvision ``ImageFolder`` with the
-  standard resize 256 / centre crop 224 / ImageNet normalisation. ``PATH/train`` and
-  ``PATH/val`` are used when present; otherwise one folder serves both.
+  standard resize 256 / centre crop 224 / ImageNet normalisation (QAT trains on random
+  resized crops and flips). ``PATH/train`` and ``PATH/val`` are used when present;
+  otherwise one folder serves both.
 - ``random:1x3x224x224``: seeded random tensors of that shape, for export-only runs (no
   evaluation, so the accuracy stages are skipped).
 
@@ -37,6 +38,7 @@ class Inputs:
     eval_loader: Iterable | None
     example: torch.Tensor
     description: str
+    train_loader: Iterable | None = None  # labelled, shuffled: for QAT
 
 
 class _InputsOnly:
@@ -77,10 +79,12 @@ def _image_folder(path: Path, batch_size: int, calib_batches: int, seed: int) ->
 
     if not path.is_dir():
         raise CliError(f"data {path}: no such folder")
-    tf = transforms.Compose([
-        transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
-        transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-    ])
+    normalize = transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    tf = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224),
+                             transforms.ToTensor(), normalize])
+    augment = transforms.Compose([transforms.RandomResizedCrop(224),
+                                  transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                                  normalize])
     train_dir = path / "train" if (path / "train").is_dir() else path
     val_dir = path / "val" if (path / "val").is_dir() else path
     try:
@@ -90,7 +94,8 @@ def _image_folder(path: Path, batch_size: int, calib_batches: int, seed: int) ->
     calib = _InputsOnly(_loader(train, batch_size, True, seed), calib_batches)
     example = next(iter(calib))[:1]
     return Inputs(calib, _loader(val, batch_size, False, seed), example,
-                  f"ImageFolder {path} ({len(train)} calibration / {len(val)} eval images)")
+                  f"ImageFolder {path} ({len(train)} calibration / {len(val)} eval images)",
+                  _loader(datasets.ImageFolder(train_dir, augment), batch_size, True, seed))
 
 
 def load_inputs(spec: str, batch_size: int, calib_batches: int, seed: int,
@@ -114,7 +119,7 @@ def load_inputs(spec: str, batch_size: int, calib_batches: int, seed: int,
         return Inputs(calib, _loader(test, batch_size, False, seed),
                       train[0][0].unsqueeze(0),
                       f"Fashion-MNIST ({calib_batches * batch_size} calibration images, "
-                      f"{len(test)} test images)")
+                      f"{len(test)} test images)", _loader(train, batch_size, True, seed))
     if kind == "imagefolder":
         return _image_folder(Path(arg), batch_size, calib_batches, seed)
     if Path(spec).is_dir():

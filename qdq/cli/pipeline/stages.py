@@ -191,9 +191,11 @@ def qat(run: Run) -> dict[str, Any]:
 
     train = run.extra.get("train_loader")
     if train is None:
-        raise Skip("the data source has no labelled training split")
+        raise Skip("the data source has no labelled training split (use fashion-mnist or "
+                   "an image folder)")
     result = finetune(run.model, train, run.evaluate, epochs=run.config.qat_epochs,
-                      lr=run.config.qat_lr, device=run.device,
+                      lr=run.config.qat_lr, max_steps_per_epoch=run.config.qat_steps,
+                      device=run.device,
                       checkpoint=run.folder.path("qat_best.pt"), progress=run.progress)
     run.folder.save_model_state(run.model)
     return {"metric": float(result.best_score), "epochs": run.config.qat_epochs,
