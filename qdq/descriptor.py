@@ -38,10 +38,8 @@ class QuantDescriptor:
         narrow_range: use [-(2^(b-1)-1), 2^(b-1)-1] instead of [-2^(b-1), 2^(b-1)-1].
         calib_method: ``"max"`` or ``"histogram"``.
         num_bins: bins of the histogram calibrator.
-        skip_zeros: the histogram calibrator ignores exact zeros (e.g. after ReLU). Set it
-            for entropy calibration of post-ReLU inputs: half or more of such a tensor is
-            exactly 0, and that spike in bin 0 pushes TensorRT's KL search to the smallest
-            candidates (see BENCHMARKS.md, "Entropy and ReLU zeros").
+        skip_zeros: the histogram calibrator ignores exact zeros (e.g. after ReLU), so
+            percentile and mse see only the non-zero values.
     """
 
     num_bits: int = 8

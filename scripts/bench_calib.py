@@ -55,6 +55,9 @@ def loop_entropy(counts: np.ndarray, edges: np.ndarray, num_bits: int = 8,
                  start_bin: int = 128, stride: int = 1) -> float:
     levels = 1 << (num_bits - 1)
     n = counts.size
+    counts = counts.copy()
+    if n > 1 and counts[1:].sum() > 0:
+        counts[0] = counts[1]   # the zero bin levelled, as pytorch-quantization does
     divergences = []
     candidates = list(range(start_bin, n + 1, stride))
     for i in candidates:

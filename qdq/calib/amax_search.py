@@ -11,7 +11,8 @@ On a CPU they run on one thread (see ``_one_cpu_thread``).
 ======================  ==========================================================
 function                amax
 ======================  ==========================================================
-``entropy_amax``        minimises KL(P || Q), TensorRT's calibration (last argmin)
+``entropy_amax``        minimises KL(P || Q), TensorRT's calibration (last argmin),
+                        with bin 0 levelled to bin 1 as in pytorch-quantization
 ``percentile_amax``     smallest edge with at least ``percentile`` % of the mass below
 ``mse_amax``            minimises the squared fake-quant error of the histogram's mass
 ======================  ==========================================================
@@ -37,6 +38,7 @@ __all__ = [
     "percentile_amax",
     "mse_amax",
     "entropy_divergences",
+    "level_zero_bin",
     "mse_errors",
     "num_levels",
     "candidate_bins",
@@ -183,15 +185,32 @@ def entropy_divergences(
     return cand, torch.where(starved, torch.inf, kl)
 
 
+def level_zero_bin(counts: torch.Tensor) -> torch.Tensor:
+    """``counts`` with bin 0 set to bin 1's count, as pytorch-quantization's entropy
+    calibration does before its search (unchanged if that would leave no mass).
+
+    After a ReLU, bin 0 holds the exact zeros, often half the tensor. They quantize
+    exactly at any amax, but counted they decide the search: every candidate of 256 bins
+    or more merges bin 0 with bin 1 into one level and pays for the spike, so the search
+    stops below 256 bins and clips the tail (8.7 points of top-1 on the reference model,
+    BENCHMARKS.md "Entropy and ReLU zeros")."""
+    if counts.numel() < 2:
+        return counts
+    leveled = torch.cat([counts[1:2], counts[1:]])
+    return torch.where(leveled.sum() > 0, leveled, counts)   # no host sync
+
+
 @_single_threaded
 def entropy_amax(
     counts: torch.Tensor, bin_width, *, num_bits: int = 8, unsigned: bool = False,
     start_bin: int = 128, stride: int = 1,
 ) -> torch.Tensor:
     """TensorRT's entropy calibration: the edge ``i * w`` of the candidate with the
-    smallest KL(P || Q), the largest such candidate on ties (see ``entropy_divergences``)."""
+    smallest KL(P || Q), the largest such candidate on ties (see ``entropy_divergences``),
+    searched on the histogram with its zero bin levelled (:func:`level_zero_bin`)."""
     counts = _check_counts(counts)
     _require_mass(counts)
+    counts = level_zero_bin(counts)
     cand, kl = entropy_divergences(counts, num_bits, unsigned, start_bin, stride)
     return _amax_at(cand[_last_argmin(kl, KL_TIE_TOL)], bin_width, counts.device)
 

@@ -14,10 +14,9 @@ re-bin to it and sum.
 of ``qdq.calib.amax_search`` ('entropy', 'percentile', 'mse') or returns the exact running
 max ('max'). A search never returns more than the largest ``|x|`` seen.
 
-``skip_zeros=True`` leaves exact zeros out. They quantize exactly at any amax, but counted in
-bin 0 they dominate the entropy search on post-ReLU tensors: every candidate that merges
-bin 0 with its neighbours pays for the spike, so the search settles below 256 bins and
-clips the tail (the reference model loses 8.7 points with them counted, 0.4 without).
+``skip_zeros=True`` leaves exact zeros out of the counts (pytorch-quantization's option).
+The entropy search does not need it: it levels bin 0 to bin 1 before searching
+(``amax_search.level_zero_bin``), so ReLU zeros do not decide it either way.
 
 Example::
 

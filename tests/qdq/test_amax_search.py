@@ -16,6 +16,7 @@ from qdq.calib.amax_search import (
     KL_TIE_TOL,
     entropy_amax,
     entropy_divergences,
+    level_zero_bin,
     mse_amax,
     mse_errors,
     percentile_amax,
@@ -47,10 +48,14 @@ def _kl(p: list[float], q: list[float]) -> float:
     return total
 
 
-def ref_entropy(counts, width, num_bits=8, unsigned=False, start_bin=128, stride=1):
-    """TensorRT's loop: clip into the last bin, merge into levels, expand, KL, last argmin."""
+def ref_entropy(counts, width, num_bits=8, unsigned=False, start_bin=128, stride=1,
+                level_zero=True):
+    """TensorRT's loop: clip into the last bin, merge into levels, expand, KL, last argmin;
+    first, bin 0 takes bin 1's count (pytorch-quantization), unless that empties it."""
     counts = [int(c) for c in counts]
     n = len(counts)
+    if level_zero and n > 1 and sum(counts[1:]) > 0:
+        counts[0] = counts[1]
     levels = 2 ** (num_bits - 1 + int(unsigned))
     divergences = {}
     for i in _candidates(n, start_bin, stride):
@@ -156,7 +161,8 @@ def test_entropy_matches_reference(name):
 
 def test_entropy_divergences_match_reference_values():
     counts, width = HISTOGRAMS["bimodal"]
-    _, kl = ref_entropy(counts.tolist(), width, num_bits=5, start_bin=20, stride=7)
+    _, kl = ref_entropy(counts.tolist(), width, num_bits=5, start_bin=20, stride=7,
+                        level_zero=False)
     cand, fast = entropy_divergences(counts, num_bits=5, start_bin=20, stride=7)
     assert cand.tolist() == sorted(kl)
     np.testing.assert_allclose(fast.numpy(), [kl[i] for i in cand.tolist()], rtol=1e-9,
@@ -189,6 +195,27 @@ def test_entropy_matches_reference_on_random_histograms(counts, num_bits, unsign
     fast = float(entropy_amax(t, 1.0, num_bits=num_bits, unsigned=unsigned,
                               start_bin=start_bin, stride=stride))
     assert _close_choice(fast, ref, 1.0, kl, 10 * KL_TIE_TOL), (fast, ref)
+
+
+def test_entropy_is_not_pulled_down_by_relu_zeros():
+    """A heavy-tailed ReLU output, half of it exact zeros: with bin 0 counted as is, every
+    candidate of 256 bins or more pays for the spike and the search clips the tail below
+    256 bins; levelled, it lands near the tail's 99.99th percentile."""
+    g = np.random.default_rng(3)
+    x = np.maximum(g.standard_t(3, size=400_000), 0.0)
+    counts, width = _hist(x, n=2048)
+    assert counts[0] > 0.45 * counts.sum()
+    cand, kl = entropy_divergences(counts)      # the spike kept
+    spiked = float(cand[int(torch.argmin(kl))]) * width
+    assert spiked < 256 * width
+    amax = float(entropy_amax(counts, width))
+    assert np.percentile(x, 99.9) < amax < float(x.max()), amax
+    assert amax > 2 * spiked
+    assert torch.equal(level_zero_bin(counts)[1:], counts[1:])
+    assert int(level_zero_bin(counts)[0]) == int(counts[1])
+    only_zeros = torch.zeros(8, dtype=torch.int64)
+    only_zeros[0] = 5
+    assert torch.equal(level_zero_bin(only_zeros), only_zeros)
 
 
 def test_entropy_clips_outliers_of_a_gaussian():
