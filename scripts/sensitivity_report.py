@@ -39,8 +39,12 @@ def main() -> None:
                    default="leave-one-out")
     p.add_argument("--methods", default=",".join(sensitivity.compare.DEFAULT_METHODS),
                    help="calibrators to compare (comma-separated)")
+    p.add_argument("--metric", choices=["top1", "logit-mse"], default="top1",
+                   help="top-1 accuracy, or the mean squared difference of the logits from "
+                   "the FP32 model's: continuous, so per-layer differences stand out of the "
+                   "noise of a few images changing class")
     p.add_argument("--max-drop", type=float, default=0.3,
-                   help="accuracy points allowed below FP32 for partial quantization")
+                   help="top-1 points allowed below FP32 for partial quantization")
     p.add_argument("--fresh", action="store_true", help="start the sweep over")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0)
@@ -62,8 +66,22 @@ def main() -> None:
                                      limit=args.eval_samples))
     test = [(x.to(device), y.to(device)) for x, y in test]
 
-    def eval_fn(m):
-        return top1_accuracy(m, test, device)
+    if args.metric == "top1":
+        metric_name, higher_is_better = "top-1 accuracy (%)", True
+
+        def eval_fn(m):
+            return top1_accuracy(m, test, device)
+    else:
+        metric_name, higher_is_better = "logit MSE vs FP32", False
+        with torch.no_grad():
+            reference = [model(x) for x, _ in test]
+
+        def eval_fn(m):
+            m.eval()
+            with torch.no_grad():
+                err = sum(float(((m(x) - ref) ** 2).sum()) for (x, _), ref in zip(
+                    test, reference, strict=True))
+            return err / sum(ref.numel() for ref in reference)
 
     example = (calib[0][0][:2].to(device),)
     try:
@@ -79,7 +97,7 @@ def main() -> None:
     start = time.perf_counter()
     table = sensitivity.compare_calibrators(
         model, calib, eval_fn, methods=args.methods.split(","), device=device,
-        metric_name="top-1 accuracy (%)")
+        metric_name=metric_name, higher_is_better=higher_is_better)
     timings["compare_calibrators"] = time.perf_counter() - start
     table.write(out)
     print(table.markdown())
@@ -89,7 +107,7 @@ def main() -> None:
         rows_file.unlink(missing_ok=True)
     start = time.perf_counter()
     report = sensitivity.sweep(model, eval_fn, mode=args.mode, resume=rows_file,
-                               metric_name="top-1 accuracy (%)")
+                               metric_name=metric_name, higher_is_better=higher_is_better)
     timings["sweep"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -101,25 +119,32 @@ def main() -> None:
     proxy.extra["spearman_with_sweep"] = rho
     proxy.write(out)
 
-    start = time.perf_counter()
-    partial = sensitivity.partial_quantize(model, report, eval_fn, max_drop=args.max_drop)
-    timings["partial_quantize"] = time.perf_counter() - start
+    partial = None
+    if args.metric == "top1":  # a drop in MSE units would mean nothing to a reader
+        start = time.perf_counter()
+        partial = sensitivity.partial_quantize(model, report, eval_fn, max_drop=args.max_drop)
+        timings["partial_quantize"] = time.perf_counter() - start
     report.write(out)
 
     summary = {
         "calibrator": table.best, "fp32": report.fp32, "int8": report.int8,
         "layers": len(report.rows), "eval_samples": sum(len(y) for _, y in test),
-        "spearman_proxy_vs_sweep": rho, "skip": partial.skip, "partial_metric": partial.metric,
-        "target": partial.target, "met": partial.met, "seconds": timings,
+        "metric": metric_name, "spearman_proxy_vs_sweep": rho,
+        "skip": partial.skip if partial else None,
+        "partial_metric": partial.metric if partial else None,
+        "target": partial.target if partial else None,
+        "met": partial.met if partial else None, "seconds": timings,
         "top5_sweep": report.ranked_layers()[:5], "top5_proxy": proxy.ranking()[:5],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(report)
     print(f"calibrator kept: {table.best}")
-    print(f"FP32 {report.fp32:.2f}%  INT8 {report.int8:.2f}%  ({len(report.rows)} layers)")
+    print(f"{metric_name}: FP32 {report.fp32:.4g}  INT8 {report.int8:.4g}  "
+          f"({len(report.rows)} layers)")
     print(f"proxy vs sweep Spearman rank correlation: {rho:.3f} "
           f"(proxy {timings['proxy']:.1f} s, sweep {timings['sweep']:.1f} s)")
-    print(f"partial quantization: {partial}; skip {partial.skip}")
+    if partial is not None:
+        print(f"partial quantization: {partial}; skip {partial.skip}")
     print(f"wrote {out}")
 
 
