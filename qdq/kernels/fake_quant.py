@@ -16,8 +16,9 @@ Unsupported cases fall back to the eager path: CPU tensors, no Triton, a learnab
 are not dense.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: Triton 3.0 (torch 2.4) reads the
+# ``tl.constexpr`` annotations of a kernel's arguments at run time and does not resolve
+# them from strings.
 import math
 import os
 import warnings

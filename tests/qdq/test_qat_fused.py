@@ -91,13 +91,21 @@ def run_cases(device: str) -> int:
     return checked
 
 
+NO_WRITE_BACK = 3  # exit code of the subprocess when the interpreter cannot be used
+
+
 @pytest.mark.slow
 def test_fused_kernels_match_eager_bit_for_bit_in_the_triton_interpreter():
-    pytest.importorskip("triton")
+    triton = pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    code = "from tests.qdq.test_qat_fused import run_cases; run_cases('cpu')"
+    code = ("import sys; from tests.qdq.triton_probe import interpreter_writes_back; "
+            "from tests.qdq.test_qat_fused import run_cases; "
+            f"sys.exit({NO_WRITE_BACK}) if not interpreter_writes_back() else run_cases('cpu')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
+    if proc.returncode == NO_WRITE_BACK:
+        pytest.skip(f"Triton {triton.__version__}'s interpreter does not write kernel results "
+                    "back to CPU tensors")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fused == eager for 11 cases" in proc.stdout
 
