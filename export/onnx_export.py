@@ -34,7 +34,8 @@ from torch import nn
 
 from qdq import TensorQuantizer, quantizers
 
-__all__ = ["ExportError", "ExportResult", "fold_constants", "to_onnx", "uncalibrated_quantizers"]
+__all__ = ["ExportError", "ExportResult", "dynamo_exporter_available", "fold_constants",
+           "to_onnx", "uncalibrated_quantizers"]
 
 
 class ExportError(RuntimeError):
@@ -218,6 +219,10 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, opset:
     if not os.access(path.parent, os.W_OK):
         raise ExportError(f"output folder {path.parent} is not writable")
     args = _as_tuple(example_inputs)
+    if dynamo and not dynamo_exporter_available():
+        raise ExportError(f"the dynamo exporter needs torch 2.5 or newer "
+                          f"(torch.onnx.export(dynamo=True, dynamic_shapes=...)); this is "
+                          f"torch {torch.__version__}: use dynamo=False")
     if dynamo and dynamic_batch:
         # torch.export traces with fake tensors, and torch (2.14) has no fake-tensor kernel
         # for fake_quantize_*_affine with tensor qparams once a dimension is symbolic.
@@ -299,6 +304,12 @@ def _torch_fake_quant_ops():
         yield
     finally:
         TensorQuantizer.use_fb_fake_quant = saved
+
+
+def dynamo_exporter_available() -> bool:
+    """Whether this torch's ``torch.onnx.export`` takes ``dynamo=True`` with
+    ``dynamic_shapes`` (torch 2.5 and newer)."""
+    return "dynamic_shapes" in inspect.signature(torch.onnx.export).parameters
 
 
 def _dynamo_shapes(args: tuple):
