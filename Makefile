@@ -7,7 +7,7 @@ STAMP := $(VENV)/.qdq-installed
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data test lint demo bench clean
+.PHONY: setup data test test-oldest-torch lint demo bench clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,14 @@ test: setup data
 	$(PY) -m ruff check .
 	$(PY) -m pytest -n 2 -q
 
+# The suite on the oldest torch the project supports, in its own environment.
+OLDEST_VENV := .venv-torch2.4
+test-oldest-torch: data
+	[ -x $(OLDEST_VENV)/bin/python ] || $(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q torch==2.4.1 torchvision==0.19.1
+	$(OLDEST_VENV)/bin/python -m pip install -q -e '.[dev]'
+	$(OLDEST_VENV)/bin/python -m pytest -n 2 -q
+
 lint: setup
 	$(PY) -m ruff check .
 
@@ -37,4 +45,4 @@ bench: setup
 	$(PY) scripts/bench_calib.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(OLDEST_VENV) runs .pytest_cache
