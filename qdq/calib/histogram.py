@@ -245,10 +245,14 @@ def _exponent_above(value: torch.Tensor) -> torch.Tensor:
 def _add_counts(counts: torch.Tensor, scaled: torch.Tensor, num_bins: int) -> None:
     """``counts[floor(v)] += 1`` for every ``v`` of ``scaled`` (all in ``[0, num_bins)``).
 
-    ``index_add_`` into the int64 counts: exact, no sync on a GPU (unlike ``bincount``,
-    which also makes two extra passes for its min and max on a CPU)."""
+    Exact int64 counts either way. On a GPU, ``index_add_``: no host sync (``bincount``
+    would read its max back to size the result). On a CPU, ``bincount``: its serial count
+    loop beats ``index_add_``'s by about a third, extra min/max pass included."""
     idx = _scratch(scaled.numel(), torch.int32, scaled.device, slot=1)
     idx.copy_(scaled)                           # truncation = floor for v >= 0
+    if idx.device.type == "cpu":
+        counts.add_(torch.bincount(idx, minlength=num_bins))
+        return
     ones = torch.ones((), dtype=torch.int64, device=counts.device).expand(idx.numel())
     counts.index_add_(0, idx, ones)
 
