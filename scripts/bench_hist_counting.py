@@ -19,9 +19,7 @@ import torchvision
 import qdq.calib.histogram as histogram
 from qdq import quant_modules
 from qdq.calib import HistogramCalibrator
-from qdq.descriptor import QuantDescriptor
-from qdq.nn import QUANT_TWINS
-from qdq.replace import quantizers
+from sensitivity.calibrate import collect_statistics
 
 
 def index_add_counts(counts: torch.Tensor, scaled: torch.Tensor, num_bins: int) -> None:
@@ -40,19 +38,10 @@ def main() -> None:
     torch.manual_seed(0)
 
     float_model = torchvision.models.resnet50().eval()
-    saved = {cls: cls.default_quant_desc_input for cls in QUANT_TWINS.values()
-             if hasattr(cls, "set_default_quant_desc_input")}
-    try:
-        for cls in saved:
-            cls.set_default_quant_desc_input(QuantDescriptor(calib_method="histogram"))
-        with quant_modules.initialize():
-            quant_model = torchvision.models.resnet50()
-    finally:
-        for cls, desc in saved.items():
-            cls.default_quant_desc_input = desc
+    with quant_modules.initialize():
+        quant_model = torchvision.models.resnet50()
     quant_model.load_state_dict(float_model.state_dict(), strict=False)
     quant_model.eval()
-    all_q = [q for _, q in quantizers(quant_model)]
     data = [torch.randn(8, 3, 224, 224) for _ in range(4)]
     ways = {"bincount": histogram._add_counts, "index_add_": index_add_counts}
 
@@ -62,14 +51,9 @@ def main() -> None:
                 float_model(x)
 
     def collect() -> list[torch.Tensor]:
-        for q in all_q:
-            q.calibrator.reset()
-            q.disable_quant()
-            q.enable_calib()
-        with torch.no_grad():
-            for x in data:
-                quant_model(x)
-        return [q.calibrator.counts.clone() for q in all_q
+        named, _, _ = collect_statistics(quant_model, data, method="histogram",
+                                         progress=False)
+        return [q.calibrator.counts.clone() for _, q in named
                 if isinstance(q.calibrator, HistogramCalibrator)]
 
     plain()
