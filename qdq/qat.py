@@ -44,6 +44,7 @@ from qdq.replace import quantizers
 __all__ = [
     "CHECKPOINT_FORMAT", "CheckpointError", "QATResult", "finetune", "save_checkpoint",
     "load_checkpoint", "amax_mismatches", "freeze_batchnorm", "OPTIMIZERS",
+    "atomic_torch_save",
 ]
 
 CHECKPOINT_FORMAT = "qdq.quantized_state/1"
@@ -54,7 +55,10 @@ class CheckpointError(RuntimeError):
 
 
 # ------------------------------------------------------------------- checkpoints
-def _atomic_torch_save(obj, path: Path) -> None:
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file, then rename: an interrupted save leaves the old
+    file (or none), never a truncated one."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -80,7 +84,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, **extra) -> Path:
     payload = {"format": CHECKPOINT_FORMAT, "state_dict": _cpu_state(model),
                "quantizers": switches, "extra": dict(extra)}
     path = Path(path)
-    _atomic_torch_save(payload, path)
+    atomic_torch_save(payload, path)
     return path
 
 
@@ -418,7 +422,7 @@ def finetune(
                 save_checkpoint(core, ckpt, epoch=epoch + 1, score=score)
                 result.checkpoint_writes += 1
         if rank == 0 and state_path is not None:
-            _atomic_torch_save({
+            atomic_torch_save({
                 "format": CHECKPOINT_FORMAT + "+train", "model": _cpu_state(core),
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "epoch": epoch + 1, "best_score": result.best_score,

@@ -12,9 +12,7 @@ a rerun with ``--resume`` continues from it; ``--init`` starts from given weight
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,21 +20,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from qdq.qat import atomic_torch_save
 from sensitivity.data import fashion_mnist
 from sensitivity.reference import build_reference_model
-
-
-def atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is an ordinary file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -131,8 +117,8 @@ def main(argv=None) -> int:
               f"test {acc:.2f}% elapsed {elapsed:.0f} s", flush=True)
         if acc >= best:
             best = acc
-        atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, args.out)
-        atomic_save({"model": model.state_dict(), "opt": opt.state_dict(),
+        atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, args.out)
+        atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(),
                      "sched": sched.state_dict(), "gen": gen.get_state(), "epoch": epoch + 1,
                      "elapsed": elapsed, "best": best}, state_path)
     final = evaluate(model, test_x, test_y, device)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from qdq.cli import CliError, register
-from qdq.cli.models import load_model, parse_shape
+from qdq.cli.models import load_model, parse_shape, read_state_dict
 
 EPILOG = """examples:
   qdq export torchvision:resnet18 --calib random --shape 8,3,224,224 --out resnet18.onnx
@@ -79,17 +79,7 @@ def prepare_model(args: argparse.Namespace) -> torch.nn.Module:
 
 
 def _load_checkpoint(model: torch.nn.Module, path: Path, spec: str) -> None:
-    if not path.is_file():
-        raise CliError(f"checkpoint {path}: no such file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets one message
-        raise CliError(f"checkpoint {path}: cannot be read ({err})") from err
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise CliError(f"checkpoint {path}: not a state_dict")
-    result = model.load_state_dict(state, strict=False)
+    result = model.load_state_dict(read_state_dict(path), strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_amax")]
     if missing or result.unexpected_keys:
         shown = (missing + list(result.unexpected_keys))[:3]

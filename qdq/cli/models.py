@@ -16,7 +16,7 @@ from torch import nn
 
 from qdq.cli import CliError
 
-__all__ = ["load_model", "parse_shape"]
+__all__ = ["load_model", "parse_shape", "read_state_dict"]
 
 
 def load_model(spec: str, checkpoint: str | Path | None = None) -> nn.Module:
@@ -49,20 +49,29 @@ def load_model(spec: str, checkpoint: str | Path | None = None) -> nn.Module:
                            "not an nn.Module")
     if checkpoint is not None:
         path = Path(checkpoint)
-        if not path.is_file():
-            raise CliError(f"checkpoint {path}: no such file")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unreadable file gets one message
-            raise CliError(f"checkpoint {path}: cannot be read ({err})") from err
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
+        state = read_state_dict(path)
         try:
             model.load_state_dict(state)
         except (RuntimeError, TypeError) as err:
             first = str(err).splitlines()[0]
             raise CliError(f"checkpoint {path} does not fit {spec}: {first}") from err
     return model
+
+
+def read_state_dict(path: Path) -> dict:
+    """A state_dict from ``path`` (``weights_only``; also under a ``"state_dict"`` key);
+    a missing, unreadable or foreign file is one CliError naming it."""
+    if not path.is_file():
+        raise CliError(f"checkpoint {path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets one message
+        raise CliError(f"checkpoint {path}: cannot be read ({err})") from err
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CliError(f"checkpoint {path}: not a state_dict")
+    return state
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

@@ -25,7 +25,7 @@ import warnings
 
 import torch
 
-from qdq.tensor_quant import AMAX_EPS, fake_tensor_quant, quant_bounds
+from qdq.tensor_quant import AMAX_EPS, _check_args, fake_tensor_quant, quant_bounds
 
 __all__ = ["fused_fake_tensor_quant", "triton_available", "fused_supported", "BLOCK"]
 
@@ -226,8 +226,7 @@ def fused_fake_tensor_quant(
     """
     if isinstance(amax, torch.Tensor) and fused_supported(
             x, amax, interpret=os.environ.get("TRITON_INTERPRET") == "1"):
-        if not 2 <= int(num_bits) <= 16:
-            raise ValueError(f"num_bits must be in 2..16, got {num_bits}")
+        amax = _check_args(amax, num_bits)   # the eager path's argument checks
         out = _launch(x, amax.to(x.device), num_bits, unsigned, narrow_range)
         if out is not None:
             return out

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from qdq.qat import atomic_torch_save
+
 __all__ = ["RunFolder", "atomic_write"]
 
 STATE = "state.json"
@@ -96,14 +98,7 @@ class RunFolder:
 
     def save_model_state(self, model: torch.nn.Module) -> Path:
         path = self.path(MODEL_STATE)
-        fd, tmp = tempfile.mkstemp(prefix=".model_state.", suffix=".tmp", dir=self.root)
-        os.close(fd)
-        try:
-            torch.save(model.state_dict(), tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_torch_save(model.state_dict(), path)
         return path
 
     def load_model_state(self, model: torch.nn.Module) -> bool:
