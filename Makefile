@@ -25,6 +25,7 @@ data:
 
 test: setup data
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -n 2 -q
 
 # The suite on the oldest torch the project supports, in its own environment.
@@ -37,6 +38,7 @@ test-oldest-torch: data
 
 lint: setup
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 
 demo: setup data
 	$(VENV)/bin/qdq run --out runs/demo

@@ -32,8 +32,8 @@ import torchvision
 
 import qdq
 import sensitivity
-from sensitivity.evaluate import labelled_by_model, top1_accuracy
-from sensitivity.sources import parse_batch_shape
+from qdqapp.evaluate import labelled_by_model, top1_accuracy
+from qdqapp.sources import parse_batch_shape
 
 
 def main() -> None:

@@ -20,8 +20,8 @@ import sensitivity
 from qdq.calib.amax_search import KL_TIE_TOL, entropy_divergences
 from qdq.descriptor import QuantDescriptor
 from qdq.replace import quantizers, replace_modules
-from sensitivity.data import fashion_mnist_loader
-from sensitivity.reference import load_reference_model
+from qdqapp.data import fashion_mnist_loader
+from qdqapp.reference import load_reference_model
 
 
 @torch.no_grad()

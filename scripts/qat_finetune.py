@@ -29,8 +29,8 @@ import torch.distributed as dist
 from qdq import qat
 from qdq.descriptor import QuantDescriptor
 from qdq.replace import quantizers, replace_modules
-from sensitivity.data import fashion_mnist, fashion_mnist_loader
-from sensitivity.reference import load_reference_model
+from qdqapp.data import fashion_mnist, fashion_mnist_loader
+from qdqapp.reference import load_reference_model
 
 #: The reference model's training schedule (scripts/train_reference.py defaults).
 ORIGINAL_EPOCHS, ORIGINAL_LR = 6, 0.2
@@ -115,7 +115,7 @@ def onnx_check(model, loader, path: Path) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=None, help="float reference checkpoint "
-                   "(default: the one shipped in sensitivity/assets)")
+                   "(default: the one shipped in qdqapp/assets)")
     p.add_argument("--data", default=None, help="Fashion-MNIST folder")
     p.add_argument("--calib", default="max", help="comma-separated: max,entropy,percentile,mse")
     p.add_argument("--percentile", type=float, default=99.99)

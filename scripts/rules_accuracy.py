@@ -21,10 +21,10 @@ import torch
 
 import qdq
 from qdq.rules import apply_rules
+from qdqapp.data import fashion_mnist_loader
+from qdqapp.evaluate import top1_accuracy
+from qdqapp.reference import load_reference_model
 from sensitivity import calibrate
-from sensitivity.data import fashion_mnist_loader
-from sensitivity.evaluate import top1_accuracy
-from sensitivity.reference import load_reference_model
 
 
 def main() -> None:

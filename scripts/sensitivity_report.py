@@ -22,9 +22,9 @@ import torch
 
 import qdq
 import sensitivity
-from sensitivity.data import fashion_mnist_loader
-from sensitivity.evaluate import top1_accuracy
-from sensitivity.reference import load_reference_model
+from qdqapp.data import fashion_mnist_loader
+from qdqapp.evaluate import top1_accuracy
+from qdqapp.reference import load_reference_model
 
 
 def main() -> None:

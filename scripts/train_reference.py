@@ -1,4 +1,4 @@
-"""Train the Fashion-MNIST reference CNN (sensitivity.reference) in FP32.
+"""Train the Fashion-MNIST reference CNN (qdqapp.reference) in FP32.
 
 Aims at >= 91% test accuracy with the default 6-epoch one-cycle schedule, sized for about
 10 minutes on 2 CPU cores (``--device cpu --threads 2``; see BENCHMARKS.md for what was
@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from qdq.qat import atomic_torch_save
-from sensitivity.data import fashion_mnist
-from sensitivity.reference import build_reference_model
+from qdqapp.data import fashion_mnist
+from qdqapp.reference import build_reference_model
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -10,7 +10,7 @@
 Example::
 
     import qdq, sensitivity
-    from sensitivity.evaluate import top1_accuracy
+    from qdqapp.evaluate import top1_accuracy
 
     qdq.replace_modules(model)
     sensitivity.calibrate(model, calib_loader, num_batches=32)
@@ -20,7 +20,6 @@ Example::
     report.write("runs/sensitivity")
 """
 
-from sensitivity import evaluate
 from sensitivity.calibrate import CalibrationSummary, calibrate
 from sensitivity.compare import CalibratorComparison, compare_calibrators
 from sensitivity.errors import SensitivityError
@@ -34,7 +33,7 @@ from sensitivity.sweep import sweep
 load_report = SensitivityReport.load
 
 __all__ = [
-    "evaluate", "calibrate", "CalibrationSummary", "compare_calibrators", "CalibratorComparison",
+    "calibrate", "CalibrationSummary", "compare_calibrators", "CalibratorComparison",
     "SensitivityError", "Layer", "find_layers", "disable_layers", "load_report",
     "partial_quantize", "PartialResult",
     "proxy_ranking", "ProxyReport", "spearman", "sweep", "SensitivityReport", "LayerRow",

@@ -190,7 +190,7 @@ def _graph_signature(path):
 
 def test_model_rebuilt_from_checkpoint_exports_the_same_onnx(tmp_path):
     from export.onnx_export import to_onnx
-    from sensitivity.reference import build_reference_model
+    from qdqapp.reference import build_reference_model
 
     torch.manual_seed(0)
     x = torch.randn(8, 1, 28, 28)

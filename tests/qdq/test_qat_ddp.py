@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sensitivity.data import DEFAULT_ROOT, ENV_VAR
+from qdqapp.data import DEFAULT_ROOT, ENV_VAR
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = Path(os.environ.get(ENV_VAR) or DEFAULT_ROOT)
@@ -23,7 +23,7 @@ needs_data = pytest.mark.skipif(not (DATA / "train-images-idx3-ubyte.gz").is_fil
 def test_two_gloo_ranks_keep_identical_amax_and_write_the_checkpoint_once(tmp_path):
     from qdq import qat
     from qdq.replace import replace_modules
-    from sensitivity.reference import build_reference_model
+    from qdqapp.reference import build_reference_model
 
     torch.manual_seed(0)
     start = tmp_path / "float.pt"

@@ -1,6 +1,6 @@
 import pytest
 
-from sensitivity.evaluate import top1_accuracy
+from qdqapp.evaluate import top1_accuracy
 from tests.sensitivity.models import make_data, quantized_model
 
 

@@ -10,8 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import qdq
+from qdqapp.evaluate import top1_accuracy
 from sensitivity.calibrate import calibrate
-from sensitivity.evaluate import top1_accuracy
 from sensitivity.sweep import read_rows, sweep
 from tests.sensitivity.models import WEIGHTS_ENV, float_model, make_data, save_weights
 

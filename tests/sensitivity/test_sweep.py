@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import qdq
+from qdqapp.evaluate import top1_accuracy
 from sensitivity import SensitivityError, SensitivityReport, find_layers, sweep
-from sensitivity.evaluate import top1_accuracy
 from sensitivity.sweep import read_rows
 from tests.sensitivity.conftest import sabotage
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-import qdq.cli as qdq_cli
+import qdqapp.cli as qdq_cli
 
 
 def qdq(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qdq.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "qdqapp.cli", *args], capture_output=True,
                           text=True, timeout=300)
 
 

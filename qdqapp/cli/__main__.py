@@ -1,5 +1,5 @@
 import sys
 
-from qdq.cli import main
+from qdqapp.cli import main
 
 sys.exit(main())

@@ -3,7 +3,7 @@
 =========================  ===========================================================
 spec                       batches
 =========================  ===========================================================
-``fashion-mnist``          the real Fashion-MNIST split via ``sensitivity.data``
+``fashion-mnist``          the real Fashion-MNIST split via ``qdqapp.data``
 ``random:8x3x32x32``       seeded random tensors of that batch shape (no labels)
 a folder path              ``torchvision.datasets.ImageFolder`` (labels = subfolders)
 =========================  ===========================================================
@@ -64,9 +64,9 @@ def load_data(spec: str, split: str = "test", batch_size: int = 64,
     """
     if spec == "fashion-mnist":
         try:
-            from sensitivity.data import fashion_mnist_loader
+            from qdqapp.data import fashion_mnist_loader
         except ImportError as err:
-            raise SensitivityError("--data fashion-mnist needs sensitivity.data, which this "
+            raise SensitivityError("--data fashion-mnist needs qdqapp.data, which this "
                                    f"installation lacks ({err})") from err
         fm_split = "train" if split in ("calib", "train") else "test"
         return fashion_mnist_loader(fm_split, batch_size=batch_size, shuffle=False)

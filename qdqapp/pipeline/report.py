@@ -10,8 +10,8 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from qdq.cli.pipeline.config import RunConfig
-from qdq.cli.pipeline.folder import RunFolder
+from qdqapp.pipeline.config import RunConfig
+from qdqapp.pipeline.folder import RunFolder
 
 __all__ = ["write_report", "summary_table", "summary"]
 

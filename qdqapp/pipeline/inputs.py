@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qdq.cli import CliError
-from qdq.cli.models import parse_shape
+from qdqapp.cli import CliError
+from qdqapp.models import parse_shape
 
 __all__ = ["Inputs", "load_inputs", "load_eval"]
 
@@ -108,7 +108,7 @@ def load_inputs(spec: str, batch_size: int, calib_batches: int, seed: int,
         example = torch.randn(shape, generator=torch.Generator().manual_seed(seed))[:1]
         return Inputs(batches, None, example, f"random tensors of shape {list(shape)}")
     if kind == "fashion-mnist":
-        from sensitivity.data import fashion_mnist
+        from qdqapp.data import fashion_mnist
 
         try:
             train = fashion_mnist("train", root=arg or None)
@@ -132,7 +132,7 @@ def load_eval(spec: str, device: torch.device,
               max_batches: int | None) -> Callable[[nn.Module, Iterable], float]:
     """``model, loader -> metric`` for an eval spec."""
     if spec == "top1":
-        from sensitivity.evaluate import top1_accuracy
+        from qdqapp.evaluate import top1_accuracy
 
         def top1(model: nn.Module, loader: Iterable) -> float:
             return top1_accuracy(model, loader, device=device, max_batches=max_batches)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from qdq.cli import CliError, register
-from qdq.cli.models import load_model
+from qdqapp.cli import CliError, register
+from qdqapp.models import load_model
 
-log = logging.getLogger("qdq.cli")
+log = logging.getLogger("qdqapp.cli")
 
 EPILOG = """examples:
   qdq calibrate torchvision:resnet18 --data random:8x3x32x32 --out runs/calib
@@ -61,7 +61,7 @@ def first_input(data) -> torch.Tensor:
 def prepare_model(args: argparse.Namespace):
     """Float model -> BN folded -> quantizers inserted -> placement rules, on the device."""
     import qdq
-    from sensitivity.sources import check_spec
+    from qdqapp.sources import check_spec
 
     check_spec(args.data)  # fail on bad data before the model is built
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -75,7 +75,7 @@ def prepare_model(args: argparse.Namespace):
                      "puts them")
     example = None
     if rules is not None:
-        from sensitivity.sources import load_data
+        from qdqapp.sources import load_data
 
         example = (first_input(load_data(args.data, "calib", args.batch_size, 1,
                                          args.image_size)).to(device),)
@@ -91,7 +91,7 @@ def prepare_model(args: argparse.Namespace):
 
 def calibrate_model(args: argparse.Namespace, model, device):
     import sensitivity
-    from sensitivity.sources import load_data
+    from qdqapp.sources import load_data
 
     data = load_data(args.data, "calib", args.batch_size, args.calib_batches, args.image_size)
     return sensitivity.calibrate(
@@ -103,8 +103,8 @@ def calibrate_model(args: argparse.Namespace, model, device):
 
 def eval_function(args: argparse.Namespace, model, device):
     """``(eval_fn, metric name)``: accuracy on labelled data, else agreement with FP32."""
-    from sensitivity.evaluate import labelled_by_model, top1_accuracy
-    from sensitivity.sources import has_labels, load_data
+    from qdqapp.evaluate import labelled_by_model, top1_accuracy
+    from qdqapp.sources import has_labels, load_data
 
     limit = args.eval_batches
     data = load_data(args.data, "test", args.batch_size, limit, args.image_size)
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     model, device = prepare_model(args)
     if args.compare:
         import sensitivity
-        from sensitivity.sources import load_data
+        from qdqapp.sources import load_data
 
         eval_fn, name = eval_function(args, model, device)
         data = load_data(args.data, "calib", args.batch_size, args.calib_batches,

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 import qdq
-from qdq.cli.pipeline.config import RunConfig
-from qdq.cli.pipeline.folder import RunFolder
+from qdqapp.pipeline.config import RunConfig
+from qdqapp.pipeline.folder import RunFolder
 
 __all__ = ["Run", "Skip", "STAGES", "Stage"]
 

@@ -7,8 +7,8 @@ import json
 
 import torch
 
-from qdq.cli import register
-from qdq.cli.models import load_model, parse_shape
+from qdqapp.cli import register
+from qdqapp.models import load_model, parse_shape
 
 EPILOG = """examples:
   qdq summary torchvision:resnet18

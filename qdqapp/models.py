@@ -14,14 +14,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qdq.cli import CliError
+from qdqapp.cli import CliError
 
 __all__ = ["load_model", "parse_shape", "read_state_dict"]
 
 
 def load_model(spec: str, checkpoint: str | Path | None = None) -> nn.Module:
     if spec == "reference":
-        from sensitivity.reference import load_reference_model
+        from qdqapp.reference import load_reference_model
 
         return load_reference_model(checkpoint)
     if ":" not in spec:

@@ -4,7 +4,7 @@ TensorRT engine where TensorRT is installed), written into one run folder.
 The pipeline sits on top of the three packages, like the rest of the CLI, and is usable
 from Python::
 
-    from qdq.cli.pipeline import RunConfig, run_pipeline
+    from qdqapp.pipeline import RunConfig, run_pipeline
     result = run_pipeline(RunConfig(model="torchvision:resnet18", data="random:8x3x224x224"))
 
 Stages (see ``stages.py``): quantize + placement rules, FP32 baseline, calibrator
@@ -24,11 +24,11 @@ from typing import Any
 import torch
 
 import qdq
-from qdq.cli.pipeline.config import ConfigError, RunConfig, load_config
-from qdq.cli.pipeline.folder import RunFolder
-from qdq.cli.pipeline.inputs import load_eval, load_inputs
-from qdq.cli.pipeline.report import summary_table, write_report
-from qdq.cli.pipeline.stages import STAGES, Run, Skip
+from qdqapp.pipeline.config import ConfigError, RunConfig, load_config
+from qdqapp.pipeline.folder import RunFolder
+from qdqapp.pipeline.inputs import load_eval, load_inputs
+from qdqapp.pipeline.report import summary_table, write_report
+from qdqapp.pipeline.stages import STAGES, Run, Skip
 
 __all__ = ["RunConfig", "ConfigError", "load_config", "run_pipeline", "RunResult"]
 
@@ -48,7 +48,7 @@ class RunResult:
 
 
 def _build(config: RunConfig, example: torch.Tensor, device: torch.device) -> torch.nn.Module:
-    from qdq.cli.models import load_model
+    from qdqapp.models import load_model
 
     model = load_model(config.model, config.checkpoint).eval()
     qdq.replace_modules(model, ignore=config.ignore or None)

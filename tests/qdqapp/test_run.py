@@ -12,7 +12,7 @@ FAST = ["--batch-size", "64", "--calib-batches", "2", "--eval-batches", "3"]
 
 
 def qdq(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qdq.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "qdqapp.cli", *args], capture_output=True,
                           text=True, timeout=600, cwd=cwd)
 
 

@@ -4,7 +4,7 @@ import shutil
 import pytest
 import torch
 
-from sensitivity import data as fm
+from qdqapp import data as fm
 
 needs_data = pytest.mark.skipif(
     not (fm.DEFAULT_ROOT / "t10k-images-idx3-ubyte.gz").is_file(),

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from sensitivity import reference as ref
-from sensitivity.data import DEFAULT_ROOT, fashion_mnist
+from qdqapp import reference as ref
+from qdqapp.data import DEFAULT_ROOT, fashion_mnist
 
 needs_data = pytest.mark.skipif(not (DEFAULT_ROOT / "t10k-images-idx3-ubyte.gz").is_file(),
                                 reason="dataset-fashion-mnist is not installed")

@@ -6,7 +6,7 @@ pooling, so calibration, sensitivity, the TensorRT rules and export are exercise
 real trained network in seconds on a CPU. About 120k parameters and 10M multiply-adds per
 image; the shipped checkpoint scores 90.86% on the test set (BENCHMARKS.md).
 
-The trained checkpoint ships inside the package (``sensitivity/assets/fmnist_resnet.pt``,
+The trained checkpoint ships inside the package (``qdqapp/assets/fmnist_resnet.pt``,
 a float ``state_dict``), so demos and tests never retrain::
 
     model = load_reference_model()        # eval mode, on the CPU

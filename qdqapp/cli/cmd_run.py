@@ -1,11 +1,11 @@
-"""``qdq run``: the whole job into one run folder (see ``qdq.cli.pipeline``)."""
+"""``qdq run``: the whole job into one run folder (see ``qdqapp.pipeline``)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 
-from qdq.cli import CliError, register
+from qdqapp.cli import CliError, register
 
 EPILOG = """examples:
   qdq run                                    # the Fashion-MNIST reference demo
@@ -24,7 +24,7 @@ Config files (YAML or TOML) use the same keys as the flags, e.g.:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from qdq.cli.pipeline import RunConfig
+    from qdqapp.pipeline import RunConfig
 
     defaults = RunConfig()
     p.add_argument("--config", help="YAML or TOML file with the same keys as the flags")
@@ -62,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qdq.cli.pipeline import ConfigError, RunConfig, load_config, run_pipeline
+    from qdqapp.pipeline import ConfigError, RunConfig, load_config, run_pipeline
 
     keys = {f.name for f in dataclasses.fields(RunConfig)}
     overrides = {k: v for k, v in vars(args).items() if k in keys}

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from qdq.cli.pipeline.config import ConfigError, RunConfig, load_config
-from qdq.cli.pipeline.folder import RunFolder, atomic_write
+from qdqapp.pipeline.config import ConfigError, RunConfig, load_config
+from qdqapp.pipeline.folder import RunFolder, atomic_write
 
 
 def test_yaml_and_toml_give_the_same_config(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from qdq.cli import CliError, register
+from qdqapp.cli import CliError, register
 
 EPILOG = """examples:
   qdq lint resnet18.onnx

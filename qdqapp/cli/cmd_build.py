@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from qdq.cli import CliError, register
-from qdq.cli.models import parse_shape
+from qdqapp.cli import CliError, register
+from qdqapp.models import parse_shape
 
 EPILOG = """examples:
   qdq build r18.onnx --engine r18.engine --shapes 1,3,224,224:32,3,224,224:64,3,224,224

@@ -16,7 +16,7 @@ MODEL = "tests.export.tiny:small_cnn"
 
 
 def qdq(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qdq.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "qdqapp.cli", *args], capture_output=True,
                           text=True, timeout=300)
 
 

@@ -26,7 +26,7 @@ def weights(tmp_path_factory):
 
 def qdq(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **_ENV}
-    return subprocess.run([sys.executable, "-m", "qdq.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "qdqapp.cli", *args], capture_output=True,
                           text=True, timeout=300, cwd=ROOT, env=env)
 
 

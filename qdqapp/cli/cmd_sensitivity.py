@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from qdq.cli import CliError, register
-from qdq.cli.cmd_calibrate import (
+from qdqapp.cli import CliError, register
+from qdqapp.cli.cmd_calibrate import (
     add_model_arguments,
     calibrate_model,
     eval_function,
@@ -20,7 +20,7 @@ EPILOG = """examples:
   qdq sensitivity reference --data fashion-mnist --mode one-at-a-time --proxy \\
       --max-drop 0.5 --out runs/sens
   qdq sensitivity torchvision:resnet18 --data random:16x3x32x32 --eval-batches 4 --out runs/r18
-  torchrun --nproc-per-node 4 -m qdq.cli sensitivity reference --data fashion-mnist \\
+  torchrun --nproc-per-node 4 -m qdqapp.cli sensitivity reference --data fashion-mnist \\
       --out runs/sens          # layers shared out over the ranks
 
 writes into --out: report.md, sensitivity.png (ranked bar chart), sensitivity.csv,
@@ -54,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import sensitivity
-    from sensitivity.sources import load_data
+    from qdqapp.sources import load_data
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

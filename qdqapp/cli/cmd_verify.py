@@ -6,9 +6,9 @@ import argparse
 
 import torch
 
-from qdq.cli import CliError, register
-from qdq.cli.cmd_export import add_model_arguments, prepare_model
-from qdq.cli.models import parse_shape
+from qdqapp.cli import CliError, register
+from qdqapp.cli.cmd_export import add_model_arguments, prepare_model
+from qdqapp.models import parse_shape
 
 EPILOG = """examples:
   qdq export torchvision:resnet18 --calib random --shape 8,3,64,64 --out r18.onnx

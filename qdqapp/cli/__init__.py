@@ -37,15 +37,15 @@ def register(name: str, help: str, add_arguments: Callable[[argparse.ArgumentPar
 
 
 def _load_commands() -> None:
-    """Import every ``qdq/cli/cmd_*.py``; importing a module registers its command."""
+    """Import every ``qdqapp/cli/cmd_*.py``; importing a module registers its command."""
     import importlib
     import pkgutil
 
-    import qdq.cli as package
+    import qdqapp.cli as package
 
     for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
         if info.name.startswith("cmd_"):
-            importlib.import_module(f"qdq.cli.{info.name}")
+            importlib.import_module(f"qdqapp.cli.{info.name}")
 
 
 def build_parser() -> argparse.ArgumentParser:

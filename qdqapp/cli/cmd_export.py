@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from qdq.cli import CliError, register
-from qdq.cli.models import load_model, parse_shape, read_state_dict
+from qdqapp.cli import CliError, register
+from qdqapp.models import load_model, parse_shape, read_state_dict
 
 EPILOG = """examples:
   qdq export torchvision:resnet18 --calib random --shape 8,3,224,224 --out resnet18.onnx
