@@ -19,7 +19,6 @@ Example::
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from export.onnx_io import load_onnx
+from qdq.fileio import atomic_write
 
 __all__ = ["convert_to_fp16", "to_fp16"]
 
@@ -161,12 +161,5 @@ def to_fp16(src: str | os.PathLike | onnx.ModelProto, dst: str | os.PathLike,
     dst = Path(dst)
     if not dst.parent.is_dir():
         raise FileNotFoundError(f"output folder {dst.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(dst, lambda tmp: onnx.save(model, str(tmp)), parents=False)
     return dst

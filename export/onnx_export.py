@@ -33,6 +33,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from qdq import TensorQuantizer, quantizers
+from qdq.fileio import atomic_write
 
 __all__ = ["ExportError", "ExportResult", "dynamo_exporter_available", "fold_constants",
            "to_onnx", "uncalibrated_quantizers"]
@@ -254,10 +255,10 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, opset:
                     if dynamic_batch else None)
 
     traced = _PositionalOnly(work) if _needs_wrapper(work, len(args)) else work
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    # The exporter writes its raw graph to a scratch folder; only the checked,
+    # post-processed model reaches ``path``, in one atomic write.
+    with tempfile.TemporaryDirectory(prefix="qdq-export-") as scratch:
+        raw = Path(scratch) / path.name
         try:
             if dynamo:
                 with _torch_fake_quant_ops():
@@ -265,9 +266,9 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, opset:
                         traced, args, dynamo=True, input_names=input_names,
                         output_names=output_names, verbose=False,
                         dynamic_shapes=_dynamo_shapes(args) if dynamic_batch else None)
-                program.save(str(tmp))
+                program.save(str(raw))
             else:
-                torch.onnx.export(traced, args, str(tmp), opset_version=opset, dynamo=False,
+                torch.onnx.export(traced, args, str(raw), opset_version=opset, dynamo=False,
                                   input_names=input_names, output_names=output_names,
                                   dynamic_axes=dynamic_axes, do_constant_folding=True)
         except ExportError:
@@ -275,16 +276,12 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, opset:
         except Exception as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ExportError(f"torch.onnx.export failed: {first}") from err
-        onnx_model = onnx.load(str(tmp))
-        fold_constants(onnx_model)
-        if int8_weights:
-            _weights_to_int8(onnx_model)
-        onnx.checker.check_model(onnx_model)
-        onnx.save(onnx_model, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        onnx_model = onnx.load(str(raw))
+    fold_constants(onnx_model)
+    if int8_weights:
+        _weights_to_int8(onnx_model)
+    onnx.checker.check_model(onnx_model)
+    atomic_write(path, lambda tmp: onnx.save(onnx_model, str(tmp)), parents=False)
     ops = [n.op_type for n in onnx_model.graph.node]
     opset_used = next((o.version for o in onnx_model.opset_import if o.domain in ("", "ai.onnx")),
                       opset)

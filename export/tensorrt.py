@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import os
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from export.engine_report import EngineReport, parse_engine_json
+from qdq.fileio import atomic_write
 
 __all__ = ["TensorRTUnavailable", "BuildError", "tensorrt_available", "build_engine",
            "inspect_engine", "benchmark_engine", "BenchmarkResult", "compare_engines",
@@ -127,21 +127,10 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BuildError(f"TensorRT failed to build {onnx_path.name} (see its log above)")
-    _atomic_write(engine_path, bytes(serialized))
+    atomic_write(engine_path, bytes(serialized))
     if cache is not None:
-        _atomic_write(Path(timing_cache), bytes(config.get_timing_cache().serialize()))
+        atomic_write(Path(timing_cache), bytes(config.get_timing_cache().serialize()))
     return engine_path
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _load_engine(engine):

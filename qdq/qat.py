@@ -27,10 +27,10 @@ from __future__ import annotations
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -39,12 +39,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from qdq.fileio import atomic_write
 from qdq.replace import quantizers
 
 __all__ = [
     "CHECKPOINT_FORMAT", "CheckpointError", "QATResult", "finetune", "save_checkpoint",
     "load_checkpoint", "amax_mismatches", "freeze_batchnorm", "OPTIMIZERS",
-    "atomic_torch_save",
 ]
 
 CHECKPOINT_FORMAT = "qdq.quantized_state/1"
@@ -55,22 +55,6 @@ class CheckpointError(RuntimeError):
 
 
 # ------------------------------------------------------------------- checkpoints
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file, then rename: an interrupted save leaves the old
-    file (or none), never a truncated one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is an ordinary file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
@@ -84,7 +68,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, **extra) -> Path:
     payload = {"format": CHECKPOINT_FORMAT, "state_dict": _cpu_state(model),
                "quantizers": switches, "extra": dict(extra)}
     path = Path(path)
-    atomic_torch_save(payload, path)
+    atomic_write(path, partial(torch.save, payload))
     return path
 
 
@@ -422,12 +406,13 @@ def finetune(
                 save_checkpoint(core, ckpt, epoch=epoch + 1, score=score)
                 result.checkpoint_writes += 1
         if rank == 0 and state_path is not None:
-            atomic_torch_save({
+            train_state = {
                 "format": CHECKPOINT_FORMAT + "+train", "model": _cpu_state(core),
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "epoch": epoch + 1, "best_score": result.best_score,
                 "best_epoch": result.best_epoch, "history": [list(h) for h in result.history],
-            }, state_path)
+            }
+            atomic_write(state_path, partial(torch.save, train_state))
         if world > 1:
             dist.barrier()
 

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from qdq import qat
 from qdq.descriptor import QuantDescriptor
+from qdq.fileio import atomic_write
 from qdq.replace import quantizers, replace_modules
 from qdqapp.data import fashion_mnist, fashion_mnist_loader
 from qdqapp.reference import load_reference_model
@@ -210,9 +211,7 @@ def main(argv=None) -> int:
             log(f"QAT ONNX in ONNX Runtime: {check['ort']:.2f} (PyTorch {check['torch']:.2f}, "
                 f"{check['predictions_differing']} predictions differ, largest logit "
                 f"difference {check['max_logit_diff']:.2e})")
-        tmp = args.out / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=2))
-        os.replace(tmp, args.out / "results.json")
+        atomic_write(args.out / "results.json", json.dumps(results, indent=2))
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

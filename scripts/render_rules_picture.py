@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import matplotlib
@@ -24,6 +23,7 @@ from matplotlib.patches import FancyBboxPatch  # noqa: E402
 from torch import fx, nn  # noqa: E402
 
 import qdq  # noqa: E402
+from qdq.fileio import atomic_write  # noqa: E402
 from qdq.nn import QuantAdd  # noqa: E402
 from qdq.nn.mixin import QuantInputMixin, QuantMixin  # noqa: E402
 from qdq.rules import apply_rules  # noqa: E402
@@ -160,15 +160,7 @@ def main() -> None:
                  transform=axes[1].transAxes, ha="center", va="top", fontsize=8)
     fig.tight_layout()
     out = os.path.abspath(args.out)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(out))
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     print(out)
 
 

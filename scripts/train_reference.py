@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from qdq.qat import atomic_torch_save
+from qdq.fileio import atomic_write
 from qdqapp.data import fashion_mnist
 from qdqapp.reference import build_reference_model
 
@@ -117,10 +118,12 @@ def main(argv=None) -> int:
               f"test {acc:.2f}% elapsed {elapsed:.0f} s", flush=True)
         if acc >= best:
             best = acc
-        atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, args.out)
-        atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(),
-                     "sched": sched.state_dict(), "gen": gen.get_state(), "epoch": epoch + 1,
-                     "elapsed": elapsed, "best": best}, state_path)
+        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        atomic_write(args.out, partial(torch.save, weights))
+        train_state = {"model": model.state_dict(), "opt": opt.state_dict(),
+                       "sched": sched.state_dict(), "gen": gen.get_state(), "epoch": epoch + 1,
+                       "elapsed": elapsed, "best": best}
+        atomic_write(state_path, partial(torch.save, train_state))
     final = evaluate(model, test_x, test_y, device)
     print(f"final test accuracy {final:.2f}% in {elapsed:.0f} s of training -> {args.out}")
     return 0

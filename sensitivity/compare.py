@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from qdq.fileio import atomic_write
 from qdq.replace import disable_quantization
 from sensitivity.batches import ForwardFn
 from sensitivity.calibrate import collect_statistics, load_amax
 from sensitivity.errors import SensitivityError
-from sensitivity.report import atomic_write
 from sensitivity.sweep import measure
 
 __all__ = ["compare_calibrators", "CalibratorComparison", "MethodRow", "DEFAULT_METHODS",
@@ -102,9 +102,9 @@ class CalibratorComparison:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.to_dict(), indent=1) + "\n"
-        atomic_write(folder / "calibrators.json", lambda t: t.write_text(text, "utf-8"))
+        atomic_write(folder / "calibrators.json", text)
         md = self.markdown()
-        atomic_write(folder / "calibrators.md", lambda t: t.write_text(md, "utf-8"))
+        atomic_write(folder / "calibrators.md", md)
         return folder
 
 

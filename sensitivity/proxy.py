@@ -30,10 +30,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from qdq.fileio import atomic_write
 from sensitivity.batches import ForwardFn, default_forward, model_device, take, to_device
 from sensitivity.errors import SensitivityError
 from sensitivity.layers import Layer, enabled_quantizers, find_layers, saved_states, select_layers
-from sensitivity.report import atomic_write
 
 __all__ = ["proxy_ranking", "ProxyReport", "ProxyRow", "spearman"]
 
@@ -100,9 +100,9 @@ class ProxyReport:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.to_dict(), indent=1) + "\n"
-        atomic_write(folder / "proxy.json", lambda t: t.write_text(text, encoding="utf-8"))
+        atomic_write(folder / "proxy.json", text)
         md = self.markdown()
-        atomic_write(folder / "proxy.md", lambda t: t.write_text(md, encoding="utf-8"))
+        atomic_write(folder / "proxy.md", md)
         return folder
 
 

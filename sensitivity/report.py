@@ -19,16 +19,14 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qdq.fileio import atomic_write
 from sensitivity.errors import SensitivityError
 
-__all__ = ["LayerRow", "SensitivityReport", "MODES", "atomic_write", "sensitivity_score"]
+__all__ = ["LayerRow", "SensitivityReport", "MODES", "sensitivity_score"]
 
 #: Sweep modes and what a row's metric measures in each.
 MODES = {
@@ -74,21 +72,8 @@ def sensitivity_score(mode: str, metric: float, fp32: float, int8: float,
     raise SensitivityError(f"sweep mode {mode!r} is unknown; choose one of {list(MODES)}")
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(temp_path)`` then rename onto ``path``: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(path, text)
 
 
 @dataclass

@@ -35,9 +35,10 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
+from qdq.fileio import atomic_write
 from sensitivity.errors import SensitivityError
 from sensitivity.layers import Layer, enabled_quantizers, find_layers, saved_states, select_layers
-from sensitivity.report import MODES, LayerRow, SensitivityReport, atomic_write, sensitivity_score
+from sensitivity.report import MODES, LayerRow, SensitivityReport, sensitivity_score
 
 __all__ = ["sweep", "measure", "read_rows"]
 
@@ -314,6 +315,6 @@ def _merge_files(path: Path, rank: int, meta: dict[str, Any], rows: list[dict[st
 
     if rank == 0:
         text = "".join(json.dumps(r) + "\n" for r in [meta, *rows])
-        atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        atomic_write(path, text)
     dist.barrier(group)
     _rank_file(path, rank).unlink(missing_ok=True)

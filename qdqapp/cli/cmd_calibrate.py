@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from functools import partial
 from itertools import islice
 from pathlib import Path
 
 import torch
 
+from qdq.fileio import atomic_write
 from qdqapp.cli import CliError, register
 from qdqapp.models import load_model
 
@@ -118,13 +120,11 @@ def eval_function(args: argparse.Namespace, model, device):
 
 
 def write_text(path: Path, text: str) -> None:
-    from sensitivity.report import atomic_write
 
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(path, text)
 
 
 def run(args: argparse.Namespace) -> int:
-    from sensitivity.report import atomic_write
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         write_text(out / "calibration.txt", str(summary) + "\n")
         print(summary)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_write(out / "calibrated.pt", lambda tmp: torch.save(state, tmp))
+    atomic_write(out / "calibrated.pt", partial(torch.save, state))
     print(f"wrote {out}")
     return 0
 

@@ -11,32 +11,19 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from qdq.qat import atomic_torch_save
+from qdq.fileio import atomic_write
 
-__all__ = ["RunFolder", "atomic_write"]
+__all__ = ["RunFolder"]
 
 STATE = "state.json"
 MODEL_STATE = "model_state.pt"
-
-
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class RunFolder:
@@ -98,7 +85,7 @@ class RunFolder:
 
     def save_model_state(self, model: torch.nn.Module) -> Path:
         path = self.path(MODEL_STATE)
-        atomic_torch_save(model.state_dict(), path)
+        atomic_write(path, partial(torch.save, model.state_dict()))
         return path
 
     def load_model_state(self, model: torch.nn.Module) -> bool:

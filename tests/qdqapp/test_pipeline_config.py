@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
+from qdq.fileio import atomic_write
 from qdqapp.pipeline.config import ConfigError, RunConfig, load_config
-from qdqapp.pipeline.folder import RunFolder, atomic_write
+from qdqapp.pipeline.folder import RunFolder
 
 
 def test_yaml_and_toml_give_the_same_config(tmp_path):
