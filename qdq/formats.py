@@ -42,7 +42,7 @@ from qdq.quantizer import TensorQuantizer
 from qdq.replace import Replacement, _ignore_predicate, name_quantizers, quantizers
 
 __all__ = ["Format", "FORMATS", "FormatError", "get_format", "set_format", "weight_only",
-           "weight_only_candidates", "apply_format", "format_of"]
+           "weight_only_candidates", "indivisible_weights", "apply_format", "format_of"]
 
 
 class FormatError(ValueError):
@@ -156,6 +156,24 @@ def weight_only_candidates(model: nn.Module, ignore=None) -> list[tuple[str, nn.
     return found
 
 
+def indivisible_weights(model: nn.Module, block_size: int | None, ignore=None
+                        ) -> list[tuple[str, str, int]]:
+    """``(layer, weight, input dimension)`` for every weight :func:`weight_only` would
+    quantize whose input dimension ``block_size`` does not divide (none for None).
+
+    Example: keep those layers per channel while the rest get blocks::
+
+        rest = sorted({layer for layer, _, _ in indivisible_weights(model, 128)})
+        weight_only(model, bits=4, block_size=128, ignore=rest)
+        weight_only(model, bits=4)                  # the rest, one scale per channel
+    """
+    if block_size is None:
+        return []
+    return [(name, wname, int(w.shape[1])) for name, layer in weight_only_candidates(model, ignore)
+            for wname, w in WEIGHT_ONLY_TWINS[type(layer)].weights_of(layer).items()
+            if w.shape[1] % block_size]
+
+
 def _check_weight_only_args(model, bits, block_size, amax_method, clip_ratios) -> None:
     if not isinstance(model, nn.Module):
         raise FormatError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -183,7 +201,8 @@ def weight_only(model: nn.Module, bits: int = 8, block_size: int | None = None, 
             ``B`` consecutive inputs (blocks along the input dimension: ``in_features``,
             ``in_channels / groups``, the LSTM input or hidden size). ``B`` must divide
             the input dimension of every layer quantized: the error lists those it does
-            not, before anything changes (ignore them, or call again with another size).
+            not, before anything changes (ignore them, or call again with another size;
+            :func:`indivisible_weights` lists them).
         ignore: module names, compiled regexes or ``callable(name, module)``, as in
             :func:`qdq.replace_modules`.
         amax_method: ``"max"`` (the largest ``|w|`` of each channel or block) or ``"mse"``
@@ -197,9 +216,8 @@ def weight_only(model: nn.Module, bits: int = 8, block_size: int | None = None, 
     """
     _check_weight_only_args(model, bits, block_size, amax_method, clip_ratios)
     layers = weight_only_candidates(model, ignore)
-    bad = [f"{name}.{wname} ({w.shape[1]})" for name, layer in layers
-           for wname, w in WEIGHT_ONLY_TWINS[type(layer)].weights_of(layer).items()
-           if block_size is not None and w.shape[1] % block_size]
+    bad = [f"{name}.{wname} ({dim})"
+           for name, wname, dim in indivisible_weights(model, block_size, ignore)]
     if bad:
         shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
         raise FormatError(f"block_size {block_size} does not divide the input dimension of "

@@ -23,6 +23,7 @@ from qdq.fp8 import (
     round_to_fp8,
 )
 from qdq.tensor_quant import fake_tensor_quant, scale_from_amax, tensor_quant
+from tests.conftest import needs_cuda
 
 FP8 = (4, 3)
 
@@ -256,3 +257,15 @@ def test_set_format_keeps_ties_rules_state_and_amax():
 
 def test_fp8_max_value_constant():
     assert FP8_E4M3_MAX == float(torch.finfo(torch.float8_e4m3fn).max)
+
+
+@needs_cuda
+def test_fp8_quantizer_on_cuda_equals_cpu(rng):
+    x = torch.randn(64, 300, generator=rng) * 4
+    q = TensorQuantizer(QuantDescriptor(num_bits=FP8, amax=3.0))  # backend auto: eager FP8
+    assert torch.equal(q.cuda()(x.cuda()).cpu(), q.cpu()(x))
+    w = torch.randn(16, 256, generator=rng)
+    from qdq.nn.weight_only import QuantizedWeight
+
+    qw = QuantizedWeight.from_weight(w, 4, 128)
+    assert torch.equal(qw.cuda()().cpu(), qw.cpu()())

@@ -13,7 +13,7 @@ from torch import nn
 
 import qdq
 from qdq.blockwise import MSE_CLIP_RATIOS, dequantize_weight, quantize_weight, weight_amax
-from qdq.formats import FormatError, weight_only
+from qdq.formats import FormatError, indivisible_weights, weight_only
 from qdq.nn.weight_only import (
     WeightOnlyConv2d,
     WeightOnlyLinear,
@@ -220,6 +220,11 @@ def test_a_block_size_that_does_not_divide_changes_nothing():
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+    assert indivisible_weights(model, 16) == [("conv", "weight", 8)]
+    assert indivisible_weights(model, 64) == [
+        ("conv", "weight", 8), ("lstm", "weight_ih_l0", 16), ("lstm", "weight_hh_l0", 32),
+        ("lstm", "weight_ih_l0_reverse", 16), ("lstm", "weight_hh_l0_reverse", 32),
+        ("lstm", "weight_hh_l1", 32), ("lstm", "weight_hh_l1_reverse", 32)]
     weight_only(model, bits=4, block_size=16, ignore=["conv"])  # the fix the message names
     assert isinstance(model.head, WeightOnlyLinear) and model.head.weight_q.block_size == 16
 
