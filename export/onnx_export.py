@@ -41,6 +41,7 @@ from export import formats as onnx_formats
 from qdq import TensorQuantizer, quantizers
 from qdq.fileio import atomic_write
 from qdq.formats import FORMATS, format_of
+from qdq.nn.weight_only import QuantizedWeight
 
 __all__ = ["ExportError", "ExportResult", "dynamo_exporter_available", "fold_constants",
            "to_onnx", "uncalibrated_quantizers"]
@@ -341,8 +342,6 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *,
 
 def _needed_opset(model: nn.Module) -> tuple[int, str]:
     """The lowest opset ``model``'s quantization needs, and why."""
-    from qdq.nn.weight_only import QuantizedWeight
-
     weights = [m for m in model.modules() if isinstance(m, QuantizedWeight)]
     if any(w.bits == 4 or w.block_size for w in weights):
         return 21, "INT4 or block-wise weights (DequantizeLinear-21)"

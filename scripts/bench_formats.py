@@ -114,7 +114,9 @@ def verdict_of(report) -> str:
     if report.quantizers:
         return f"same ({report.flips} boundary flips, forced rel L2 " \
                f"{report.forced_rel_l2:.1e})"
-    return f"same ({len(report.weights)} weights equal)"
+    if report.weights:
+        return f"same ({len(report.weights)} weights equal)"
+    return "same (no Q/DQ)"
 
 
 def run_format(label, build, store, float_model, calib, batches, labels, reference,
