@@ -6,13 +6,18 @@ context and yields ``(node, message)`` pairs. Rules:
 =====================  ========  ==========================================================
 rule                   severity  finds
 =====================  ========  ==========================================================
-opset                  error     default-domain opset below 13 (no per-axis Q/DQ)
-zero-point             error     a zero point that is unsigned, missing (uint8) or non-zero
+opset                  error     default-domain opset below 13 (no per-axis Q/DQ), below
+                                 19 with FP8 Q/DQ, below 21 with INT4 or block-wise DQ
+zero-point             error     a zero point that is unsigned, missing (uint8), non-zero,
+                                 or of a type other than int8, float8e4m3fn (FP8) or
+                                 int4 (weights)
 scale                  error     a scale that is not a constant, not positive or not finite
 per-axis-activation    error     per-axis quantization of a computed tensor
-weight-axis            error     per-axis weight with the wrong axis (Conv/Gemm 0, ConvT 1)
+weight-axis            error     per-axis weight with the wrong axis (Conv/Gemm 0, ConvT 1);
+                                 block-wise weight not blocked along the input axis
 q-without-dq           error     a QuantizeLinear not followed by DequantizeLinear
 float-input            warning   Conv/ConvTranspose/Gemm/MatMul input that is not from a DQ
+                                 (data inputs of weight-only graphs are float by design)
 residual-add           warning   Add of a quantized conv branch and an unquantized input
 shared-scale           warning   Concat/MaxPool whose inputs and output have other scales
 =====================  ========  ==========================================================
@@ -32,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from export.formats import is_fp8_dtype, is_int4_dtype
 from export.onnx_io import OnnxFileError, constant_values, consumers, load_onnx, opset_of, producers
 
 __all__ = ["Finding", "LintError", "RULES", "check_qdq", "format_findings"]
@@ -119,13 +125,35 @@ def _axis(node: onnx.NodeProto) -> int:
     return next((a.i for a in node.attribute if a.name == "axis"), 1)
 
 
+def _attr(node: onnx.NodeProto, name: str, default: int = 0) -> int:
+    return next((a.i for a in node.attribute if a.name == name), default)
+
+
 # ------------------------------------------------------------------------------ rules
+def _zp_of(g: _Graph, node: onnx.NodeProto) -> np.ndarray | None:
+    return g.consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+
+
+def _needs_opset(g: _Graph) -> tuple[int, str]:
+    """The opset the graph's Q/DQ nodes need, and the feature that needs it."""
+    need, why = 13, "per-axis QuantizeLinear/DequantizeLinear"
+    for node in g.nodes("QuantizeLinear", "DequantizeLinear"):
+        source = g.consts.get(node.input[0])
+        zp = _zp_of(g, node)
+        if (_attr(node, "block_size") or (source is not None and is_int4_dtype(source))
+                or (zp is not None and is_int4_dtype(zp))):
+            return 21, f"{_label(node)} (INT4 or block-wise DequantizeLinear)"
+        if zp is not None and is_fp8_dtype(zp) and need < 19:
+            need, why = 19, f"{_label(node)} (FP8 E4M3 Q/DQ)"
+    return need, why
+
+
 @rule("opset", ERROR)
 def _opset(g: _Graph):
     version = opset_of(g.model)
-    if version < 13:
-        yield "model", (f"opset {version}: per-axis QuantizeLinear/DequantizeLinear needs "
-                        "opset 13 or newer")
+    need, why = _needs_opset(g)
+    if version < need:
+        yield "model", f"opset {version}: {why} needs opset {need} or newer"
 
 
 @rule("zero-point", ERROR)
@@ -138,10 +166,13 @@ def _zero_point(g: _Graph):
         zp = g.consts.get(node.input[2])
         if zp is None:
             yield _label(node), f"zero point {node.input[2]!r} is not a constant"
-        elif zp.dtype != np.int8:
-            yield _label(node), f"zero point is {zp.dtype}, TensorRT needs signed int8"
-        elif np.any(zp != 0):
-            yield _label(node), f"non-zero zero point {zp.reshape(-1)[:4].tolist()}"
+        elif not (zp.dtype == np.int8 or is_fp8_dtype(zp) or is_int4_dtype(zp)):
+            yield _label(node), (f"zero point is {zp.dtype}, TensorRT needs signed int8 "
+                                 "(float8e4m3fn for FP8, int4 for INT4 weights)")
+        elif np.any(zp.astype(np.float32) != 0):
+            kind = "FP8 " if is_fp8_dtype(zp) else ""
+            values = zp.astype(np.float32).reshape(-1)[:4].tolist()
+            yield _label(node), f"non-zero {kind}zero point {values}; TensorRT needs 0"
 
 
 @rule("scale", ERROR)
@@ -166,14 +197,16 @@ def _per_axis_activation(g: _Graph):
                                  f"({scale.size} scales); TensorRT needs one scale")
 
 
-def _expected_weight_axis(op: onnx.NodeProto) -> int | None:
+def _weight_axes(op: onnx.NodeProto) -> tuple[int, int] | None:
+    """(output-channel axis, input axis) of a layer's weight: per-channel scales run along
+    the first, blocks along the second."""
     if op.op_type == "Conv":
-        return 0
+        return 0, 1
     if op.op_type == "ConvTranspose":
-        return 1
+        return 1, 0
     if op.op_type == "Gemm":
         trans_b = next((a.i for a in op.attribute if a.name == "transB"), 0)
-        return 0 if trans_b else 1
+        return (0, 1) if trans_b else (1, 0)
     return None
 
 
@@ -183,18 +216,22 @@ def _weight_axis(g: _Graph):
         scale = g.consts.get(dq.input[1])
         if scale is None or scale.size <= 1:
             continue
+        blocked = _attr(dq, "block_size") > 0
         for user in _users_through(g, dq.output[0]):
             op, index = user
-            want = _expected_weight_axis(op)
-            if index != 1 or want is None:
+            axes = _weight_axes(op)
+            if index != 1 or axes is None:
                 continue
+            want = axes[1] if blocked else axes[0]
             axis = _axis(dq)
             rank = _rank_of(g, dq)
             if rank:
                 axis %= rank
             if axis != want:
-                yield _label(dq), (f"per-channel weight of {op.op_type} {_label(op)!r} on axis "
-                                   f"{axis}; its output channels are axis {want}")
+                kind, axes = (("block-wise", "inputs") if blocked
+                              else ("per-channel", "output channels"))
+                yield _label(dq), (f"{kind} weight of {op.op_type} {_label(op)!r} on axis "
+                                   f"{axis}; its {axes} are axis {want}")
 
 
 def _rank_of(g: _Graph, dq: onnx.NodeProto) -> int | None:
@@ -231,7 +268,10 @@ def _q_without_dq(g: _Graph):
 
 @rule("float-input", WARNING)
 def _float_input(g: _Graph):
+    weight_only = not any(n.input[0] not in g.consts for n in g.nodes("QuantizeLinear"))
     for node in g.nodes(*HEAVY):
+        if weight_only and g.from_dq(node.input[1] if len(node.input) > 1 else ""):
+            continue  # activations are float by design; the weight is quantized
         count = 2
         for index, name in enumerate(node.input[:count]):
             if name and not g.from_dq(name):

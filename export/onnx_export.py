@@ -1,8 +1,11 @@
-"""``to_onnx``: a quantized model to an opset-13 ONNX file with QuantizeLinear/DequantizeLinear.
+"""``to_onnx``: a quantized model to an ONNX file with QuantizeLinear/DequantizeLinear.
 
 Every enabled quantizer becomes Q -> DQ (fp32 scale ``amax/127``, int8 zero point 0,
-``axis`` for per-channel weights); disabled quantizers leave no node. The export runs on
-a copy of the model, so the caller's model is never changed:
+``axis`` for per-channel weights); disabled quantizers leave no node. FP8 quantizers
+become Q/DQ-19 with a float8e4m3fn zero point (scale ``amax/448``); weight-only layers
+become an integer initializer feeding one DequantizeLinear (:mod:`export.formats`). The
+opset defaults to the lowest the model's format allows (INT8 and W8 13, FP8 19, W4 21).
+The export runs on a copy of the model, so the caller's model is never changed:
 
 1. refuse uncalibrated enabled quantizers, listing them by name;
 2. fold BatchNorm into the conv before it (``qdq.rules.fold_batchnorm``), so the graph
@@ -12,7 +15,9 @@ a copy of the model, so the caller's model is never changed:
    request;
 4. fold the constant scale arithmetic (``Clip``/``Div`` on amax) into plain initializers,
    so every Q/DQ reads a constant scale;
-5. optionally store weights as int8 initializers feeding DQ (about 4x smaller);
+5. lower weight-only placeholders to DequantizeLinear (INT4 packed two per byte), and
+   optionally store Q/DQ weights as int8 (or float8) initializers feeding DQ (about 4x
+   smaller);
 6. check the model and move it into place atomically: a failed export leaves no file.
 """
 
@@ -32,8 +37,11 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from export import formats as onnx_formats
 from qdq import TensorQuantizer, quantizers
 from qdq.fileio import atomic_write
+from qdq.formats import FORMATS, format_of
+from qdq.nn.weight_only import QuantizedWeight
 
 __all__ = ["ExportError", "ExportResult", "dynamo_exporter_available", "fold_constants",
            "to_onnx", "uncalibrated_quantizers"]
@@ -53,10 +61,24 @@ class ExportResult:
     dequantize_nodes: int
     folded_batchnorms: list[str] = field(default_factory=list)
     bytes: int = 0
+    #: the model's format (``qdq.formats.format_of``): int8, fp8, w8, w4, float or mixed
+    format: str = "int8"
+    #: the file's size with the weights stored quantized put back to fp32 (estimated from
+    #: the initializers; equals ``bytes`` when no weight is stored quantized)
+    fp32_bytes: int = 0
+
+    @property
+    def compression(self) -> float:
+        """How many times smaller than the same graph with fp32 weights."""
+        return self.fp32_bytes / self.bytes if self.bytes else 1.0
 
     def __str__(self) -> str:
-        return (f"{self.path} (opset {self.opset}, {self.quantize_nodes} Q / "
-                f"{self.dequantize_nodes} DQ, {self.bytes / 1e6:.2f} MB, "
+        title = FORMATS[self.format].title if self.format in FORMATS else self.format
+        size = f"{self.bytes / 1e6:.2f} MB"
+        if self.fp32_bytes > self.bytes:
+            size += f", {self.compression:.1f}x smaller than FP32"
+        return (f"{self.path} ({title}, opset {self.opset}, {self.quantize_nodes} Q / "
+                f"{self.dequantize_nodes} DQ, {size}, "
                 f"{len(self.folded_batchnorms)} BatchNorm folded)")
 
 
@@ -172,8 +194,18 @@ def _weights_to_int8(model: onnx.ModelProto) -> None:
             w = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
             scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
             axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-            zp = (numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
-                  if len(node.input) > 2 and node.input[2] in inits else np.float32(0))
+            zp_array = (numpy_helper.to_array(inits[node.input[2]])
+                        if len(node.input) > 2 and node.input[2] in inits else None)
+            if zp_array is not None and onnx_formats.is_fp8_dtype(zp_array):
+                if scale.ndim == 1 and scale.size > 1:
+                    shape = [1] * w.ndim
+                    shape[axis % w.ndim] = -1
+                    scale = scale.reshape(shape)
+                graph.initializer.remove(inits.pop(node.input[0]))
+                graph.initializer.append(onnx_formats.fp8_initializer(
+                    node.output[0], onnx_formats.fp8_weight_codes(w, scale)))
+                continue
+            zp = zp_array.astype(np.float32) if zp_array is not None else np.float32(0)
             if scale.ndim == 1 and scale.size > 1:
                 shape = [1] * w.ndim
                 shape[axis % w.ndim] = -1
@@ -189,7 +221,8 @@ def _weights_to_int8(model: onnx.ModelProto) -> None:
     graph.node.extend(keep)
 
 
-def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, opset: int = 13,
+def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *,
+            opset: int | None = None,
             dynamic_batch: bool = True, input_names: list[str] | None = None,
             output_names: list[str] | None = None, fold_bn: bool = True,
             int8_weights: bool = False, dynamo: bool = False) -> ExportResult:
@@ -197,10 +230,13 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, opset:
 
     Args:
         example_inputs: a tensor or tuple of tensors the model is traced with.
-        opset: ONNX opset; 13 or newer (per-channel Q/DQ needs 13).
+        opset: ONNX opset; default and minimum: 13 (per-channel Q/DQ), 19 with FP8
+            quantizers, 21 with INT4 or block-wise weights.
         dynamic_batch: mark dim 0 of every input and output as dynamic.
         fold_bn: fold BatchNorm into the preceding conv (on a copy) before export.
-        int8_weights: store weights as int8 initializers -> DQ instead of fp32 -> Q -> DQ.
+        int8_weights: store weights as int8 initializers -> DQ instead of fp32 -> Q -> DQ
+            (float8e4m3fn initializers for FP8 weight quantizers). Weight-only layers
+            always store their integer weights.
         dynamo: use torch's dynamo exporter (it picks its own opset, 18 or newer; static
             shapes only).
 
@@ -210,8 +246,12 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, opset:
     """
     if not isinstance(model, nn.Module):
         raise ExportError(f"model must be an nn.Module, got {type(model).__name__}")
-    if opset < 13:
-        raise ExportError(f"opset {opset}: Q/DQ with per-channel weights needs opset >= 13")
+    fmt = format_of(model)
+    needed, why = _needed_opset(model)
+    if opset is None:
+        opset = needed
+    if opset < needed:
+        raise ExportError(f"opset {opset}: {why} needs opset >= {needed}")
     path = Path(path)
     if not path.parent.exists():
         raise ExportError(f"output folder {path.parent} does not exist")
@@ -224,6 +264,9 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, opset:
         raise ExportError(f"the dynamo exporter needs torch 2.5 or newer "
                           f"(torch.onnx.export(dynamo=True, dynamic_shapes=...)); this is "
                           f"torch {torch.__version__}: use dynamo=False")
+    if dynamo and fmt not in ("int8", "float"):
+        raise ExportError(f"the dynamo exporter writes INT8 Q/DQ only; export this {fmt} "
+                          "model with the TorchScript exporter (dynamo=False)")
     if dynamo and dynamic_batch:
         # torch.export traces with fake tensors, and torch (2.14) has no fake-tensor kernel
         # for fake_quantize_*_affine with tensor qparams once a dimension is symbolic.
@@ -268,7 +311,8 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, opset:
                         dynamic_shapes=_dynamo_shapes(args) if dynamic_batch else None)
                 program.save(str(raw))
             else:
-                torch.onnx.export(traced, args, str(raw), opset_version=opset, dynamo=False,
+                torch.onnx.export(traced, args, str(raw), dynamo=False,
+                                  opset_version=min(opset, onnx_formats.TORCHSCRIPT_MAX_OPSET),
                                   input_names=input_names, output_names=output_names,
                                   dynamic_axes=dynamic_axes, do_constant_folding=True)
         except ExportError:
@@ -280,15 +324,30 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *, opset:
     fold_constants(onnx_model)
     if int8_weights:
         _weights_to_int8(onnx_model)
+    onnx_model = onnx_formats.set_opset(onnx_model, opset)
+    onnx_formats.lower_weight_dq(onnx_model)
     onnx.checker.check_model(onnx_model)
     atomic_write(path, lambda tmp: onnx.save(onnx_model, str(tmp)), parents=False)
     ops = [n.op_type for n in onnx_model.graph.node]
     opset_used = next((o.version for o in onnx_model.opset_import if o.domain in ("", "ai.onnx")),
                       opset)
+    size = path.stat().st_size
+    stored, fp32 = onnx_formats.weight_bytes(onnx_model)
     return ExportResult(path=path, opset=opset_used, input_names=input_names,
                         output_names=output_names, quantize_nodes=ops.count("QuantizeLinear"),
                         dequantize_nodes=ops.count("DequantizeLinear"),
-                        folded_batchnorms=folded, bytes=path.stat().st_size)
+                        folded_batchnorms=folded, bytes=size, format=fmt,
+                        fp32_bytes=size - stored + fp32)
+
+
+def _needed_opset(model: nn.Module) -> tuple[int, str]:
+    """The lowest opset ``model``'s quantization needs, and why."""
+    weights = [m for m in model.modules() if isinstance(m, QuantizedWeight)]
+    if any(w.bits == 4 or w.block_size for w in weights):
+        return 21, "INT4 or block-wise weights (DequantizeLinear-21)"
+    if any(q.is_fp8 and q.is_quant_enabled for _, q in quantizers(model)):
+        return 19, "FP8 E4M3 Q/DQ (float8e4m3fn)"
+    return 13, "Q/DQ with per-channel weights"
 
 
 @contextlib.contextmanager

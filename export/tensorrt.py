@@ -6,6 +6,9 @@ Explicit quantization only (the Q/DQ nodes say what runs in INT8; no calibrator)
   FP16 for float layers) or a strongly typed network.
 * TensorRT 11.x: strongly typed only (``BuilderFlag.INT8/FP16`` are gone): layer types
   come from the graph, so run :func:`export.fp16.to_fp16` first for FP16 float layers.
+* FP8 Q/DQ (``qdq.formats`` "fp8") builds only on GPUs of compute capability 8.9 (Ada)
+  or newer (Hopper 9.0, Blackwell): :func:`build_engine` checks the GPU before anything
+  else and says so. INT4 weight-only DequantizeLinear runs in Gemm/MatMul layers.
 
 TensorRT is optional. Without it every entry point raises :class:`TensorRTUnavailable`
 naming what to install; :func:`tensorrt_available` says whether it is there.
@@ -24,7 +27,7 @@ from qdq.fileio import atomic_write
 
 __all__ = ["TensorRTUnavailable", "BuildError", "tensorrt_available", "build_engine",
            "inspect_engine", "benchmark_engine", "BenchmarkResult", "compare_engines",
-           "INSTALL_HINT"]
+           "INSTALL_HINT", "FP8_MIN_CAPABILITY", "fp8_device_problem"]
 
 INSTALL_HINT = ("TensorRT is not installed: on a machine with an NVIDIA GPU run "
                 "`pip install tensorrt polygraphy` (or `pip install 'qdq[tensorrt]'`)")
@@ -54,6 +57,48 @@ def tensorrt_available() -> bool:
     return True
 
 
+#: TensorRT builds FP8 layers on compute capability 8.9 (Ada) and newer.
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+def fp8_device_problem(capability: tuple[int, int] | None, device: str = "the GPU"
+                       ) -> str | None:
+    """Why an FP8 engine cannot be built on a device of ``capability`` (None: no CUDA
+    device), or None when it can."""
+    need = ".".join(map(str, FP8_MIN_CAPABILITY))
+    if capability is None:
+        return (f"the ONNX model has FP8 E4M3 Q/DQ; TensorRT builds FP8 on NVIDIA GPUs of "
+                f"compute capability >= {need} (Ada, Hopper or newer) and no CUDA device is "
+                "visible")
+    if tuple(capability) < FP8_MIN_CAPABILITY:
+        have = ".".join(map(str, capability))
+        return (f"the ONNX model has FP8 E4M3 Q/DQ; TensorRT builds FP8 on compute "
+                f"capability >= {need} (Ada, Hopper or newer), and {device} is {have}: "
+                "export INT8 instead (qdq.formats.set_format(model, 'int8'))")
+    return None
+
+
+def _low_precision(onnx_path: Path) -> tuple[bool, bool]:
+    """(FP8 Q/DQ, INT4 weights) in the graph; BuildError when FP8 cannot build here."""
+    from export.formats import uses_fp8, uses_int4
+    from export.onnx_io import load_onnx
+
+    proto = load_onnx(onnx_path, error=BuildError)
+    if not uses_fp8(proto):
+        return False, uses_int4(proto)
+    import torch
+
+    if torch.cuda.is_available():
+        index = torch.cuda.current_device()
+        problem = fp8_device_problem(torch.cuda.get_device_capability(index),
+                                     torch.cuda.get_device_name(index))
+    else:
+        problem = fp8_device_problem(None)
+    if problem:
+        raise BuildError(problem)
+    return True, uses_int4(proto)
+
+
 def _major(trt) -> int:
     return int(str(trt.__version__).split(".")[0])
 
@@ -76,10 +121,13 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
         workspace: memory pool limit for tactics, in bytes.
 
     Layer information is kept at DETAILED verbosity, so :func:`inspect_engine` can show
-    per-layer precisions.
+    per-layer precisions. A graph with FP8 Q/DQ needs a GPU of compute capability >= 8.9;
+    below that (or without a GPU) one BuildError says so, before TensorRT is loaded.
     """
-    trt = _trt()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    # FP8 on a GPU that cannot build it is said first: installing TensorRT would not help
+    fp8, int4 = _low_precision(onnx_path) if onnx_path.is_file() else (False, False)
+    trt = _trt()
     if not onnx_path.is_file():
         raise BuildError(f"ONNX file {onnx_path}: no such file")
     if not engine_path.parent.is_dir():
@@ -113,6 +161,10 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
         config.set_flag(trt.BuilderFlag.INT8)  # explicit Q/DQ decide; no calibrator
         if fp16:
             config.set_flag(trt.BuilderFlag.FP16)
+        if fp8 and hasattr(trt.BuilderFlag, "FP8"):
+            config.set_flag(trt.BuilderFlag.FP8)
+        if int4 and hasattr(trt.BuilderFlag, "INT4"):
+            config.set_flag(trt.BuilderFlag.INT4)
     if min_shape is not None:
         profile = builder.create_optimization_profile()
         first = network.get_input(0)

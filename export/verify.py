@@ -21,6 +21,12 @@ So ``verify`` reports:
   (QuantizeLinear/DequantizeLinear semantics: expected 0).
 * optionally the **noise floor**: PyTorch against PyTorch with oneDNN/cuDNN off.
 
+Formats (:mod:`qdq.formats`): FP8 E4M3 quantizers get the same analysis on their own grid
+(a step is one E4M3 grid position, a boundary the midpoint between two of them). A
+weight-only graph has no activation quantizer, so its forced run is the free run; instead
+every weight DequantizeLinear is compared with the layer's dequantized weight (expected:
+equal, bit for bit).
+
 Quantizers are matched to Q nodes through the scope names the TorchScript exporter gives
 them (``/layer1/layer1.0/conv1/_input_quantizer/QuantizeLinear``); the k-th call of a
 quantizer is the k-th Q node of that scope in graph order.
@@ -39,9 +45,13 @@ import onnx
 import torch
 from torch import nn
 
+from export.formats import onnx_format
 from export.onnx_io import constant_values
 from export.onnx_io import load_onnx as _load
 from qdq import quantizers as iter_quantizers
+from qdq.formats import FORMATS
+from qdq.fp8 import fp8_boundary_distance, fp8_codes
+from qdq.nn.weight_only import QuantizedWeight
 
 __all__ = ["VerifyError", "VerifyReport", "OutputDiff", "QuantizerFlips", "verify",
            "load_onnx", "ort_session"]
@@ -102,6 +112,17 @@ class QuantizerFlips:
 
 
 @dataclass
+class WeightCheck:
+    """One weight-only weight: ONNX Runtime's DequantizeLinear output vs PyTorch's."""
+
+    name: str
+    node: str
+    elements: int
+    mismatches: int  # values that differ (expected 0: same integers, same scales)
+    max_abs: float
+
+
+@dataclass
 class VerifyReport:
     onnx_path: Path
     shapes: list[list[int]]
@@ -110,6 +131,14 @@ class VerifyReport:
     quantizers: list[QuantizerFlips] = field(default_factory=list)
     unmatched_quantizers: list[str] = field(default_factory=list)
     noise_floor_rel_l2: float | None = None
+    #: the graph's format (``export.formats.onnx_format``)
+    format: str = "int8"
+    weights: list[WeightCheck] = field(default_factory=list)
+    unmatched_weights: list[str] = field(default_factory=list)
+
+    @property
+    def weight_mismatches(self) -> int:
+        return sum(w.mismatches for w in self.weights)
 
     @property
     def max_abs(self) -> float:
@@ -145,16 +174,21 @@ class VerifyReport:
         """Same function: exact Q/DQ, boundary flips only, forced outputs within ``rel_l2``."""
         forced = self.forced_rel_l2
         return (self.qdq_mismatches == 0 and self.only_boundary_flips
-                and not self.unmatched_quantizers and forced is not None and forced <= rel_l2)
+                and not self.unmatched_quantizers and forced is not None and forced <= rel_l2
+                and self.weight_mismatches == 0 and not self.unmatched_weights)
 
     def __str__(self) -> str:
-        lines = [f"ONNX Runtime vs PyTorch on {self.onnx_path.name}, inputs {self.shapes}",
-                 "free run (both from the same inputs):"]
+        title = FORMATS[self.format].title if self.format in FORMATS else self.format
+        lines = [f"ONNX Runtime vs PyTorch on {self.onnx_path.name} ({title}), inputs "
+                 f"{self.shapes}", "free run (both from the same inputs):"]
         lines += [f"  {o.line()}" for o in self.outputs]
         if self.noise_floor_rel_l2 is not None:
             lines.append(f"  noise floor (PyTorch vs PyTorch, oneDNN/cuDNN off): rel L2 "
                          f"{self.noise_floor_rel_l2:.3g}")
-        if self.forced_outputs:
+        if self.forced_outputs and not self.quantizers:
+            lines.append("forced run: no activation quantizer to force, the same as the free "
+                         "run")
+        elif self.forced_outputs:
             lines.append("forced run (PyTorch takes ONNX Runtime's quantized activations):")
             lines += [f"  {o.line()}" for o in self.forced_outputs]
         if self.quantizers:
@@ -181,6 +215,13 @@ class VerifyReport:
         if self.unmatched_quantizers:
             lines.append("  no Q node of the same shape and scale for: "
                          + ", ".join(self.unmatched_quantizers[:6]))
+        if self.weights:
+            total = sum(w.elements for w in self.weights)
+            lines.append(f"weights: {len(self.weights)} DequantizeLinear ({total} values) vs "
+                         f"the layers' dequantized weights: {self.weight_mismatches} differ")
+        if self.unmatched_weights:
+            lines.append("  no DequantizeLinear for the weights of: "
+                         + ", ".join(self.unmatched_weights[:6]))
         return "\n".join(lines)
 
 
@@ -190,7 +231,15 @@ def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
     return _load(path, error=VerifyError)
 
 
+#: ONNX Runtime graph rewrites that change what a Q/DQ graph computes. ``ReluQuantRewrite``
+#: (1.32, CPU) removes a Relu that feeds a QuantizeLinear unless the zero point is an int8
+#: other than -128 or a uint8 other than 0: with a float8e4m3fn zero point it drops the Relu
+#: and negative values pass. It never fires on our INT8 graphs (int8 zero point 0).
+UNSAFE_ORT_REWRITES = ("ReluQuantRewrite",)
+
+
 def ort_session(model: onnx.ModelProto | str | os.PathLike, threads: int | None = None):
+    """A CPU session for ``model`` with :data:`UNSAFE_ORT_REWRITES` turned off."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -198,7 +247,8 @@ def ort_session(model: onnx.ModelProto | str | os.PathLike, threads: int | None 
         options.intra_op_num_threads = threads
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     try:
-        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=list(UNSAFE_ORT_REWRITES))
     except Exception as err:  # noqa: BLE001
         raise VerifyError(f"ONNX Runtime cannot load the model: {_first(err)}") from err
 
@@ -434,14 +484,16 @@ def verify(model: nn.Module, onnx_path: str | os.PathLike, inputs, *, forced: bo
     output_names = [o.name for o in graph.output]
 
     consts = constant_values(graph)
+    fmt = onnx_format(proto)
     pairs = [_Pair(q, dq, consts.get(q.input[1])) for q, dq in activation_qdq_pairs(graph)
              ] if forced else []
+    weight_dqs, unmatched_weights = _weight_dqs(graph, model)
     existing = set(output_names)
-    for pair in pairs:
-        for name in (pair.q.input[0], pair.dq.output[0]):
-            if name not in existing:
-                graph.output.append(onnx.ValueInfoProto(name=name))
-                existing.add(name)
+    for name in ([n for p in pairs for n in (p.q.input[0], p.dq.output[0])]
+                 + [dq.output[0] for dq in weight_dqs.values()]):
+        if name not in existing:
+            graph.output.append(onnx.ValueInfoProto(name=name))
+            existing.add(name)
     session = ort_session(proto, threads)
     try:
         results = session.run(None, feeds)
@@ -476,7 +528,13 @@ def verify(model: nn.Module, onnx_path: str | os.PathLike, inputs, *, forced: bo
     report = VerifyReport(
         Path(onnx_path), [list(a.shape) for a in args],
         [_diff(n, o, f.float().cpu().numpy(), steps.get(n), classifier)
-         for n, o, f in zip(output_names, ort_outputs, free, strict=True)])
+         for n, o, f in zip(output_names, ort_outputs, free, strict=True)], format=fmt,
+        unmatched_weights=unmatched_weights)
+    report.weights = [_weight_check(name, model.get_submodule(name), dq,
+                                    ort_values[dq.output[0]])
+                      for name, dq in weight_dqs.items()]
+    if forced and not pairs:
+        report.forced_outputs = list(report.outputs)  # nothing to force: the same run
 
     if noise_floor:
         with torch.no_grad(), _other_kernels():
@@ -507,20 +565,36 @@ def verify(model: nn.Module, onnx_path: str | os.PathLike, inputs, *, forced: bo
     return report
 
 
+def _int_codes(v: torch.Tensor) -> torch.Tensor:
+    return torch.round(v)
+
+
+def _int_boundary_distance(r: torch.Tensor) -> torch.Tensor:
+    return ((r - torch.floor(r)) - 0.5).abs()
+
+
+def _grid(quantizer) -> tuple:
+    """(codes, boundary distance) of the quantizer's grid, both on values / scale: integer
+    steps for INT8, E4M3 grid positions for FP8 (one step = one code either way)."""
+    if getattr(quantizer, "is_fp8", False):
+        return fp8_codes, fp8_boundary_distance
+    return _int_codes, _int_boundary_distance
+
+
 def _flip_stats(name, node, quantizer, x_t, x_o, dq_o, free_out) -> QuantizerFlips:
     scale = quantizer.scale.detach().float().cpu()
-    q_o = torch.round(dq_o / scale)
+    codes, boundary_distance = _grid(quantizer)
+    q_o = codes(dq_o / scale)
     with torch.no_grad():
-        q_t = torch.round(quantizer(x_t).float() / scale)
+        q_t = codes(quantizer(x_t).float() / scale)
         same_input = quantizer(x_o).float()
     qdq_mismatches = int((same_input != dq_o).sum())
     delta = (q_t - q_o).abs()
     flipped = delta > 0
-    ratio = x_t / scale
-    to_boundary = ((ratio - torch.floor(ratio)) - 0.5).abs()
+    to_boundary = boundary_distance(x_t / scale)
     free_differing = None
     if free_out is not None and free_out.shape == dq_o.shape:
-        free_differing = int((torch.round(free_out / scale) != q_o).sum())
+        free_differing = int((codes(free_out / scale) != q_o).sum())
     magnitude = max(float(x_o.abs().max()) if x_o.numel() else 0.0,
                     float(quantizer.amax.detach().float().max()))
     return QuantizerFlips(
@@ -530,3 +604,30 @@ def _flip_stats(name, node, quantizer, x_t, x_o, dq_o, free_out) -> QuantizerFli
         max_input_diff_steps=float(((x_t - x_o).abs() / scale).max()) if x_t.numel() else 0.0,
         noise_limit_steps=NOISE_REL * magnitude / float(scale.min()),
         qdq_mismatches=qdq_mismatches, free_differing=free_differing)
+
+
+def _weight_dqs(graph: onnx.GraphProto, model: nn.Module
+                ) -> tuple[dict[str, onnx.NodeProto], list[str]]:
+    """Weight-only weights of ``model`` -> the DequantizeLinear reading their codes
+    (initializer ``<module>.codes``), and the weights with none."""
+    by_codes = {n.input[0]: n for n in graph.node if n.op_type == "DequantizeLinear"}
+    found, missing = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedWeight):
+            dq = by_codes.get(f"{name}.codes")
+            if dq is None:
+                missing.append(name)
+            else:
+                found[name] = dq
+    return found, missing
+
+
+def _weight_check(name: str, module: QuantizedWeight, dq: onnx.NodeProto,
+                  ort_value: np.ndarray) -> WeightCheck:
+    with torch.no_grad():
+        ours = module().float().cpu().numpy()
+    if ours.shape != ort_value.shape:
+        return WeightCheck(name, dq.name, int(ours.size), int(ours.size), float("inf"))
+    delta = np.abs(ours - ort_value)
+    return WeightCheck(name, dq.name, int(ours.size), int((ours != ort_value).sum()),
+                       float(delta.max()) if delta.size else 0.0)

@@ -1,4 +1,5 @@
-"""qdq: explicit (Q/DQ) INT8 quantization of PyTorch models for TensorRT.
+"""qdq: explicit (Q/DQ) INT8 quantization of PyTorch models for TensorRT, and FP8 Q/DQ and
+INT8/INT4 weight-only formats beside it (:mod:`qdq.formats`).
 
 The pytorch-quantization workflow on torch 2.x, in pure Python::
 
@@ -8,6 +9,7 @@ The pytorch-quantization workflow on torch 2.x, in pure Python::
 
 from qdq import calib, nn, quant_modules, tensor_quant
 from qdq.descriptor import QuantDescriptor
+from qdq.formats import FORMATS, apply_format, format_of, get_format, set_format, weight_only
 from qdq.quantizer import QuantizerError, TensorQuantizer
 from qdq.replace import (
     Replacement,
@@ -26,4 +28,5 @@ __all__ = [
     "QuantDescriptor", "TensorQuantizer", "QuantizerError",
     "Replacement", "replace_modules", "quantizers", "name_quantizers",
     "disable_quantization", "enable_quantization", "summary", "summary_rows",
+    "FORMATS", "get_format", "set_format", "weight_only", "apply_format", "format_of",
 ]

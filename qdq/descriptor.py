@@ -9,6 +9,8 @@ Example::
     0
     >>> QuantDescriptor(calib_method="histogram").calib_method
     'histogram'
+    >>> QuantDescriptor(num_bits=(4, 3)).is_fp8      # FP8 E4M3, scale amax / 448
+    True
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
+
+from qdq.fp8 import check_fp8_bits, is_fp8
 
 __all__ = ["QuantDescriptor", "ScaledQuantDescriptor", "CALIB_METHODS"]
 
@@ -27,7 +31,9 @@ class QuantDescriptor:
     """Configuration of one quantizer.
 
     Args:
-        num_bits: integer width, 2..16 (8 for TensorRT).
+        num_bits: integer width, 2..16 (8 for TensorRT), or ``(4, 3)`` for FP8 E4M3
+            (exponent and mantissa bits, NVIDIA's spelling; scale ``amax / 448``, see
+            :mod:`qdq.fp8`). FP8 is signed and full range.
         name: optional label, carried into summaries.
         fake_quant: quantize-dequantize (True) or return integer values (False).
         axis: ``None`` for per-tensor; an int or a tuple of ints for the axes that keep
@@ -42,7 +48,7 @@ class QuantDescriptor:
             percentile and mse see only the non-zero values.
     """
 
-    num_bits: int = 8
+    num_bits: int | tuple[int, int] = 8
     name: str | None = None
     fake_quant: bool = True
     axis: int | tuple[int, ...] | None = None
@@ -56,9 +62,14 @@ class QuantDescriptor:
 
     def __post_init__(self) -> None:
         label = f"QuantDescriptor{f' {self.name!r}' if self.name else ''}"
-        if isinstance(self.num_bits, bool) or not isinstance(self.num_bits, int):
+        if is_fp8(self.num_bits):
+            object.__setattr__(self, "num_bits", check_fp8_bits(self.num_bits, label))
+            if self.unsigned or self.narrow_range:
+                raise ValueError(f"{label}: FP8 E4M3 is signed and full range; unsigned and "
+                                 "narrow_range do not apply")
+        elif isinstance(self.num_bits, bool) or not isinstance(self.num_bits, int):
             raise TypeError(f"{label}: num_bits must be an int, got {self.num_bits!r}")
-        if not 2 <= self.num_bits <= 16:
+        elif not 2 <= self.num_bits <= 16:
             raise ValueError(f"{label}: num_bits must be in 2..16, got {self.num_bits}")
         if self.calib_method not in CALIB_METHODS:
             raise ValueError(
@@ -88,9 +99,16 @@ class QuantDescriptor:
     def per_channel(self) -> bool:
         return self.axis is not None
 
+    @property
+    def is_fp8(self) -> bool:
+        """FP8 E4M3 (``num_bits=(4, 3)``) rather than integer quantization."""
+        return is_fp8(self.num_bits)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python dict (JSON/YAML friendly); ``from_dict`` inverts it exactly."""
         d = asdict(self)
+        if isinstance(d["num_bits"], tuple):
+            d["num_bits"] = list(d["num_bits"])
         if isinstance(d["axis"], tuple):
             d["axis"] = list(d["axis"])
         if isinstance(d["amax"], tuple):

@@ -15,6 +15,8 @@ amax is a buffer (``_amax``) so it travels with ``state_dict`` and ``.to(device)
 before calibration it is an empty tensor. With ``learn_amax`` it becomes a Parameter.
 During ``torch.onnx.export`` the forward pass calls torch's own fake-quantize ops, which
 the exporter turns into ``QuantizeLinear``/``DequantizeLinear``; no global flag is needed.
+An FP8 quantizer (``num_bits=(4, 3)``, :mod:`qdq.fp8`) exports as Q/DQ-19 with a
+float8e4m3fn zero point.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from torch import nn
 from qdq.calib import HistogramCalibrator, MaxCalibrator
 from qdq.calib.base import CalibrationError
 from qdq.descriptor import QuantDescriptor
+from qdq.fp8 import fp8_histogram_amax, fp8_qdq_for_export
 from qdq.kernels import default_backend, resolve_backend
-from qdq.tensor_quant import quant_bounds, scale_from_amax, tensor_quant
+from qdq.tensor_quant import fake_tensor_quant, quant_bounds, scale_from_amax, tensor_quant
 
 __all__ = ["TensorQuantizer", "QuantizerError"]
 
@@ -76,6 +79,7 @@ class TensorQuantizer(nn.Module):
         desc = quant_desc if quant_desc is not None else QuantDescriptor()
         self._descriptor = desc
         self._num_bits = desc.num_bits
+        self._fp8 = desc.is_fp8
         self._fake_quant = desc.fake_quant
         self._axis = desc.axis
         self._unsigned = desc.unsigned
@@ -125,6 +129,11 @@ class TensorQuantizer(nn.Module):
     @property
     def num_bits(self) -> int:
         return self._num_bits
+
+    @property
+    def is_fp8(self) -> bool:
+        """FP8 E4M3 (``num_bits == (4, 3)``) rather than integer quantization."""
+        return self._fp8
 
     @property
     def axis(self):
@@ -266,13 +275,16 @@ class TensorQuantizer(nn.Module):
         """Compute amax with the calibrator and store it.
 
         ``method`` is for the histogram calibrator: ``"entropy"``, ``"percentile"``
-        (``percentile=99.99``), ``"mse"`` or ``"max"``. With ``strict=False`` a quantizer
-        that saw no data keeps its amax instead of raising.
+        (``percentile=99.99``), ``"mse"`` or ``"max"``; FP8 quantizers take ``"mse"``
+        (their default, on the E4M3 grid), ``"percentile"`` or ``"max"``. With
+        ``strict=False`` a quantizer that saw no data keeps its amax instead of raising.
         """
         if self._calibrator is None:
             raise QuantizerError(f"{self.name}: has no calibrator")
         try:
-            if isinstance(self._calibrator, HistogramCalibrator):
+            if isinstance(self._calibrator, HistogramCalibrator) and self._fp8:
+                amax = fp8_histogram_amax(self._calibrator, method or "mse", **kwargs)
+            elif isinstance(self._calibrator, HistogramCalibrator):
                 amax = self._calibrator.compute_amax(method or "entropy", **kwargs)
             else:
                 if method not in (None, "max"):
@@ -347,11 +359,17 @@ class TensorQuantizer(nn.Module):
             return q
         if torch.onnx.is_in_onnx_export() or type(self).use_fb_fake_quant:
             return self._torch_fake_quant(x, amax)
+        if self._fp8:  # the fused kernels are integer-only
+            return fake_tensor_quant(x, amax, self._num_bits)
         fake_quant = resolve_backend(self.backend, x)
         return fake_quant(x, amax, self._num_bits, self._unsigned, self._narrow_range)
 
     def _torch_fake_quant(self, x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
         """torch's own fake-quant ops, which the ONNX exporter maps to Q/DQ (opset 13)."""
+        if self._fp8:
+            axis = None if self._axis is None else (
+                (self._axis if isinstance(self._axis, int) else self._axis[0]) % x.dim())
+            return fp8_qdq_for_export(x, scale_from_amax(amax, self._num_bits), axis)
         if self._num_bits != 8:
             raise QuantizerError(f"{self.name}: ONNX Q/DQ needs 8 bits, got {self._num_bits}")
         qmin, qmax, _ = quant_bounds(8, self._unsigned, self._narrow_range)
@@ -389,7 +407,8 @@ class TensorQuantizer(nn.Module):
         return f"amax=[{amax.min().item():.4g}, {amax.max().item():.4g}]({amax.numel()})"
 
     def extra_repr(self) -> str:
-        bits = f"{self._num_bits}bit{' unsigned' if self._unsigned else ''}"
+        bits = ("fp8 e4m3" if self._fp8
+                else f"{self._num_bits}bit{' unsigned' if self._unsigned else ''}")
         if self._narrow_range:
             bits += " narrow"
         axis = "per-tensor" if self._axis is None else f"axis={self._axis}"

@@ -25,7 +25,7 @@ class QuantizerRow:
     name: str
     module: str
     role: str
-    bits: int
+    bits: int | tuple[int, int]  # (4, 3): FP8 E4M3
     axis: str
     amax_min: float | None
     amax_max: float | None
@@ -95,7 +95,8 @@ def summary(model: nn.Module) -> str:
     rows = summary_rows(model)
     header = ["module", "role", "bits", "axis", "amax", "calib", "state", "shared", "rule"]
     table = [header] + [[
-        r.module or "(root)", r.role, str(r.bits), r.axis, _fmt_amax(r), r.calibrator, r.state,
+        r.module or "(root)", r.role, "fp8" if isinstance(r.bits, tuple) else str(r.bits),
+        r.axis, _fmt_amax(r), r.calibrator, r.state,
         ",".join(r.shared_with) if r.shared_with else "", r.placed_by or "",
     ] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]

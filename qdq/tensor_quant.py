@@ -8,7 +8,11 @@ mode            integer range           scale
 signed          [-2^(b-1), 2^(b-1)-1]   amax / (2^(b-1) - 1)
 narrow_range    [-(2^(b-1)-1), ...]     amax / (2^(b-1) - 1)
 unsigned        [0, 2^b - 1]            amax / (2^b - 1)
+FP8 E4M3        E4M3 grid, [-448, 448]  amax / 448
 ==============  ======================  =====================
+
+``num_bits=(4, 3)`` selects FP8 E4M3 (:mod:`qdq.fp8`): the same functions round onto the
+E4M3 grid with torch's ``float8_e4m3fn`` cast instead of rounding to integers.
 
 Quantization divides by the scale (as ONNX Runtime's ``QuantizeLinear`` does), rounds half
 to even and saturates, so that fake quantization here and Q -> DQ in an exported graph
@@ -41,6 +45,7 @@ from qdq.descriptor import (  # noqa: F401  (re-exported for pytorch-quantizatio
     QuantDescriptor,
     ScaledQuantDescriptor,
 )
+from qdq.fp8 import FP8_E4M3_MAX, check_fp8_bits, is_fp8, round_to_fp8
 
 __all__ = [
     "AMAX_EPS",
@@ -57,7 +62,12 @@ AMAX_EPS = 2.0**-24
 
 
 def quant_bounds(num_bits: int = 8, unsigned: bool = False, narrow_range: bool = False):
-    """Integer range ``(qmin, qmax)`` and the divisor that maps amax to the scale."""
+    """Integer range ``(qmin, qmax)`` and the divisor that maps amax to the scale.
+
+    For FP8 (``num_bits=(4, 3)``) the range of the grid, ``(-448, 448)``, and 448.
+    """
+    if is_fp8(num_bits):
+        return -FP8_E4M3_MAX, FP8_E4M3_MAX, FP8_E4M3_MAX
     if unsigned:
         qmax = 2**num_bits - 1
         return 0, qmax, qmax
@@ -74,7 +84,10 @@ def scale_from_amax(
     return amax.detach().float().clamp_min(AMAX_EPS) / divisor
 
 
-def _quantize(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+def _quantize(x: torch.Tensor, scale: torch.Tensor, qmin, qmax, fp8: bool = False
+              ) -> torch.Tensor:
+    if fp8:
+        return round_to_fp8(x.float() / scale)
     # torch.round rounds half to even, as QuantizeLinear does.
     return torch.clamp(torch.round(x.float() / scale), qmin, qmax)
 
@@ -95,7 +108,7 @@ class _FakeTensorQuant(torch.autograd.Function):
         amax_f = amax.float().clamp_min(AMAX_EPS)
         scale = amax_f / divisor
         xf = x.float()
-        q = _quantize(xf, scale, qmin, qmax)
+        q = _quantize(xf, scale, qmin, qmax, is_fp8(num_bits))
         out = (q * scale).to(x.dtype)
         ctx.divisor = divisor
         ctx.amax_shape = amax.shape
@@ -129,8 +142,10 @@ def _sum_to_shape(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return g.sum(dim=dims, keepdim=True) if dims else g
 
 
-def _check_args(amax, num_bits: int) -> torch.Tensor:
-    if not 2 <= int(num_bits) <= 16:
+def _check_args(amax, num_bits) -> torch.Tensor:
+    if is_fp8(num_bits):
+        check_fp8_bits(num_bits)
+    elif not 2 <= int(num_bits) <= 16:
         raise ValueError(f"num_bits must be in 2..16, got {num_bits}")
     if not isinstance(amax, torch.Tensor):
         amax = torch.tensor(float(amax))
@@ -146,7 +161,8 @@ def fake_tensor_quant(
 ) -> torch.Tensor:
     """Quantize then dequantize ``x`` with the given amax; same dtype and shape as ``x``."""
     amax = _check_args(amax, num_bits).to(x.device)
-    return _FakeTensorQuant.apply(x, amax, int(num_bits), bool(unsigned), bool(narrow_range))
+    num_bits = tuple(num_bits) if is_fp8(num_bits) else int(num_bits)
+    return _FakeTensorQuant.apply(x, amax, num_bits, bool(unsigned), bool(narrow_range))
 
 
 def tensor_quant(
@@ -158,11 +174,12 @@ def tensor_quant(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer-valued quantization of ``x``: returns ``(q, scale)`` with ``x ~= q * scale``.
 
-    ``q`` holds integers in fp32 (it may exceed int8 for wider ``num_bits``); ``scale``
-    has the shape of ``amax``. Unlike pytorch-quantization, ``scale`` is the step size
-    (multiply to dequantize), the convention of ONNX and TensorRT.
+    ``q`` holds integers in fp32 (it may exceed int8 for wider ``num_bits``; E4M3 grid
+    values for ``num_bits=(4, 3)``); ``scale`` has the shape of ``amax``. Unlike
+    pytorch-quantization, ``scale`` is the step size (multiply to dequantize), the
+    convention of ONNX and TensorRT.
     """
     amax = _check_args(amax, num_bits).to(x.device)
     qmin, qmax, _ = quant_bounds(num_bits, unsigned, narrow_range)
     scale = scale_from_amax(amax, num_bits, unsigned, narrow_range)
-    return _quantize(x, scale, qmin, qmax), scale
+    return _quantize(x, scale, qmin, qmax, is_fp8(num_bits)), scale
