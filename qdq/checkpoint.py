@@ -50,8 +50,8 @@ from qdq.nn.mixin import QuantInputMixin
 from qdq.quantizer import TensorQuantizer
 from qdq.replace import name_quantizers
 
-__all__ = ["save", "restore", "read", "is_quantized_model_file", "RestoreError", "FORMAT",
-           "VERSION"]
+__all__ = ["save", "restore", "read", "load_plain", "is_quantized_model_file", "RestoreError",
+           "FORMAT", "VERSION"]
 
 FORMAT = "qdq.quantized_model"
 VERSION = 1
@@ -183,17 +183,35 @@ def save(model: nn.Module, path: str | os.PathLike, *,
 
 
 # ----------------------------------------------------------------------- read
+def load_plain(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with one clear RestoreError for
+    a missing file, a file torch.save did not write, or one holding Python objects."""
+    import pickle
+    import zipfile
+
+    path = Path(path)
+    if path.is_dir():
+        raise RestoreError(f"{path}: is a folder, not a file")
+    if not path.is_file():
+        raise RestoreError(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets one message
+        if not zipfile.is_zipfile(path):
+            why = "not a file torch.save wrote"
+        elif isinstance(err, pickle.UnpicklingError):
+            why = ("it holds Python objects, which weights_only loading refuses (save a "
+                   "state_dict, or use qdq.save)")
+        else:
+            why = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise RestoreError(f"{path}: cannot be read ({why})") from err
+
+
 def read(path: str | os.PathLike) -> dict[str, Any]:
     """The file's contents (``recipe``, ``metadata``, ``state_dict``), loaded with
     ``weights_only=True``; a missing, unreadable or foreign file is one RestoreError."""
     path = Path(path)
-    if not path.is_file():
-        raise RestoreError(f"{path}: no such file")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets one message
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise RestoreError(f"{path}: cannot be read as a torch file ({first})") from err
+    blob = load_plain(path)
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise RestoreError(f"{path}: not a qdq quantized-model file (written by qdq.save); "
                            "a plain state_dict is loaded with model.load_state_dict")
@@ -337,13 +355,23 @@ def _check_structure(model: nn.Module, modules: list[list]) -> None:
     if rebuilt == modules:
         return
     have, want = dict(map(tuple, rebuilt)), dict(map(tuple, modules))
-    for path, kind in want.items():
-        if have.get(path) != kind:
-            got = have.get(path)
-            raise _Misfit(f"'{path or '(root)'}' is a {kind} in the file, the rebuilt model "
-                          + (f"has a {got}" if got else "has no such module"))
-    extra = next(p for p in have if p not in want)
-    raise _Misfit(f"the rebuilt model has '{extra}' ({have[extra]}), the file does not")
+    order = [p for p, _ in modules] + [p for p, _ in rebuilt if p not in want]
+    for path in order:
+        if have.get(path) == want.get(path):
+            continue
+        name = path or "(root)"
+        if path not in have:
+            raise _Misfit(f"the file has a {_short(want[path])} at '{name}', the model has no "
+                          "such module")
+        if path not in want:
+            raise _Misfit(f"the model has a {_short(have[path])} at '{name}', the file has no "
+                          "such module")
+        raise _Misfit(f"'{name}' is a {_short(want[path])} in the file, a "
+                      f"{_short(have[path])} in the model")
+
+
+def _short(kind: str) -> str:
+    return kind.rpartition(".")[2]
 
 
 def _add_missing_biases(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

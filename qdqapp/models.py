@@ -205,23 +205,16 @@ class Checkpoint:
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read ``path`` once (``weights_only``); a missing, unreadable or foreign file is one
     CliError naming it."""
-    from qdq.checkpoint import FORMAT, read
+    from qdq.checkpoint import FORMAT, RestoreError, load_plain, read
 
     path = Path(path)
-    if path.is_dir():
-        raise CliError(f"checkpoint {path}: is a folder, not a file")
-    if not path.is_file():
-        raise CliError(f"checkpoint {path}: no such file")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets one message
-        raise CliError(f"checkpoint {path}: cannot be read as a torch file "
-                       f"({first_line(err)})") from err
+        blob = load_plain(path)
+        if isinstance(blob, dict) and blob.get("format") == FORMAT:
+            blob = read(path)  # its version checked
+    except RestoreError as err:
+        raise CliError(f"checkpoint {err}") from err
     if isinstance(blob, dict) and blob.get("format") == FORMAT:
-        try:
-            blob = read(path)  # version checks
-        except Exception as err:  # noqa: BLE001 - RestoreError, one line
-            raise CliError(str(err)) from err
         return Checkpoint(path, True, metadata=blob.get("metadata") or {})
     if isinstance(blob, dict) and isinstance(blob.get("state_dict"), dict):
         blob = blob["state_dict"]

@@ -21,6 +21,7 @@ import traceback
 from collections.abc import Callable
 
 from qdqapp.errors import CliError
+from qdqapp.logs import OwnInfo
 
 __all__ = ["main", "register", "CliError"]
 
@@ -98,6 +99,8 @@ def _console_logging(debug: bool, quiet: bool) -> logging.Handler:
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
     handler.setFormatter(logging.Formatter("%(message)s"))
+    if not debug:
+        handler.addFilter(OwnInfo())
     root.addHandler(handler)
     logging.captureWarnings(True)
     return handler

@@ -72,8 +72,9 @@ def run_pipeline(config: RunConfig, restart: bool = False,
     """Run every stage that has not finished yet in ``config.out``."""
     folder = RunFolder(config.out, config.fingerprint(), restart=restart)
     session = _open_session(config, folder)
-    eval_fn = load_eval(config.eval, session.prepared.device, config.eval_batches) \
-        if session.source.labelled else None
+    eval_fn = load_eval(config.eval, session.prepared.device, config.eval_batches)
+    if not session.source.labelled:
+        eval_fn = None  # no labels: the accuracy stages are skipped, saying why
     folder.open()
     handler = folder.log_handler()
     root = logging.getLogger()

@@ -19,6 +19,7 @@ from typing import Any
 
 from qdq.fileio import atomic_write
 from qdqapp.errors import CliError
+from qdqapp.logs import OwnInfo
 from qdqapp.outputs import check_output_folder
 
 __all__ = ["RunFolder", "QUANTIZED", "STATE"]
@@ -135,5 +136,6 @@ class RunFolder:
         """The full log (INFO and up, whatever the console shows) into ``run.log``."""
         handler = logging.FileHandler(self.path("run.log"))
         handler.setLevel(logging.INFO)
+        handler.addFilter(OwnInfo())
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         return handler
