@@ -5,8 +5,9 @@ asked for, a file where a folder is asked for, a missing or read-only parent). A
 command writes inside :class:`OutputFolder`, which creates the folder and, when the
 command fails, removes every file that was not there before and every folder it created,
 so a failed command leaves nothing behind. Files named in ``keep`` (a sweep's
-``rows.jsonl``, written as measurements finish) survive a failure, so the same command
-resumes where it stopped.
+``rows.jsonl``, written as measurements finish, and what they were measured with) survive
+a failure when the first of them holds something, so the same command resumes where it
+stopped.
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ class OutputFolder:
         return self.path
 
     def _kept(self, p: Path) -> bool:
-        return p.name in self.keep and p.is_file() and p.stat().st_size > 0
+        progress = self.path / self.keep[0] if self.keep else None
+        return (p.parent == self.path and p.name in self.keep and progress is not None
+                and progress.is_file() and progress.stat().st_size > 0)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:

@@ -29,11 +29,12 @@ EPILOG = f"""examples:
       --out runs/sens          # layers shared out over the ranks
 
 writes into --out: report.md, sensitivity.png (ranked bar chart), sensitivity.csv,
-sensitivity.json, rows.jsonl, skip_layers.txt, calibration.json, proxy.md/json with
---proxy, and with --max-drop/--target/--top-k {QUANTIZED} (the model with those layers
-kept in float). A quantized-model --checkpoint is swept as it is (no calibration).
+sensitivity.json, rows.jsonl, sweep.json, skip_layers.txt, calibration.json, proxy.md/json
+with --proxy, and with --max-drop/--target/--top-k {QUANTIZED} (the model with those
+layers kept in float). A quantized-model --checkpoint is swept as it is (no calibration).
 Measurements stream into rows.jsonl as they finish: run the same command again after an
-interruption and it resumes (--fresh starts over).
+interruption and it resumes; sweep.json records what built the model and the data, and a
+resume with other options is refused (--fresh starts over).
 With random data (no labels) the metric is top-1 agreement with the FP32 model.
 """
 
@@ -58,6 +59,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fresh", action="store_true", help="delete rows.jsonl and start over")
 
 
+_RESUME_KEYS = ("model", "checkpoint", "rules", "ignore", "seed", "data", "batch_size",
+                "calib_batches", "image_size", "eval_batches", "calibrator", "agreement",
+                "mode")
+
+
+def _check_resume(out, args: argparse.Namespace) -> dict:
+    """What the rows in ``rows.jsonl`` were measured with; a resume must match it."""
+    current = {k: getattr(args, k) for k in _RESUME_KEYS}
+    rows, record = out / "rows.jsonl", out / "sweep.json"
+    if args.fresh or not rows.is_file() or rows.stat().st_size == 0:
+        return current
+    saved = json.loads(record.read_text()) if record.is_file() else {}
+    changed = sorted(k for k in current if saved.get(k) != current[k])
+    if changed:
+        raise CliError(f"{rows} holds measurements of another model or data (changed: "
+                       f"{', '.join(changed)}); pass --fresh to start over or choose another "
+                       "--out")
+    return current
+
+
 def run(args: argparse.Namespace) -> int:
     import sensitivity
     from qdqapp.evaluate import evaluation
@@ -69,14 +90,17 @@ def run(args: argparse.Namespace) -> int:
         layers = [n.strip() for n in args.layers.split(",") if n.strip()]
         if not layers:
             raise CliError("--layers is empty")
+    setup = _check_resume(out, args) if out.is_dir() else None
     opts = model_options(args)
     session = Session.open(opts, args.data, data_options(args), check_model_options(opts))
     prepared, source = session.prepared, session.source
     check_layer_names(prepared.model, layers)  # before any work: names only
-    with OutputFolder(out, keep=("rows.jsonl",)):
+    with OutputFolder(out, keep=("rows.jsonl", "sweep.json")):
         progress_file = out / "rows.jsonl"
         if args.fresh:
             progress_file.unlink(missing_ok=True)
+        atomic_write(out / "sweep.json", json.dumps(setup or _check_resume(out, args),
+                                                    indent=1) + "\n")
         calibrator = session.metadata().get("calibrator") if prepared.restored else None
         if prepared.uncalibrated() or not prepared.restored:
             calibrator = args.calibrator

@@ -135,3 +135,8 @@ def test_random_data_is_scored_by_agreement_with_fp32(tmp_path):
                 "--out", tmp_path, "--quiet")
     assert again.code == 0
     assert json.loads((tmp_path / "sensitivity.json").read_text())["rows"] == report["rows"]
+    # other weights must not be mixed into those rows
+    other = qdq("sensitivity", TINY, "--data", "random:4x3x8x8", "--eval-batches", "2",
+                "--seed", "1", "--out", tmp_path)
+    assert other.code == 2 and "holds measurements of another model or data (changed: seed)" \
+        in other.err
