@@ -48,7 +48,7 @@ from qdq.descriptor import QuantDescriptor
 from qdq.fileio import atomic_write
 from qdq.nn.mixin import QuantInputMixin
 from qdq.quantizer import TensorQuantizer
-from qdq.replace import name_quantizers
+from qdq.replace import name_quantizers, quantizer_paths
 
 __all__ = ["save", "restore", "read", "load_plain", "is_quantized_model_file", "RestoreError",
            "FORMAT", "VERSION"]
@@ -104,17 +104,11 @@ def _quant_classes() -> dict[str, type]:
 
 # ----------------------------------------------------------------------- save
 def _quantizer_entries(model: nn.Module) -> list[dict[str, Any]]:
-    paths: dict[int, list[str]] = {}
-    objects: dict[int, TensorQuantizer] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, TensorQuantizer):
-            paths.setdefault(id(module), []).append(name)
-            objects[id(module)] = module
     entries = []
-    for key, q in objects.items():
+    for q, paths in quantizer_paths(model):
         calibrator = q.calibrator
         entries.append({
-            "paths": paths[key],
+            "paths": paths,
             "descriptor": q.descriptor.to_dict(),
             "calibrator": None if calibrator is None else type(calibrator).__name__,
             "switches": list(q.get_state()),

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from qdqapp.errors import CliError, first_line
+from qdqapp.registry import Registry
 
 __all__ = ["ModelKind", "MODEL_KINDS", "register_model_kind", "parse_model_spec",
            "build_model", "check_model_spec", "example_shape", "read_checkpoint",
@@ -54,18 +55,8 @@ class ModelKind:
 
 
 #: kind name -> entry; the fallback for ``package.module:factory`` is kind "python"
-MODEL_KINDS: dict[str, ModelKind] = {}
-
-
-def register_model_kind(kind: ModelKind) -> ModelKind:
-    if kind.name in MODEL_KINDS:
-        raise ValueError(f"a model kind named {kind.name!r} is already registered")
-    MODEL_KINDS[kind.name] = kind
-    return kind
-
-
-def _grammar() -> str:
-    return ", ".join(f"'{k.grammar}'" for k in MODEL_KINDS.values())
+MODEL_KINDS: Registry[ModelKind] = Registry("model kind")
+register_model_kind = MODEL_KINDS.register
 
 
 def parse_model_spec(spec: str) -> tuple[ModelKind, str]:
@@ -75,7 +66,7 @@ def parse_model_spec(spec: str) -> tuple[ModelKind, str]:
         return MODEL_KINDS[kind], arg
     if sep and kind and arg:
         return MODEL_KINDS["python"], spec
-    raise CliError(f"model {spec!r}: expected {_grammar()}")
+    raise CliError(f"model {spec!r}: expected {MODEL_KINDS.grammar()}")
 
 
 def check_model_spec(spec: str) -> None:

@@ -32,6 +32,7 @@ import torch
 
 from qdqapp.errors import CliError, first_line
 from qdqapp.models import parse_shape
+from qdqapp.registry import Registry
 
 __all__ = ["DataOptions", "DataSource", "DataKind", "DATA_KINDS", "register_data_kind",
            "parse_data_spec", "check_data_spec", "open_data", "image_transform"]
@@ -124,18 +125,8 @@ class DataKind:
     open: Callable[[str, str, DataOptions], DataSource]
 
 
-DATA_KINDS: dict[str, DataKind] = {}
-
-
-def register_data_kind(kind: DataKind) -> DataKind:
-    if kind.name in DATA_KINDS:
-        raise ValueError(f"a data kind named {kind.name!r} is already registered")
-    DATA_KINDS[kind.name] = kind
-    return kind
-
-
-def _grammar() -> str:
-    return ", ".join(f"'{k.grammar}'" for k in DATA_KINDS.values())
+DATA_KINDS: Registry[DataKind] = Registry("data kind")
+register_data_kind = DATA_KINDS.register
 
 
 def parse_data_spec(spec: str) -> tuple[DataKind, str]:
@@ -146,7 +137,7 @@ def parse_data_spec(spec: str) -> tuple[DataKind, str]:
         return DATA_KINDS[kind], arg
     if spec and Path(spec).is_dir():
         return DATA_KINDS["imagefolder"], spec
-    raise CliError(f"data {spec!r}: expected {_grammar()} (or an existing folder)")
+    raise CliError(f"data {spec!r}: expected {DATA_KINDS.grammar()} (or an existing folder)")
 
 
 def check_data_spec(spec: str) -> None:
@@ -198,34 +189,43 @@ register_data_kind(DataKind(
     lambda spec, arg, opts: RandomSource(spec, _random_shape(arg), opts)))
 
 
-# ----------------------------------------------------------------- Fashion-MNIST
-class FashionMnistSource(DataSource):
-    def __init__(self, spec: str, root: str | None, opts: DataOptions) -> None:
-        from qdqapp.data import DataError, fashion_mnist
+class SplitSource(DataSource):
+    """Labelled data with a training split (calibration: shuffled with the seed, the same
+    batches every pass; QAT: ``train_loader``) and an evaluation split (in order)."""
 
-        try:
-            self.train_set = fashion_mnist("train", root=root)
-            self.test_set = fashion_mnist("test", root=root)
-        except DataError as err:
-            raise CliError(str(err)) from err
-        super().__init__(spec, opts, f"Fashion-MNIST ({opts.calib_batches * opts.batch_size} "
-                                     f"calibration images, {len(self.test_set)} test images)")
+    calib_set: torch.utils.data.Dataset
+    eval_set: torch.utils.data.Dataset
+    train_set: torch.utils.data.Dataset
 
     def calib(self) -> _Batches:
         o = self.opts
-        return _Batches(lambda: _loader(self.train_set, o.batch_size, True, o.seed),
+        return _Batches(lambda: _loader(self.calib_set, o.batch_size, True, o.seed),
                         o.calib_batches, True)
 
     def eval(self) -> _Batches:
         o = self.opts
-        return _Batches(lambda: _loader(self.test_set, o.batch_size, False, o.seed),
+        return _Batches(lambda: _loader(self.eval_set, o.batch_size, False, o.seed),
                         o.eval_batches, False)
 
     def train(self):
         return _loader(self.train_set, self.opts.batch_size, True, self.opts.seed)
 
+
+# ----------------------------------------------------------------- Fashion-MNIST
+class FashionMnistSource(SplitSource):
+    def __init__(self, spec: str, root: str | None, opts: DataOptions) -> None:
+        from qdqapp.data import DataError, fashion_mnist
+
+        try:
+            self.calib_set = self.train_set = fashion_mnist("train", root=root)
+            self.eval_set = fashion_mnist("test", root=root)
+        except DataError as err:
+            raise CliError(str(err)) from err
+        super().__init__(spec, opts, f"Fashion-MNIST ({opts.calib_batches * opts.batch_size} "
+                                     f"calibration images, {len(self.eval_set)} test images)")
+
     def example(self) -> torch.Tensor:
-        return self.train_set[0][0].unsqueeze(0)
+        return self.calib_set[0][0].unsqueeze(0)
 
 
 def _check_fashion_mnist(root: str) -> None:
@@ -253,7 +253,7 @@ def image_transform(size: int = 224, train: bool = False):
                                transforms.CenterCrop(size), transforms.ToTensor(), normalize])
 
 
-class ImageFolderSource(DataSource):
+class ImageFolderSource(SplitSource):
     def __init__(self, spec: str, root: Path, opts: DataOptions) -> None:
         from torchvision import datasets
 
@@ -261,28 +261,15 @@ class ImageFolderSource(DataSource):
         self.val_dir = root / "val" if (root / "val").is_dir() else root
         tf = image_transform(opts.image_size)
         try:
-            self.train_set = datasets.ImageFolder(str(self.train_dir), tf)
-            self.val_set = datasets.ImageFolder(str(self.val_dir), tf)
-            self.augmented = datasets.ImageFolder(str(self.train_dir),
+            self.calib_set = datasets.ImageFolder(str(self.train_dir), tf)
+            self.eval_set = datasets.ImageFolder(str(self.val_dir), tf)
+            self.train_set = datasets.ImageFolder(str(self.train_dir),
                                                   image_transform(opts.image_size, True))
         except (FileNotFoundError, RuntimeError) as err:
             raise CliError(f"data {spec!r}: not an image folder with one subfolder per class "
                            f"({first_line(err)})") from err
-        super().__init__(spec, opts, f"ImageFolder {root} ({len(self.train_set)} calibration "
-                                     f"/ {len(self.val_set)} eval images)")
-
-    def calib(self) -> _Batches:
-        o = self.opts
-        return _Batches(lambda: _loader(self.train_set, o.batch_size, True, o.seed),
-                        o.calib_batches, True)
-
-    def eval(self) -> _Batches:
-        o = self.opts
-        return _Batches(lambda: _loader(self.val_set, o.batch_size, False, o.seed),
-                        o.eval_batches, False)
-
-    def train(self):
-        return _loader(self.augmented, self.opts.batch_size, True, self.opts.seed)
+        super().__init__(spec, opts, f"ImageFolder {root} ({len(self.calib_set)} calibration "
+                                     f"/ {len(self.eval_set)} eval images)")
 
 
 def _check_image_folder(arg: str) -> None:

@@ -48,8 +48,8 @@ def test_specs_resolve_through_the_registries(images):
 
 def test_image_folder_splits_and_classes(images):
     source = open_data(f"imagefolder:{images}", DataOptions(batch_size=4, image_size=32))
-    assert source.train_set.classes == ["cat", "dog"]  # not "train" and "val"
-    assert source.train_set.root.endswith("train") and source.val_set.root.endswith("val")
+    assert source.calib_set.classes == ["cat", "dog"]  # not "train" and "val"
+    assert source.calib_set.root.endswith("train") and source.eval_set.root.endswith("val")
     x, y = next(iter(source.eval()))
     assert x.shape == (4, 3, 32, 32) and y.tolist() == [0, 0, 0, 1]
     assert source.example().shape == (1, 3, 32, 32)
