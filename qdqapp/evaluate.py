@@ -101,11 +101,14 @@ def evaluation(source, model: nn.Module, device: torch.device | str | None = Non
 
     Labelled data gives top-1 accuracy on its evaluation split; data without labels
     (random inputs), or ``agreement=True``, gives top-1 agreement with ``model`` in FP32
-    on its evaluation inputs. The batches are read once and kept in memory, since a sweep
-    evaluates once per layer.
+    on its evaluation inputs. A sweep evaluates once per layer, so the batches are kept in
+    memory when that is cheap (in-memory data, or ``--eval-batches`` set); image files
+    are read again each time otherwise.
     """
     if source.labelled and not agreement:
-        batches = list(source.eval())
+        batches = source.eval()
+        if source.in_memory or source.opts.eval_batches is not None:
+            batches = list(batches)
         name = ACCURACY
     else:
         batches = labelled_by_model(model, source.eval_inputs(), device)

@@ -85,6 +85,8 @@ class DataSource:
     """The views of one data spec (see the module docstring)."""
 
     labelled: bool = True
+    #: decoded tensors already in memory (keeping evaluation batches costs little more)
+    in_memory: bool = True
 
     def __init__(self, spec: str, opts: DataOptions, description: str) -> None:
         self.spec, self.opts, self.description = spec, opts, description
@@ -254,6 +256,8 @@ def image_transform(size: int = 224, train: bool = False):
 
 
 class ImageFolderSource(SplitSource):
+    in_memory = False  # images are decoded as they are read
+
     def __init__(self, spec: str, root: Path, opts: DataOptions) -> None:
         from torchvision import datasets
 

@@ -19,7 +19,8 @@ EPILOG = """examples:
 --checkpoint takes a float state_dict or a quantized-model file (qdq calibrate writes
 one); the run keeps its model as quantized.pt after every stage that changes it.
 
-A re-run with the same --out skips the stages that finished; --restart starts over.
+A re-run with the same --out skips the stages that finished; --restart starts over
+and deletes only the files the earlier run wrote.
 Config files (YAML or TOML) use the same keys as the flags, e.g.:
   model: torchvision:resnet50
   data: imagefolder:/data/imagenet

@@ -148,7 +148,8 @@ def calibrate(run: Run) -> dict[str, Any]:
     names = [cfg.calibrator] if cfg.calibrator else cfg.calibrators
     if len(names) > 1 and run.eval_fn is not None:
         comparison = sensitivity.compare_calibrators(
-            run.model, run.calib, run.evaluate, methods=names, device=run.device,
+            run.model, run.calib, run.evaluate, methods=names,
+            num_batches=run.config.calib_batches, device=run.device,
             progress=run.progress, metric_name=run.metric_name or "metric")
         comparison.write(run.folder.root)
         rows = [{"method": r.method, "metric": r.metric, "seconds": round(r.seconds, 2),
@@ -284,7 +285,7 @@ def lint(run: Run) -> dict[str, Any]:
 def onnx_check(run: Run) -> dict[str, Any]:
     import export
 
-    batch = run.session.source.check_batch(64).to(run.device)  # the same in every process
+    batch = run.session.source.check_batch(256).to(run.device)  # the same in every process
     report = export.verify(run.model, run.folder.path("model.onnx"), batch)
     run.folder.write_text("onnx_check.txt", str(report) + "\n")
     result = {"rel_l2": report.rel_l2, "max_abs": report.max_abs,

@@ -16,6 +16,7 @@ from qdq.descriptor import QuantDescriptor
 from qdq.nn import QuantMixin
 from qdq.rules import apply_rules
 from qdqapp.reference import build_reference_model
+from tests.conftest import needs_cuda
 from tests.qdq.test_custom_layer import GatedBlock, QuantScaledLinear, ScaledLinear
 
 
@@ -203,3 +204,18 @@ def test_metadata_must_be_plain(tmp_path):
     with pytest.raises(TypeError, match="JSON-able"):
         qdq.save(nn.Linear(2, 2), tmp_path / "x.pt", metadata={"t": torch.zeros(1)})
     assert not (tmp_path / "x.pt").exists()
+
+
+@needs_cuda
+def test_restore_onto_a_model_on_the_gpu(tmp_path):
+    model = _torchvision("resnet18")
+    x = torch.randn(2, 3, 32, 32)
+    model = apply_rules(model, x[:1])
+    _calibrate(model, x)
+    path = qdq.save(model.cuda(), tmp_path / "gpu.pt")
+    with torch.no_grad():
+        before = model(x.cuda())
+    restored = qdq.restore(torchvision.models.resnet18().cuda(), path)
+    assert all(q.amax.is_cuda for _, q in qdq.quantizers(restored) if q.amax is not None)
+    with torch.no_grad():
+        assert torch.equal(restored(x.cuda()), before)

@@ -155,3 +155,14 @@ def test_changed_config_is_refused_without_restart(tmp_path):
     changed = qdq("run", *TINY, "--out", out, "--max-drop", "5")
     assert changed.code == 2 and "different config (changed: max_drop)" in changed.err
     assert listing(out) == files
+
+
+def test_run_takes_a_quantized_model_file_as_checkpoint(tmp_path):
+    cal = qdq("calibrate", "tests.qdqapp.models:tiny_cnn", "--data", "random:2x3x16x16",
+              "--ignore", "fc", "--out", tmp_path / "cal", "--quiet")
+    assert cal.code == 0, cal.err
+    result = qdq("run", *TINY, "--checkpoint", tmp_path / "cal" / "quantized.pt", "--out",
+                 tmp_path / "r", "--quiet")
+    assert result.code == 0, result.err[-3000:]
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "r" / "model.onnx")).graph.node]
+    assert ops[-1] == "Gemm" and ops.count("QuantizeLinear") == 5  # fc stayed float
