@@ -140,3 +140,20 @@ def test_random_data_is_scored_by_agreement_with_fp32(tmp_path):
                 "--seed", "1", "--out", tmp_path)
     assert other.code == 2 and "holds measurements of another model or data (changed: seed)" \
         in other.err
+
+
+def test_a_new_model_kind_is_one_registry_entry():
+    """What a later ``hf:DIR`` kind needs: one entry, then every command builds it."""
+    from tests.qdqapp.models import TinyCNN
+
+    kind = models.ModelKind("tiny", "tiny", lambda arg: TinyCNN(), lambda arg: None,
+                            lambda arg: (1, 3, 8, 8))
+    models.register_model_kind(kind)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            models.register_model_kind(kind)
+        out = qdq("summary", "tiny", "--json", "--quiet")
+        assert out.code == 0, out.err
+        assert {r["module"] for r in json.loads(out.out)} >= {"conv1", "conv2", "fc"}
+    finally:
+        del models.MODEL_KINDS["tiny"]
