@@ -5,9 +5,13 @@ The pytorch-quantization workflow on torch 2.x, in pure Python::
 
     from qdq import nn as quant_nn, quant_modules, calib
     from qdq.tensor_quant import QuantDescriptor
+
+A quantized model in one file: ``qdq.save(model, path)`` and
+``qdq.restore(float_model, path)`` (:mod:`qdq.checkpoint`).
 """
 
 from qdq import calib, nn, quant_modules, tensor_quant
+from qdq.checkpoint import RestoreError, restore, save
 from qdq.descriptor import QuantDescriptor
 from qdq.formats import FORMATS, apply_format, format_of, get_format, set_format, weight_only
 from qdq.quantizer import QuantizerError, TensorQuantizer
@@ -29,4 +33,5 @@ __all__ = [
     "Replacement", "replace_modules", "quantizers", "name_quantizers",
     "disable_quantization", "enable_quantization", "summary", "summary_rows",
     "FORMATS", "get_format", "set_format", "weight_only", "apply_format", "format_of",
+    "save", "restore", "RestoreError",
 ]

@@ -27,7 +27,7 @@ from qdq.quantizer import TensorQuantizer
 
 __all__ = [
     "Replacement", "replace_modules", "quantizers", "name_quantizers",
-    "disable_quantization", "enable_quantization", "IgnoreRule",
+    "disable_quantization", "enable_quantization", "IgnoreRule", "quantizer_paths",
 ]
 
 IgnoreRule = str | re.Pattern | Callable[[str, nn.Module], bool]
@@ -106,6 +106,16 @@ def quantizers(model: nn.Module) -> Iterator[tuple[str, TensorQuantizer]]:
     for name, module in model.named_modules():
         if isinstance(module, TensorQuantizer):
             yield name, module
+
+
+def quantizer_paths(model: nn.Module) -> list[tuple[TensorQuantizer, list[str]]]:
+    """Every distinct quantizer with all the module paths it sits at (a shared quantizer
+    has several), in model order."""
+    found: dict[int, tuple[TensorQuantizer, list[str]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, TensorQuantizer):
+            found.setdefault(id(module), (module, []))[1].append(name)
+    return list(found.values())
 
 
 def name_quantizers(model: nn.Module) -> None:

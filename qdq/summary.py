@@ -12,8 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from qdq.quantizer import TensorQuantizer
-from qdq.replace import name_quantizers
+from qdq.replace import name_quantizers, quantizer_paths
 
 __all__ = ["QuantizerRow", "summary", "summary_rows"]
 
@@ -54,15 +53,8 @@ def _split(name: str) -> tuple[str, str]:
 def summary_rows(model: nn.Module) -> list[QuantizerRow]:
     """One row per distinct quantizer, in model order."""
     name_quantizers(model)
-    names: dict[int, list[str]] = {}
-    objects: dict[int, TensorQuantizer] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, TensorQuantizer):
-            names.setdefault(id(module), []).append(name)
-            objects[id(module)] = module
     rows = []
-    for key, q in objects.items():
-        first, *others = names[key]
+    for q, (first, *others) in quantizer_paths(model):
         module, role = _split(first)
         amax = q.amax
         rows.append(QuantizerRow(

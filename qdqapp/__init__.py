@@ -1,9 +1,18 @@
 """qdqapp: the application on top of the three libraries.
 
 It holds what a user runs rather than imports: the ``qdq`` command (:mod:`qdqapp.cli`),
-the ``qdq run`` pipeline (:mod:`qdqapp.pipeline`), data specs and loaders
-(:mod:`qdqapp.sources`, :mod:`qdqapp.data`), evaluation metrics (:mod:`qdqapp.evaluate`)
-and the Fashion-MNIST reference model with its trained checkpoint
-(:mod:`qdqapp.reference`). It imports ``qdq``, ``sensitivity`` and ``export``; none of them
-imports it.
+the ``qdq run`` pipeline (:mod:`qdqapp.pipeline`), and what every command shares:
+
+- :mod:`qdqapp.models`: model specs (a registry of kinds: ``reference``,
+  ``torchvision:NAME``, ``package.module:factory``) and ``--checkpoint`` files;
+- :mod:`qdqapp.sources`: data specs (a registry of kinds: ``fashion-mnist``,
+  ``imagefolder:DIR``, ``random:SHAPE``), one loader and one image preprocessing;
+- :mod:`qdqapp.flow`: the one model-preparation flow (build, checkpoint or
+  ``qdq.restore``, ``--ignore``, placement rules, calibration);
+- :mod:`qdqapp.calibrators`: calibrators by name; :mod:`qdqapp.evaluate`: metrics;
+- :mod:`qdqapp.outputs`: output paths checked up front and cleaned after a failure;
+- :mod:`qdqapp.data` and :mod:`qdqapp.reference`: Fashion-MNIST and the reference model
+  with its trained checkpoint.
+
+It imports ``qdq``, ``sensitivity`` and ``export``; none of them imports it.
 """

@@ -23,7 +23,10 @@ from sensitivity.batches import (
 )
 from sensitivity.errors import SensitivityError
 
-__all__ = ["top1_accuracy", "labelled_by_model"]
+__all__ = ["top1_accuracy", "labelled_by_model", "evaluation", "ACCURACY", "AGREEMENT"]
+
+ACCURACY = "top-1 accuracy (%)"
+AGREEMENT = "top-1 agreement with FP32 (%)"
 
 
 def _logits(output) -> torch.Tensor:
@@ -90,3 +93,24 @@ def labelled_by_model(model: nn.Module, inputs: Iterable[torch.Tensor],
     finally:
         model.train(was_training)
     return out
+
+
+def evaluation(source, model: nn.Module, device: torch.device | str | None = None,
+               agreement: bool = False):
+    """``(eval_fn(model) -> metric, metric name)`` for a data source.
+
+    Labelled data gives top-1 accuracy on its evaluation split; data without labels
+    (random inputs), or ``agreement=True``, gives top-1 agreement with ``model`` in FP32
+    on its evaluation inputs. A sweep evaluates once per layer, so the batches are kept in
+    memory when that is cheap (in-memory data, or ``--eval-batches`` set); image files
+    are read again each time otherwise.
+    """
+    if source.labelled and not agreement:
+        batches = source.eval()
+        if source.in_memory or source.opts.eval_batches is not None:
+            batches = list(batches)
+        name = ACCURACY
+    else:
+        batches = labelled_by_model(model, source.eval_inputs(), device)
+        name = AGREEMENT
+    return (lambda m: top1_accuracy(m, batches, device)), name

@@ -33,7 +33,7 @@ import torchvision
 import qdq
 import sensitivity
 from qdqapp.evaluate import labelled_by_model, top1_accuracy
-from qdqapp.sources import parse_batch_shape
+from qdqapp.models import parse_shape
 
 
 def main() -> None:
@@ -47,7 +47,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    shape = parse_batch_shape(args.input)
+    shape = parse_shape(args.input, "--input")
     model = torchvision.models.get_model(args.model, weights=None, num_classes=10).eval()
     qdq.replace_modules(model)
     gen = torch.Generator().manual_seed(0)

@@ -214,47 +214,42 @@ class SensitivityReport:
 
     def plot(self, path: Path) -> None:
         """The chart: one bar per layer from the reference baseline to its metric."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: no global backend or state
 
         ok = [r for r in self.ranked() if r.ok][:CHART_ROWS]
         ref = self.int8 if self.mode == "leave-one-out" else self.fp32
-        fig, ax = plt.subplots(figsize=(9, 1.6 + 0.28 * max(len(ok), 1)))
-        try:
-            y = list(range(len(ok)))
-            widths = [r.delta for r in ok]
-            colors = ["#c0392b" if (r.sensitivity or 0) > 0 else "#7f8c8d" for r in ok]
-            ax.barh(y, widths, left=ref, color=colors, height=0.7)
-            labels = [r.layer + (f" (+{len(r.members) - 1} shared)" if len(r.members) > 1
-                                 else "") for r in ok]
-            ax.set_yticks(y, labels, fontsize=8)
-            for yi, w in zip(y, widths, strict=True):
-                ax.annotate(f"{w:+.3g}", (ref + w, yi), xytext=(3 if w >= 0 else -3, 0),
-                            textcoords="offset points", va="center",
-                            ha="left" if w >= 0 else "right", fontsize=7)
-            ax.invert_yaxis()
-            ax.axvline(self.fp32, color="#2471a3", ls="--", lw=1.2,
-                       label=f"FP32 {self.fp32:.3f}")
-            ax.axvline(self.int8, color="#d35400", ls=":", lw=1.5,
-                       label=f"INT8 {self.int8:.3f}")
-            ax.set_xlabel(f"{self.metric_name} ({MODES[self.mode]})")
-            shown = "" if len(ok) == len([r for r in self.rows if r.ok]) else \
-                f", top {len(ok)} shown"
-            ax.set_title(f"Layer sensitivity, {self.mode}: most sensitive on top{shown}",
-                         fontsize=10)
-            values = [ref + w for w in widths] + [self.fp32, self.int8]
-            finite = [v for v in values if math.isfinite(v)]
-            lo, hi = min(finite), max(finite)
-            pad = 0.12 * (hi - lo) or 0.5
-            ax.set_xlim(lo - pad, hi + pad)
-            ax.legend(loc="lower right", fontsize=8)
-            ax.grid(axis="x", alpha=0.3)
-            fig.tight_layout()
-            atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-        finally:
-            plt.close(fig)
+        fig = Figure(figsize=(9, 1.6 + 0.28 * max(len(ok), 1)))
+        ax = fig.subplots()
+        y = list(range(len(ok)))
+        widths = [r.delta for r in ok]
+        colors = ["#c0392b" if (r.sensitivity or 0) > 0 else "#7f8c8d" for r in ok]
+        ax.barh(y, widths, left=ref, color=colors, height=0.7)
+        labels = [r.layer + (f" (+{len(r.members) - 1} shared)" if len(r.members) > 1
+                             else "") for r in ok]
+        ax.set_yticks(y, labels, fontsize=8)
+        for yi, w in zip(y, widths, strict=True):
+            ax.annotate(f"{w:+.3g}", (ref + w, yi), xytext=(3 if w >= 0 else -3, 0),
+                        textcoords="offset points", va="center",
+                        ha="left" if w >= 0 else "right", fontsize=7)
+        ax.invert_yaxis()
+        ax.axvline(self.fp32, color="#2471a3", ls="--", lw=1.2,
+                   label=f"FP32 {self.fp32:.3f}")
+        ax.axvline(self.int8, color="#d35400", ls=":", lw=1.5,
+                   label=f"INT8 {self.int8:.3f}")
+        ax.set_xlabel(f"{self.metric_name} ({MODES[self.mode]})")
+        shown = "" if len(ok) == len([r for r in self.rows if r.ok]) else \
+            f", top {len(ok)} shown"
+        ax.set_title(f"Layer sensitivity, {self.mode}: most sensitive on top{shown}",
+                     fontsize=10)
+        values = [ref + w for w in widths] + [self.fp32, self.int8]
+        finite = [v for v in values if math.isfinite(v)]
+        lo, hi = min(finite), max(finite)
+        pad = 0.12 * (hi - lo) or 0.5
+        ax.set_xlim(lo - pad, hi + pad)
+        ax.legend(loc="lower right", fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+        fig.tight_layout()
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
     def write(self, folder: str | Path) -> Path:
         """Write every report file into ``folder`` (created if needed); returns it."""

@@ -26,6 +26,11 @@ class RulesReport:
     changes: dict[str, int] = field(default_factory=dict)
     untraced: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: what ``qdq.save`` records to replay the call: the rules run, the example inputs'
+    #: shapes and dtypes, and the quantizers that were already off
+    rules: list[str] = field(default_factory=list)
+    inputs: list[dict | None] = field(default_factory=list)
+    disabled: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"folded BatchNorm: {len(self.folded)}"]
@@ -46,6 +51,12 @@ def _shape_prop(gm: fx.GraphModule, args: tuple) -> None:
     except Exception as err:  # noqa: BLE001 - shapes only sharpen the rules
         warnings.warn(f"apply_rules: shape propagation failed ({err}); rules fall back to "
                       "symbolic checks", stacklevel=3)
+
+
+def _input_spec(arg) -> dict | None:
+    if isinstance(arg, torch.Tensor):
+        return {"shape": list(arg.shape), "dtype": str(arg.dtype).removeprefix("torch.")}
+    return None
 
 
 def _install(model: nn.Module, path: str, gm: nn.Module) -> None:
@@ -74,7 +85,9 @@ def apply_rules(model: nn.Module, example_inputs=None, rules: list[str] | None =
     if unknown:
         raise ValueError(f"unknown placement rule(s) {unknown}; registered: {list(RULES)}")
     args = _as_tuple(example_inputs)
-    report = RulesReport(folded=fold_batchnorm(model, example_inputs))
+    disabled = [name for name, q in quantizers(model) if not q.is_enabled]
+    report = RulesReport(folded=fold_batchnorm(model, example_inputs), rules=names,
+                         inputs=[_input_spec(a) for a in args], disabled=disabled)
     if insert and not any(isinstance(m, QuantInputMixin) for m in model.modules()):
         replace_modules(model)
     result = model

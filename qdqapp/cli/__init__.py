@@ -7,7 +7,9 @@ The CLI sits on top of all three packages: subcommands import ``sensitivity`` an
 ``export`` inside their handlers, so ``import qdq`` never pulls them in.
 
 Errors print one line (``qdq: error: ...``) and exit 2 for bad input, 1 for a failed
-check; ``--debug`` shows the traceback instead.
+check; ``--debug`` shows the traceback before that line, with the same exit status.
+Progress goes to stderr through ``logging`` (``--quiet`` keeps warnings only), results to
+stdout.
 """
 
 from __future__ import annotations
@@ -15,19 +17,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Callable
+
+from qdqapp.errors import CliError
+from qdqapp.logs import OwnInfo
 
 __all__ = ["main", "register", "CliError"]
 
 _COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable, str, str]] = {}
-
-
-class CliError(Exception):
-    """Bad input or a failed step; printed as one line."""
-
-    def __init__(self, message: str, code: int = 2) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def register(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None],
@@ -74,10 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 0
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO,
-        format="%(message)s",
-    )
+    console = _console_logging(args.debug, args.quiet)
     _, handler, _, _ = _COMMANDS[args.command]
     try:
         return int(handler(args) or 0)
@@ -85,11 +80,30 @@ def main(argv: list[str] | None = None) -> int:
         print("qdq: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - the CLI turns every failure into one line
-        if getattr(args, "debug", False):
-            raise
+        if args.debug:
+            traceback.print_exc()
         code = err.code if isinstance(err, CliError) else 2
-        print(f"qdq: error: {err}", file=sys.stderr)
+        text = " ".join(str(err).split()) or type(err).__name__
+        print(f"qdq: error: {text}", file=sys.stderr)
         return code
+    finally:
+        logging.getLogger().removeHandler(console)
+        logging.captureWarnings(False)
+
+
+def _console_logging(debug: bool, quiet: bool) -> logging.Handler:
+    """Progress to stderr: everything with --debug, warnings only with --quiet. The root
+    logger itself lets INFO through, so a log file (qdq run's run.log) gets it all."""
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    if not debug:
+        handler.addFilter(OwnInfo())
+    root.addHandler(handler)
+    logging.captureWarnings(True)
+    return handler
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 
 from qdqapp.cli import CliError, register
+from qdqapp.cli.options import CHECKPOINT_HELP, DATA_HELP, MODEL_HELP
 
 EPILOG = """examples:
   qdq run                                    # the Fashion-MNIST reference demo
@@ -13,8 +14,13 @@ EPILOG = """examples:
   qdq run --config run.yaml --max-drop 0.5   # flags override the config file
   qdq run --model mypkg.nets:build --checkpoint net.pt --data imagefolder:/data/imagenet \\
           --eval mypkg.nets:evaluate --qat-epochs 1
+  qdq run --model reference --checkpoint runs/calib/quantized.pt --calibrator max
 
-A re-run with the same --out skips the stages that finished; --restart starts over.
+--checkpoint takes a float state_dict or a quantized-model file (qdq calibrate writes
+one); the run keeps its model as quantized.pt after every stage that changes it.
+
+A re-run with the same --out skips the stages that finished; --restart starts over
+and deletes only the files the earlier run wrote.
 Config files (YAML or TOML) use the same keys as the flags, e.g.:
   model: torchvision:resnet50
   data: imagefolder:/data/imagenet
@@ -30,22 +36,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML or TOML file with the same keys as the flags")
     p.add_argument("--restart", action="store_true", help="discard an earlier run in --out")
     p.add_argument("--out", help=f"run folder (default {defaults.out})")
-    p.add_argument("--model", help="torchvision:NAME, package.module:factory or reference "
-                   f"(default {defaults.model})")
-    p.add_argument("--checkpoint", help="state_dict for the model (loaded weights_only)")
-    p.add_argument("--data", help="fashion-mnist, imagefolder:PATH or random:SHAPE "
-                   f"(default {defaults.data})")
+    p.add_argument("--model", help=f"{MODEL_HELP} (default {defaults.model})")
+    p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
+    p.add_argument("--data", help=f"{DATA_HELP} (default {defaults.data})")
     p.add_argument("--eval", help="top1 or package.module:fn(model, loader) -> float")
-    p.add_argument("--input-shape", help="input shape when --data is random")
     p.add_argument("--batch-size", type=int, help=f"default {defaults.batch_size}")
     p.add_argument("--calib-batches", type=int, help=f"default {defaults.calib_batches}")
     p.add_argument("--eval-batches", type=int, help="evaluate on this many batches only")
+    p.add_argument("--image-size", type=int, help="image folders: centre crop size "
+                   f"(default {defaults.image_size})")
     p.add_argument("--calibrators", help="comma-separated list to compare (default "
                    f"{','.join(defaults.calibrators)})")
     p.add_argument("--calibrator", help="use this calibrator, skip the comparison")
-    p.add_argument("--no-rules", dest="rules", action="store_const", const=False,
-                   help="do not apply the TensorRT placement rules")
-    p.add_argument("--ignore", action="append", help="module name kept in float (repeatable)")
+    p.add_argument("--rules", action=argparse.BooleanOptionalAction, default=None,
+                   help="TensorRT placement rules (default on; --no-rules to skip)")
+    p.add_argument("--ignore", action="append", metavar="NAME",
+                   help="module path kept in float (repeatable)")
     p.add_argument("--sweep", help="leave-one-out, one-at-a-time or none")
     p.add_argument("--max-drop", type=float, help="allowed metric drop from FP32 (default "
                    f"{defaults.max_drop})")
@@ -58,7 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-tensorrt", dest="tensorrt", action="store_const", const=False,
                    help="skip the TensorRT stage even when TensorRT is installed")
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="seed for random weights, random data, "
+                   f"shuffling and QAT (default {defaults.seed})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,11 +75,11 @@ def run(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in keys}
     try:
         config = load_config(args.config, **overrides)
-        result = run_pipeline(config, restart=args.restart, progress=not args.quiet)
-    except (ConfigError, ValueError, FileExistsError, PermissionError) as err:
+    except ConfigError as err:
         raise CliError(str(err)) from err
+    result = run_pipeline(config, restart=args.restart, progress=not args.quiet)
     if not result.ok:
-        raise CliError("; ".join(result.failed_checks), code=1)
+        raise CliError("FAILED: " + "; ".join(result.failed_checks), code=1)
     return 0
 
 

@@ -1,45 +1,52 @@
-"""``qdq sensitivity``: calibrate, sweep every layer, and write a report folder."""
+"""``qdq sensitivity``: sweep every layer of the quantized model and write a report
+folder (and the partially quantized model when a goal is given)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
+from qdq.fileio import atomic_write
+from qdqapp.calibrators import check_calibrator
 from qdqapp.cli import CliError, register
-from qdqapp.cli.cmd_calibrate import (
-    add_model_arguments,
-    calibrate_model,
-    eval_function,
-    prepare_model,
-    write_text,
+from qdqapp.cli.cmd_calibrate import QUANTIZED, calibration_record
+from qdqapp.cli.options import (
+    add_calibrator_option,
+    add_data_options,
+    add_model_options,
+    data_options,
+    model_options,
 )
+from qdqapp.flow import Session, calibrate_model, check_layer_names, check_model_options
+from qdqapp.outputs import OutputFolder, check_output_folder
 
-EPILOG = """examples:
+EPILOG = f"""examples:
   qdq sensitivity reference --data fashion-mnist --out runs/sens
-  qdq sensitivity reference --data fashion-mnist --mode one-at-a-time --proxy \\
-      --max-drop 0.5 --out runs/sens
+  qdq sensitivity reference --checkpoint runs/calib/quantized.pt --data fashion-mnist \\
+      --mode one-at-a-time --proxy --max-drop 0.5 --out runs/sens
   qdq sensitivity torchvision:resnet18 --data random:16x3x32x32 --eval-batches 4 --out runs/r18
   torchrun --nproc-per-node 4 -m qdqapp.cli sensitivity reference --data fashion-mnist \\
       --out runs/sens          # layers shared out over the ranks
 
 writes into --out: report.md, sensitivity.png (ranked bar chart), sensitivity.csv,
-sensitivity.json, rows.jsonl, skip_layers.txt, calibration.json, and proxy.md/json with
---proxy. Measurements stream into rows.jsonl as they finish: run the same command
-again after an interruption and it resumes (--fresh starts over).
+sensitivity.json, rows.jsonl, sweep.json, skip_layers.txt, calibration.json, proxy.md/json
+with --proxy, and with --max-drop/--target/--top-k {QUANTIZED} (the model with those
+layers kept in float). A quantized-model --checkpoint is swept as it is (no calibration).
+Measurements stream into rows.jsonl as they finish: run the same command again after an
+interruption and it resumes; sweep.json records what built the model and the data, and a
+resume with other options is refused (--fresh starts over).
 With random data (no labels) the metric is top-1 agreement with the FP32 model.
 """
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p)
+    add_model_options(p)
+    add_data_options(p, evaluation=True)
+    p.add_argument("--out", required=True, help="folder for the report (created)")
+    add_calibrator_option(p)
     p.add_argument("--mode", choices=["leave-one-out", "one-at-a-time"],
                    default="leave-one-out")
     p.add_argument("--layers", help="comma-separated exact layer names (default: all)")
-    p.add_argument("--eval-batches", type=int, default=None, metavar="N",
-                   help="evaluation batches per measurement (default: all)")
-    p.add_argument("--agreement", action="store_true",
-                   help="score by top-1 agreement with FP32 even when labels exist")
     p.add_argument("--proxy", action="store_true",
                    help="also rank layers by output SQNR (one pass, no labels) and report "
                         "its rank correlation with the sweep")
@@ -52,41 +59,80 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fresh", action="store_true", help="delete rows.jsonl and start over")
 
 
+_RESUME_KEYS = ("model", "checkpoint", "rules", "ignore", "seed", "data", "batch_size",
+                "calib_batches", "image_size", "eval_batches", "calibrator", "agreement",
+                "mode")
+
+
+def _check_resume(out, args: argparse.Namespace) -> dict:
+    """What the rows in ``rows.jsonl`` were measured with; a resume must match it."""
+    current = {k: getattr(args, k) for k in _RESUME_KEYS}
+    rows, record = out / "rows.jsonl", out / "sweep.json"
+    if args.fresh or not rows.is_file() or rows.stat().st_size == 0:
+        return current
+    saved = json.loads(record.read_text()) if record.is_file() else {}
+    changed = sorted(k for k in current if saved.get(k) != current[k])
+    if changed:
+        raise CliError(f"{rows} holds measurements of another model or data (changed: "
+                       f"{', '.join(changed)}); pass --fresh to start over or choose another "
+                       "--out")
+    return current
+
+
 def run(args: argparse.Namespace) -> int:
     import sensitivity
-    from qdqapp.sources import load_data
+    from qdqapp.evaluate import evaluation
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    progress_file = out / "rows.jsonl"
-    if args.fresh:
-        progress_file.unlink(missing_ok=True)
-    model, device = prepare_model(args)
-    summary = calibrate_model(args, model, device)
-    write_text(out / "calibration.json", json.dumps(summary.to_dict(), indent=1) + "\n")
-    eval_fn, name = eval_function(args, model, device)
-    layers = [n.strip() for n in args.layers.split(",") if n.strip()] if args.layers else None
-    if layers == []:
-        raise CliError("--layers is empty")
-    report = sensitivity.sweep(model, eval_fn, mode=args.mode, layers=layers,
-                               progress=not args.quiet, resume=progress_file,
-                               metric_name=name)
-    if args.proxy:
-        data = load_data(args.data, "calib", args.batch_size, args.calib_batches,
-                         args.image_size)
-        proxy = sensitivity.proxy_ranking(model, data, num_batches=args.calib_batches,
-                                          layers=layers, device=device,
-                                          progress=not args.quiet)
-        exact = {r.layer: r.sensitivity for r in report.rows if r.ok}
-        proxy.extra["spearman_with_sweep"] = sensitivity.spearman(proxy.scores(), exact)
-        proxy.write(out)
-        print(f"proxy: {proxy.seconds:.1f} s, Spearman with the sweep "
-              f"{proxy.extra['spearman_with_sweep']:.3f}")
-    if args.max_drop is not None or args.target is not None or args.top_k is not None:
-        result = sensitivity.partial_quantize(model, report, eval_fn, max_drop=args.max_drop,
-                                              target=args.target, top_k=args.top_k)
-        print(f"partial quantization: {result}")
-    report.write(out)
+    out = check_output_folder(args.out)
+    check_calibrator(args.calibrator)
+    layers = None
+    if args.layers is not None:
+        layers = [n.strip() for n in args.layers.split(",") if n.strip()]
+        if not layers:
+            raise CliError("--layers is empty")
+    setup = _check_resume(out, args) if out.is_dir() else None
+    opts = model_options(args)
+    session = Session.open(opts, args.data, data_options(args), check_model_options(opts))
+    prepared, source = session.prepared, session.source
+    check_layer_names(prepared.model, layers)  # before any work: names only
+    with OutputFolder(out, keep=("rows.jsonl", "sweep.json")):
+        progress_file = out / "rows.jsonl"
+        if args.fresh:
+            progress_file.unlink(missing_ok=True)
+        atomic_write(out / "sweep.json", json.dumps(setup or _check_resume(out, args),
+                                                    indent=1) + "\n")
+        calibrator = session.metadata().get("calibrator") if prepared.restored else None
+        if prepared.uncalibrated() or not prepared.restored:
+            calibrator = args.calibrator
+            summary, left = calibrate_model(prepared, source.calib(), args.calib_batches,
+                                            calibrator, progress=not args.quiet)
+        else:
+            summary, left = None, []
+        check_layer_names(prepared.model, layers)
+        record = calibration_record(session, calibrator or "from the checkpoint", summary,
+                                    left)
+        atomic_write(out / "calibration.json", json.dumps(record, indent=1) + "\n")
+        eval_fn, name = evaluation(source, prepared.model, prepared.device, args.agreement)
+        report = sensitivity.sweep(prepared.model, eval_fn, mode=args.mode, layers=layers,
+                                   progress=not args.quiet, resume=progress_file,
+                                   metric_name=name)
+        if args.proxy:
+            proxy = sensitivity.proxy_ranking(prepared.model, source.calib(),
+                                              num_batches=args.calib_batches, layers=layers,
+                                              device=prepared.device, progress=not args.quiet)
+            exact = {r.layer: r.sensitivity for r in report.rows if r.ok}
+            proxy.extra["spearman_with_sweep"] = sensitivity.spearman(proxy.scores(), exact)
+            proxy.write(out)
+            print(f"proxy: {proxy.seconds:.1f} s, Spearman with the sweep "
+                  f"{proxy.extra['spearman_with_sweep']:.3f}")
+        if args.max_drop is not None or args.target is not None or args.top_k is not None:
+            result = sensitivity.partial_quantize(prepared.model, report, eval_fn,
+                                                  max_drop=args.max_drop, target=args.target,
+                                                  top_k=args.top_k)
+            print(f"partial quantization: {result}")
+            session.save(out / QUANTIZED, calibrator=calibrator,
+                         skip_layers=list(result.skip))
+        report.write(out)
     print(report)
     print(f"wrote {out}")
     return 0

@@ -1,56 +1,76 @@
-"""``qdq summary``: insert quantizers into a model and print where they are."""
+"""``qdq summary``: build the quantized model and print where its quantizers are."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-import torch
-
 from qdqapp.cli import register
-from qdqapp.models import load_model, parse_shape
+from qdqapp.cli.options import (
+    add_calibrator_option,
+    add_data_options,
+    add_model_options,
+    data_options,
+    model_options,
+)
+from qdqapp.flow import Session, calibrate_model, check_model_options
 
 EPILOG = """examples:
   qdq summary torchvision:resnet18
-  qdq summary torchvision:mobilenet_v2 --calibrate 2 --input-shape 4,3,224,224
-  qdq summary mypkg.models:build_net --checkpoint net.pt --json
+  qdq summary torchvision:resnet18 --rules --ignore fc
+  qdq summary torchvision:mobilenet_v2 --no-rules --calibrate --data random:4x3x224x224
+  qdq summary reference --checkpoint runs/calib/quantized.pt --json
+
+The placement rules are on by default, as everywhere: the 'shared' column lists the
+module paths that share one quantizer (concat, max-pool, same tensor) and 'rule' the rule
+that placed it. A quantized-model --checkpoint shows that model, amax included.
+--calibrate calibrates on --data first (random data of the model's usual input shape
+when --data is not given).
 """
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="torchvision:NAME, package.module:factory or reference")
-    p.add_argument("--checkpoint", help="state_dict to load into the model")
-    p.add_argument("--ignore", action="append", default=[],
-                   help="exact module name to keep in float (repeatable)")
-    p.add_argument("--calibrate", type=int, default=0, metavar="N",
-                   help="calibrate with N batches of random data first (shows amax)")
-    p.add_argument("--input-shape", default="1,3,224,224", help="batch shape for --calibrate")
+    add_model_options(p)
+    add_data_options(p, required=False,
+                     data_help="data for the rules' example input and for --calibrate "
+                               "(default: the model's usual input shape, random)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="calibrate first (on --data, --calib-batches batches), to show amax")
+    add_calibrator_option(p)
     p.add_argument("--json", action="store_true", help="print rows as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     import qdq
+    from qdqapp.models import example_shape
 
-    model = load_model(args.model, args.checkpoint).eval()
-    qdq.replace_modules(model, ignore=args.ignore or None)
+    opts = model_options(args)
+    checkpoint = check_model_options(opts)
+    data = args.data
+    if data is None and args.calibrate:
+        shape = example_shape(opts.spec)
+        data = "random:" + "x".join(map(str, shape)) if shape else None
+    session = Session.open(opts, data, data_options(args), checkpoint)
     if args.calibrate:
-        shape = parse_shape(args.input_shape)
-        gen = torch.Generator().manual_seed(0)
-        for _, q in qdq.quantizers(model):
-            q.disable_quant()
-            q.enable_calib()
-        with torch.no_grad():
-            for _ in range(args.calibrate):
-                model(torch.randn(shape, generator=gen))
-        for _, q in qdq.quantizers(model):
-            q.load_calib_amax(strict=False)
-            q.enable_quant()
-            q.disable_calib()
+        if session.source is None:
+            from qdqapp.cli import CliError
+
+            raise CliError(f"--calibrate: model {opts.spec} has no usual input shape; "
+                           "pass --data SPEC")
+        calibrate_model(session.prepared, session.source.calib(), args.calib_batches,
+                        args.calibrator, progress=not args.quiet)
     if args.json:
-        print(json.dumps([r.as_dict() for r in qdq.summary_rows(model)], indent=1))
+        print(json.dumps([r.as_dict() for r in qdq.summary_rows(session.model)], indent=1))
     else:
-        print(qdq.summary(model))
+        print(qdq.summary(session.model))
+        report = getattr(session.model, "qdq_rules_report", None)
+        if report is not None:
+            print("placement rules: " + (", ".join(f"{k} {v}" for k, v in
+                                                   report.changes.items() if v)
+                                         or "nothing to change")
+                  + f"; {len(report.folded)} BatchNorm folded")
     return 0
 
 
-register("summary", "insert quantizers and print a table of them", add_arguments, run, EPILOG)
+register("summary", "build the quantized model and print a table of its quantizers",
+         add_arguments, run, EPILOG)

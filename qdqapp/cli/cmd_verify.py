@@ -3,30 +3,33 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
 from qdqapp.cli import CliError, register
-from qdqapp.cli.cmd_export import add_model_arguments, prepare_model
-from qdqapp.models import parse_shape
+from qdqapp.cli.cmd_export import add_shared_arguments, build_quantized
 
 EPILOG = """examples:
-  qdq export torchvision:resnet18 --calib random --shape 8,3,64,64 --out r18.onnx
-  qdq verify torchvision:resnet18 r18.onnx --calib random --shape 8,3,64,64 --batch 64
-  qdq verify mypkg.models:net net.onnx --checkpoint calibrated.pt --shape 1,3,32,32
+  qdq verify torchvision:resnet18 r18.onnx --checkpoint runs/r18/quantized.pt
+  qdq verify torchvision:resnet18 r18.onnx --data random:8x3x64x64 --seed 3 --batch 16
+  qdq verify reference ref.onnx --checkpoint runs/calib/quantized.pt --data fashion-mnist
 
-Give the same model options as to 'qdq export' (model, checkpoint, --calib, --shape,
---seed, --ignore) so the same quantized model is rebuilt. The forced run feeds PyTorch
-ONNX Runtime's quantized activations, so rounding flips cannot cascade; exit status 1
-when Q/DQ differ on identical input, a difference is not a one-step flip at a rounding
+Give the model options 'qdq export' was given (a quantized-model --checkpoint, or the
+same --data, --seed, --ignore, --no-rules and --calibrator) so the same quantized model
+is rebuilt. The inputs are a fixed batch: the first calibration batch of --data, or
+seeded random inputs of the recorded input shape. The forced run feeds PyTorch ONNX
+Runtime's quantized activations, so rounding flips cannot cascade; exit status 1 when
+Q/DQ differ on identical input, a difference is not a one-step flip at a rounding
 boundary, or the forced outputs differ by more than --rel-l2.
 """
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p)
+    add_shared_arguments(p)
     p.add_argument("onnx", help="the exported ONNX file")
-    p.add_argument("--batch", type=int, default=64, help="batch of random inputs (default 64)")
+    p.add_argument("--batch", type=int, default=64,
+                   help="rows of the input batch (default 64; at most what --data gives)")
     p.add_argument("--rel-l2", type=float, default=1e-3,
                    help="tolerance for the forced outputs (default 1e-3)")
     p.add_argument("--noise-floor", action="store_true",
@@ -36,11 +39,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from export import VerifyError, verify
 
-    model = prepare_model(args)
-    shape = (args.batch, *parse_shape(args.shape)[1:])
-    inputs = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed + 2))
+    if not Path(args.onnx).is_file():
+        raise CliError(f"ONNX file {args.onnx}: no such file")
+    if args.batch < 1:
+        raise CliError(f"--batch {args.batch}: expected a positive number of rows")
+    session = build_quantized(args)
+    if session.source is not None:
+        inputs = session.source.check_batch(args.batch)
+    else:
+        shape = (args.batch, *session.prepared.example.shape[1:])
+        inputs = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
     try:
-        report = verify(model, args.onnx, inputs, noise_floor=args.noise_floor)
+        report = verify(session.model, args.onnx, inputs.to(session.prepared.device),
+                        noise_floor=args.noise_floor)
     except VerifyError as err:
         raise CliError(str(err)) from err
     print(report)

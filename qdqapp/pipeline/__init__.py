@@ -1,34 +1,34 @@
 """``qdq run``: the whole job, from a float model to a checked Q/DQ ONNX file (and a
 TensorRT engine where TensorRT is installed), written into one run folder.
 
-The pipeline sits on top of the three packages, like the rest of the CLI, and is usable
-from Python::
+The pipeline uses the same data specs and model-preparation flow as every other command
+(:mod:`qdqapp.sources`, :mod:`qdqapp.flow`) and is usable from Python::
 
     from qdqapp.pipeline import RunConfig, run_pipeline
     result = run_pipeline(RunConfig(model="torchvision:resnet18", data="random:8x3x224x224"))
 
-Stages (see ``stages.py``): quantize + placement rules, FP32 baseline, calibrator
-comparison and calibration, INT8 accuracy, per-layer SQNR, sensitivity sweep, partial
-quantization, optional QAT, ONNX export, Q/DQ lint, ONNX Runtime check, TensorRT.
+Stages (see ``stages.py``): FP32 baseline, calibrator comparison and calibration, INT8
+accuracy, per-layer SQNR, sensitivity sweep, partial quantization, optional QAT, ONNX
+export, Q/DQ lint, ONNX Runtime check, TensorRT. The model after each stage that changes
+it is kept as ``quantized.pt`` (``qdq.save``); a re-run restores it from there and skips
+the finished stages. Everything is checked before the folder is touched.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-import qdq
+from qdqapp.flow import ModelOptions, Session, check_model_options
 from qdqapp.pipeline.config import ConfigError, RunConfig, load_config
-from qdqapp.pipeline.folder import RunFolder
-from qdqapp.pipeline.inputs import load_eval, load_inputs
-from qdqapp.pipeline.report import summary_table, write_report
-from qdqapp.pipeline.stages import STAGES, Run, Skip
+from qdqapp.pipeline.folder import QUANTIZED, RunFolder
+from qdqapp.pipeline.report import failed_checks, summary_table, write_report
+from qdqapp.pipeline.stages import STAGES, Run, Skip, load_eval
+from qdqapp.sources import DataOptions, check_data_spec
 
 __all__ = ["RunConfig", "ConfigError", "load_config", "run_pipeline", "RunResult"]
 
@@ -47,69 +47,63 @@ class RunResult:
         return not self.failed_checks
 
 
-def _build(config: RunConfig, example: torch.Tensor, device: torch.device) -> torch.nn.Module:
-    from qdqapp.models import load_model
-
-    model = load_model(config.model, config.checkpoint).eval()
-    qdq.replace_modules(model, ignore=config.ignore or None)
-    if config.rules:
-        from qdq.rules import apply_rules
-
-        model = apply_rules(model, (example,))
-    qdq.name_quantizers(model)
-    return model.to(device).eval()
+def _model_options(config: RunConfig) -> ModelOptions:
+    return ModelOptions(spec=config.model, checkpoint=config.checkpoint, rules=config.rules,
+                        ignore=list(config.ignore), seed=config.seed, device=config.device)
 
 
-def _apply_skip_list(run: Run) -> None:
-    skip = run.folder.result("partial").get("skip_layers") or []
-    if skip:
-        from sensitivity.layers import find_layers, select_layers
-
-        for layer in select_layers(find_layers(run.model), skip):
-            layer.disable()
-
-
-def _failed_checks(folder: RunFolder) -> list[str]:
-    failed = []
-    lint = folder.result("lint")
-    if lint.get("errors"):
-        failed.append(f"lint found {lint['errors']} errors")
-    check = folder.result("onnx_check")
-    if check and not check.get("ok", True):
-        failed.append("ONNX Runtime disagrees with PyTorch")
-    return failed
+def _open_session(config: RunConfig, folder: RunFolder) -> Session:
+    """The model and data, checked; a resumed run restores the model from the folder."""
+    check_data_spec(config.data)
+    opts = _model_options(config)
+    checkpoint = check_model_options(opts)
+    data = DataOptions(batch_size=config.batch_size, calib_batches=config.calib_batches,
+                       eval_batches=config.eval_batches, image_size=config.image_size,
+                       seed=config.seed)
+    saved = folder.path(QUANTIZED)
+    if folder.resuming and saved.is_file():
+        opts = dataclasses.replace(opts, checkpoint=str(saved), ignore=[])
+        checkpoint = None
+    return Session.open(opts, config.data, data, checkpoint)
 
 
 def run_pipeline(config: RunConfig, restart: bool = False,
                  progress: bool = True) -> RunResult:
     """Run every stage that has not finished yet in ``config.out``."""
     folder = RunFolder(config.out, config.fingerprint(), restart=restart)
+    session = _open_session(config, folder)
+    eval_fn = load_eval(config.eval, session.prepared.device, config.eval_batches)
+    if not session.source.labelled:
+        eval_fn = None  # no labels: the accuracy stages are skipped, saying why
+    folder.open()
     handler = folder.log_handler()
-    logging.getLogger("qdq").addHandler(handler)
+    root = logging.getLogger()
+    root.addHandler(handler)
     try:
-        return _run(config, folder, progress)
+        result, table = _run(config, folder, session, eval_fn, progress)
+        print(table)
+        handler.emit(logging.makeLogRecord({"msg": table, "levelno": logging.INFO,
+                                            "levelname": "INFO"}))
+        return result
+    except BaseException:
+        handler.close()
+        root.removeHandler(handler)
+        folder.discard()
+        raise
     finally:
-        logging.getLogger("qdq").removeHandler(handler)
+        root.removeHandler(handler)
         handler.close()
 
 
-def _run(config: RunConfig, folder: RunFolder, progress: bool) -> RunResult:
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    inputs = load_inputs(config.data, config.batch_size, config.calib_batches, config.seed,
-                         config.input_shape)
-    eval_fn = load_eval(config.eval, device, config.eval_batches) if inputs.eval_loader else None
+def _run(config: RunConfig, folder: RunFolder, session: Session, eval_fn,
+         progress: bool) -> tuple[RunResult, str]:
     folder.write_text("config.json", config.dumps() + "\n")
-    log.info("qdq run: %s on %s -> %s", config.model, inputs.description, folder.root)
-    model = _build(config, inputs.example, device)
-    run = Run(config=config, folder=folder, model=model, example=inputs.example,
-              calib=inputs.calib, eval_loader=inputs.eval_loader, eval_fn=eval_fn,
-              device=device, data_description=inputs.description, progress=progress)
-    run.extra["train_loader"] = inputs.train_loader
-    if folder.load_model_state(run.model):
-        log.info("resumed: loaded %s", folder.path("model_state.pt"))
-        _apply_skip_list(run)
+    source = session.source
+    log.info("qdq run: %s on %s -> %s", config.model, source.description, folder.root)
+    if session.prepared.restored:
+        log.info("resumed: restored %s", session.prepared.checkpoint.path)
+    run = Run(config=config, folder=folder, session=session, eval_fn=eval_fn,
+              progress=progress)
     total = len(STAGES)
     for i, st in enumerate(STAGES, 1):
         if folder.done(st.name):
@@ -124,9 +118,9 @@ def _run(config: RunConfig, folder: RunFolder, progress: bool) -> RunResult:
             result, status = {"reason": str(why)}, "skipped"
             log.info("    skipped: %s", why)
         folder.mark(st.name, status, result, time.perf_counter() - start)
-    write_report(folder, config, run.data_description)
-    failed = _failed_checks(folder)
-    print(summary_table(folder))
-    return RunResult(folder=folder.root, results=folder.results(),
-                     statuses={s.name: folder.status(s.name) for s in STAGES},
-                     failed_checks=failed)
+    write_report(folder, config, source.description, run.metric_name)
+    folder.save_state()
+    result = RunResult(folder=folder.root, results=folder.results(),
+                       statuses={s.name: folder.status(s.name) for s in STAGES},
+                       failed_checks=failed_checks(folder))
+    return result, summary_table(folder)

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunConfig", "ConfigError", "load_config", "CALIBRATORS"]
+from qdqapp.calibrators import DEFAULT_COMPARISON, check_calibrator
+from qdqapp.errors import CliError
 
-#: Calibrators ``compare_calibrators`` tries by default, by the name the report uses.
-CALIBRATORS = ("max", "entropy", "percentile-99.9", "percentile-99.99", "percentile-99.999",
-               "mse")
+__all__ = ["RunConfig", "ConfigError", "load_config"]
+
 SWEEP_MODES = ("leave-one-out", "one-at-a-time", "none")
 
 
@@ -35,11 +35,11 @@ class RunConfig:
     checkpoint: str | None = None
     data: str = "fashion-mnist"
     eval: str = "top1"
-    input_shape: str | None = None
     batch_size: int = 256
     calib_batches: int = 8
     eval_batches: int | None = None
-    calibrators: list[str] = field(default_factory=lambda: list(CALIBRATORS))
+    image_size: int = 224
+    calibrators: list[str] = field(default_factory=lambda: list(DEFAULT_COMPARISON))
     calibrator: str | None = None
     rules: bool = True
     ignore: list[str] = field(default_factory=list)
@@ -64,12 +64,13 @@ class RunConfig:
                         isinstance(v, str) for v in value):
                     raise ConfigError(f"{f.name}: expected a list of names, got {value!r}")
                 setattr(self, f.name, list(value))
-        for name in ("batch_size", "calib_batches", "opset", "seed", "qat_epochs"):
+        for name in ("batch_size", "calib_batches", "image_size", "opset", "seed",
+                     "qat_epochs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name}: expected a non-negative integer, got {value!r}")
-        if self.batch_size == 0 or self.calib_batches == 0:
-            raise ConfigError("batch_size and calib_batches must be at least 1")
+        if self.batch_size == 0 or self.calib_batches == 0 or self.image_size == 0:
+            raise ConfigError("batch_size, calib_batches and image_size must be at least 1")
         for name in ("eval_batches", "qat_steps"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -78,9 +79,10 @@ class RunConfig:
         if self.sweep not in SWEEP_MODES:
             raise ConfigError(f"sweep: {self.sweep!r} is not one of {', '.join(SWEEP_MODES)}")
         for name in [*self.calibrators, *([self.calibrator] if self.calibrator else [])]:
-            if name not in CALIBRATORS and not name.startswith("percentile-"):
-                raise ConfigError(f"calibrator {name!r}: expected one of "
-                                  f"{', '.join(CALIBRATORS)} (or percentile-P)")
+            try:
+                check_calibrator(name)
+            except CliError as err:
+                raise ConfigError(f"calibrator {name!r}: {err}") from None
         if not self.calibrators and not self.calibrator:
             raise ConfigError("calibrators: the list is empty and no calibrator is set")
         if not isinstance(self.max_drop, (int, float)) or self.max_drop < 0:

@@ -2,7 +2,9 @@
 
 The report leads with the answer (FP32 vs INT8, what was kept in float, whether the ONNX
 file checks out), then the evidence: calibrators, sensitivity ranking, per-layer SQNR,
-export, lint, ONNX Runtime and TensorRT.
+export, lint, ONNX Runtime and TensorRT. A failed check reads FAILED in the printed
+table, in report.md/html and in summary.json (``"status": "FAILED"`` and the reasons in
+``"failed_checks"``), and makes ``qdq run`` exit with status 1.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 from qdqapp.pipeline.config import RunConfig
 from qdqapp.pipeline.folder import RunFolder
 
-__all__ = ["write_report", "summary_table", "summary"]
+__all__ = ["write_report", "summary_table", "summary", "failed_checks"]
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -31,21 +33,46 @@ def _status_line(folder: RunFolder, stage: str) -> str:
     return status
 
 
+def failed_checks(folder: RunFolder) -> list[str]:
+    """The checks that failed, one phrase each (empty when all passed or were skipped)."""
+    failed = []
+    lint = folder.result("lint")
+    if folder.status("lint") == "done" and lint.get("errors"):
+        failed.append(f"Q/DQ lint found {lint['errors']} errors (lint.json)")
+    check = folder.result("onnx_check")
+    if folder.status("onnx_check") == "done" and not check.get("ok", True):
+        failed.append("ONNX Runtime disagrees with PyTorch beyond rounding-boundary flips "
+                      "(onnx_check.txt)")
+    return failed
+
+
+def _metric(folder: RunFolder, stage: str) -> Any:
+    """A stage's metric, or why there is none."""
+    if folder.status(stage) == "skipped":
+        return f"skipped: {folder.result(stage).get('reason', '')}"
+    return folder.result(stage).get("metric")
+
+
 def summary(folder: RunFolder) -> dict[str, Any]:
     """The headline numbers, also written as ``summary.json``."""
     r = folder.result
     fp32, int8, partial, qat = r("fp32"), r("int8"), r("partial"), r("qat")
     check, lint = r("onnx_check"), r("lint")
     final = qat.get("metric", partial.get("metric", int8.get("metric")))
+    failed = failed_checks(folder)
     if folder.status("onnx_check") == "done":
-        onnx_line = (f"rel L2 {check.get('rel_l2', float('nan')):.1e}, top-1 agreement "
-                     f"{_fmt(check.get('top1_agreement'))}%")
+        onnx_line = (f"rel L2 {check.get('rel_l2', float('nan')):.1e}, top-1 agreement with "
+                     f"PyTorch {_fmt(check.get('top1_agreement'))}%")
         if check.get("ort_metric") is not None:
             onnx_line += f", ORT accuracy {check['ort_metric']:.2f}"
+        if not check.get("ok", True):
+            onnx_line = f"FAILED: {onnx_line}; see onnx_check.txt"
     else:
         onnx_line = _status_line(folder, "onnx_check")
     lint_line = (f"{lint.get('errors', 0)} errors, {lint.get('warnings', 0)} warnings"
                  if folder.status("lint") == "done" else _status_line(folder, "lint"))
+    if folder.status("lint") == "done" and lint.get("errors"):
+        lint_line = f"FAILED: {lint_line}; see lint.json"
     if folder.status("tensorrt") == "done":
         trt = folder.result("tensorrt")
         engine_line = (f"built: {100 * trt.get('int8_fraction', 0):.0f}% of layers in INT8, "
@@ -54,9 +81,12 @@ def summary(folder: RunFolder) -> dict[str, Any]:
     else:
         engine_line = _status_line(folder, "tensorrt")
     return {
+        "status": "FAILED" if failed else "ok",
+        "failed_checks": failed,
         "fp32_metric": fp32.get("metric"),
         "int8_metric": int8.get("metric"),
         "calibrator": r("calibrate").get("method"),
+        "left_in_float": r("calibrate").get("left_in_float", []),
         "skip_layers": partial.get("skip_layers", []),
         "partial_metric": partial.get("metric"),
         "qat_metric": qat.get("metric"),
@@ -69,22 +99,29 @@ def summary(folder: RunFolder) -> dict[str, Any]:
     }
 
 
-def _summary_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+def _summary_rows(s: dict[str, Any], folder: RunFolder) -> list[tuple[str, str]]:
     skip = s["skip_layers"]
-    return [
-        ("FP32 metric", _fmt(s["fp32_metric"])),
-        ("INT8 metric (all layers)", f"{_fmt(s['int8_metric'])} ({s['calibrator'] or '-'})"),
+    int8 = _fmt(_metric(folder, "int8"))
+    calibrator = s["calibrator"] or "-"
+    rows = [
+        ("FP32 metric", _fmt(_metric(folder, "fp32"))),
+        ("INT8 metric (all layers)", f"{int8} ({calibrator})" if s["int8_metric"] is not None
+         else f"{int8}; calibrator {calibrator}"),
         ("layers kept in float", f"{len(skip)}" + (f": {', '.join(skip)}" if skip else "")),
-        ("final INT8 metric", _fmt(s["final_metric"])),
+        ("final INT8 metric", _fmt(s["final_metric"]) if s["final_metric"] is not None
+         else int8),
         ("Q/DQ lint", s["lint"]),
         ("ONNX Runtime check", s["onnx_check"]),
         ("TensorRT engine", s["engine"]),
     ]
+    if s["failed_checks"]:
+        rows.append(("result", "FAILED: " + "; ".join(s["failed_checks"])))
+    return rows
 
 
 def summary_table(folder: RunFolder) -> str:
     """The short table ``qdq run`` prints at the end."""
-    rows = _summary_rows(summary(folder))
+    rows = _summary_rows(summary(folder), folder)
     width = max(len(k) for k, _ in rows)
     lines = [f"qdq run: {folder.root}"]
     lines += [f"  {k:<{width}}  {v}" for k, v in rows]
@@ -97,15 +134,28 @@ def _md_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(out)
 
 
-def write_report(folder: RunFolder, config: RunConfig, data: str) -> None:
+def write_report(folder: RunFolder, config: RunConfig, data: str,
+                 metric_name: str | None) -> None:
     s = summary(folder)
+    s["metric"] = metric_name
     folder.write_json("summary.json", s)
     r = folder.result
-    parts = [f"# qdq run: `{config.model}`", "",
-             f"Data: {data}. Evaluation: `{config.eval}`. Target: at most "
-             f"{config.max_drop} below FP32.", "",
-             "## Summary", "", _md_table(["", ""], [list(row) for row in _summary_rows(s)]), ""]
+    if metric_name is None:
+        scoring = ("Evaluation: none, the data has no labels; the ONNX Runtime check "
+                   "compares the exported file with PyTorch (top-1 agreement).")
+    else:
+        scoring = (f"Evaluation: {metric_name} (`{config.eval}`). Target: at most "
+                   f"{config.max_drop} below FP32.")
+    parts = [f"# qdq run: `{config.model}`", ""]
+    if s["failed_checks"]:
+        parts += ["**FAILED**: " + "; ".join(s["failed_checks"]) + ".", ""]
+    parts += [f"Data: {data}. {scoring}", "",
+              "## Summary", "", _md_table(["", ""],
+                                          [list(row) for row in _summary_rows(s, folder)]), ""]
     comparison = r("calibrate").get("comparison") or []
+    if s["left_in_float"]:
+        parts += ["## Left in float", "", "Never called during calibration, so not "
+                  "quantized: " + ", ".join(f"`{n}`" for n in s["left_in_float"]) + ".", ""]
     if comparison:
         parts += ["## Calibrators", "",
                   _md_table(["method", "metric", "seconds"],

@@ -1,15 +1,19 @@
 """The stages of ``qdq run``, in order, each a small function over a shared ``Run``.
 
 A stage returns a JSON-able result (recorded in ``state.json``) or raises ``Skip`` with
-the reason it does not apply (no evaluation data, TensorRT absent, ...). Stages that
-change the model save its state (amax included) to ``model_state.pt``; a resumed run
-rebuilds the model from its spec, loads that state and re-applies the skip list, so
-finished stages never run twice.
+the reason it does not apply (no labelled data, TensorRT absent, ...). Stages that
+change the model save it with ``qdq.save`` to ``quantized.pt``; a resumed run restores
+the model from there, so finished stages never run twice and later ones see the same
+model.
+
+Evaluation: ``top1`` (top-1 accuracy in percent) or ``package.module:fn`` with
+``fn(model, loader) -> float`` where higher is better, on the data's labelled split.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -20,39 +24,91 @@ import torch
 from torch import nn
 
 import qdq
+from qdqapp.errors import CliError
+from qdqapp.evaluate import ACCURACY
+from qdqapp.flow import Session, leave_uncalibrated_in_float
 from qdqapp.pipeline.config import RunConfig
-from qdqapp.pipeline.folder import RunFolder
+from qdqapp.pipeline.folder import QUANTIZED, RunFolder
 
-__all__ = ["Run", "Skip", "STAGES", "Stage"]
+__all__ = ["Run", "Skip", "STAGES", "Stage", "load_eval", "NO_LABELS"]
 
 log = logging.getLogger("qdq.run")
+
+NO_LABELS = "no labelled data (random inputs)"
 
 
 class Skip(Exception):
     """The stage does not apply to this run; the message says why."""
 
 
+def load_eval(spec: str, device: torch.device,
+              max_batches: int | None) -> Callable[[nn.Module, Iterable], float]:
+    """``model, loader -> metric`` for an eval spec (checked before the run starts)."""
+    if spec == "top1":
+        from qdqapp.evaluate import top1_accuracy
+
+        def top1(model: nn.Module, loader: Iterable) -> float:
+            return top1_accuracy(model, loader, device=device, max_batches=max_batches)
+
+        return top1
+    source, sep, name = spec.partition(":")
+    if not sep:
+        raise CliError(f"eval {spec!r}: expected 'top1' or 'package.module:function'")
+    try:
+        fn = getattr(importlib.import_module(source), name)
+    except (ImportError, AttributeError) as err:
+        raise CliError(f"eval {spec!r}: cannot load it ({err})") from err
+    if not callable(fn):
+        raise CliError(f"eval {spec!r}: not callable")
+    return fn
+
+
 @dataclass
 class Run:
     config: RunConfig
     folder: RunFolder
-    model: nn.Module
-    example: torch.Tensor
-    calib: Iterable[torch.Tensor]
-    eval_loader: Iterable | None
+    session: Session
     eval_fn: Callable[[nn.Module, Iterable], float] | None
-    device: torch.device
-    data_description: str
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def model(self) -> nn.Module:
+        return self.session.prepared.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.session.prepared.device
+
+    @property
+    def example(self) -> torch.Tensor:
+        return self.session.prepared.example
+
+    @property
+    def calib(self) -> Iterable[torch.Tensor]:
+        return self.session.source.calib()
+
+    @property
+    def eval_loader(self) -> Iterable | None:
+        return self.session.source.eval() if self.eval_fn is not None else None
+
+    @property
+    def metric_name(self) -> str | None:
+        if self.eval_fn is None:
+            return None
+        return ACCURACY if self.config.eval == "top1" else f"{self.config.eval} (higher is better)"
+
     def evaluate(self, model: nn.Module | None = None) -> float:
-        if self.eval_fn is None or self.eval_loader is None:
-            raise Skip("no evaluation data (random inputs)")
+        if self.eval_fn is None:
+            raise Skip(NO_LABELS)
         value = float(self.eval_fn(model or self.model, self.eval_loader))
         if math.isnan(value):
             raise ValueError("the evaluation returned NaN")
         return value
+
+    def save_model(self, **metadata: Any) -> None:
+        """The model as it is now, as a quantized-model file (what a resumed run restores)."""
+        self.session.save(self.folder.path(QUANTIZED), **metadata)
 
 
 @dataclass(frozen=True)
@@ -73,8 +129,8 @@ def stage(name: str, title: str):
 
 
 def _require_eval(run: Run) -> None:
-    if run.eval_fn is None or run.eval_loader is None:
-        raise Skip("no evaluation data (random inputs)")
+    if run.eval_fn is None:
+        raise Skip(NO_LABELS)
 
 
 @stage("fp32", "FP32 baseline")
@@ -84,36 +140,31 @@ def fp32(run: Run) -> dict[str, Any]:
         return {"metric": run.evaluate()}
 
 
-def _calibrator_spec(name: str) -> tuple[str, dict[str, Any]]:
-    """``percentile-99.99`` -> ("percentile", {"percentile": 99.99})."""
-    if name.startswith("percentile-"):
-        return "percentile", {"percentile": float(name.split("-", 1)[1])}
-    return name, {}
-
-
 @stage("calibrate", "calibrate (compare calibrators, keep the best)")
 def calibrate(run: Run) -> dict[str, Any]:
     import sensitivity
 
     cfg = run.config
     names = [cfg.calibrator] if cfg.calibrator else cfg.calibrators
-    if len(names) > 1 and run.eval_fn is not None and run.eval_loader is not None:
+    if len(names) > 1 and run.eval_fn is not None:
         comparison = sensitivity.compare_calibrators(
-            run.model, run.calib, run.evaluate, methods=names, device=run.device,
-            progress=run.progress)
+            run.model, run.calib, run.evaluate, methods=names,
+            num_batches=run.config.calib_batches, device=run.device,
+            progress=run.progress, metric_name=run.metric_name or "metric")
         comparison.write(run.folder.root)
         rows = [{"method": r.method, "metric": r.metric, "seconds": round(r.seconds, 2),
                  "error": r.error} for r in comparison.rows]
         _plot_calibrators(run, rows, comparison.best)
+        left = leave_uncalibrated_in_float(run.model)
         result = {"method": comparison.best, "comparison": rows}
     else:
-        method, kwargs = _calibrator_spec(names[0])
-        uses_hist = method != "max"
-        sensitivity.calibrate(run.model, run.calib, method="histogram" if uses_hist else "max",
-                              amax_method=method if uses_hist else None,
-                              device=run.device, progress=run.progress, **kwargs)
+        from qdqapp.flow import calibrate_model
+
+        _, left = calibrate_model(run.session.prepared, run.calib, run.config.calib_batches,
+                                  names[0], progress=run.progress)
         result = {"method": names[0], "comparison": []}
-    run.folder.save_model_state(run.model)
+    result["left_in_float"] = left
+    run.save_model(calibrator=result["method"])
     return result
 
 
@@ -177,7 +228,7 @@ def partial(run: Run) -> dict[str, Any]:
         why = ("returned the most sensitive layers to float" if result.met else
                "could not reach the target even with every measured layer in float")
         report.write(run.folder.path("sensitivity"))
-        run.folder.save_model_state(run.model)
+        run.save_model(skip_layers=skip)
     run.folder.write_text("skip_layers.txt", "".join(f"{name}\n" for name in skip))
     return {"skip_layers": skip, "metric": metric, "target": target, "why": why}
 
@@ -189,15 +240,17 @@ def qat(run: Run) -> dict[str, Any]:
     _require_eval(run)
     from qdq.qat import finetune
 
-    train = run.extra.get("train_loader")
+    train = run.session.source.train()
     if train is None:
         raise Skip("the data source has no labelled training split (use fashion-mnist or "
                    "an image folder)")
-    result = finetune(run.model, train, run.evaluate, epochs=run.config.qat_epochs,
-                      lr=run.config.qat_lr, max_steps_per_epoch=run.config.qat_steps,
-                      device=run.device,
-                      checkpoint=run.folder.path("qat_best.pt"), progress=run.progress)
-    run.folder.save_model_state(run.model)
+    with torch.random.fork_rng(devices=[]):  # dropout etc. repeat with the run's seed
+        torch.manual_seed(run.config.seed)
+        result = finetune(run.model, train, run.evaluate, epochs=run.config.qat_epochs,
+                          lr=run.config.qat_lr, max_steps_per_epoch=run.config.qat_steps,
+                          device=run.device,
+                          checkpoint=run.folder.path("qat_best.pt"), progress=run.progress)
+    run.save_model(qat_epochs=run.config.qat_epochs)
     return {"metric": float(result.best_score), "epochs": run.config.qat_epochs,
             "best_epoch": result.best_epoch,
             "history": [list(h) for h in result.history]}
@@ -232,14 +285,14 @@ def lint(run: Run) -> dict[str, Any]:
 def onnx_check(run: Run) -> dict[str, Any]:
     import export
 
-    batch = next(iter(run.calib))[:64].to(run.device)
+    batch = run.session.source.check_batch(256).to(run.device)  # the same in every process
     report = export.verify(run.model, run.folder.path("model.onnx"), batch)
     run.folder.write_text("onnx_check.txt", str(report) + "\n")
     result = {"rel_l2": report.rel_l2, "max_abs": report.max_abs,
               "top1_agreement": None if report.top1 is None else 100 * report.top1,
               "forced_rel_l2": report.forced_rel_l2, "rounding_flips": report.flips,
               "only_boundary_flips": report.only_boundary_flips, "ok": report.ok()}
-    if run.eval_loader is not None and run.config.eval == "top1":
+    if run.eval_fn is not None and run.config.eval == "top1":
         result["ort_metric"] = _onnx_top1(run.folder.path("model.onnx"), run.eval_loader,
                                           run.config.eval_batches)
     run.folder.write_json("onnx_check.json", result)
@@ -297,15 +350,22 @@ def tensorrt(run: Run) -> dict[str, Any]:
             "speedup_vs_fp16": fp16_bench.p50_ms / int8_bench.p50_ms}
 
 
+def _save_figure(run: Run, fig, name: str) -> None:
+    from qdq.fileio import atomic_write
+
+    atomic_write(run.folder.path(name), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+
+
 def _plot_calibrators(run: Run, rows: list[dict[str, Any]], best: str) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    rows = [r for r in rows if r["metric"] is not None]
+    if not rows:
+        return
     names = [r["method"] for r in rows]
     values = [r["metric"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2))
+    fig = Figure(figsize=(7, 0.45 * len(rows) + 1.2))
+    ax = fig.subplots()
     colors = ["tab:green" if n == best else "tab:blue" for n in names]
     ax.barh(names, values, color=colors)
     fp32_metric = run.folder.result("fp32").get("metric")
@@ -321,15 +381,11 @@ def _plot_calibrators(run: Run, rows: list[dict[str, Any]], best: str) -> None:
     ax.set_xlabel("metric (higher is better)")
     ax.set_title(f"Calibrators (best: {best})")
     fig.tight_layout()
-    fig.savefig(run.folder.path("calibrators.png"), dpi=110)
-    plt.close(fig)
+    _save_figure(run, fig, "calibrators.png")
 
 
 def _plot_layers(run: Run, proxy: list[dict[str, Any]], amax: list[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     if not proxy:
         return
@@ -337,7 +393,8 @@ def _plot_layers(run: Run, proxy: list[dict[str, Any]], amax: list[dict[str, Any
     sqnr = [r["sqnr_db"] if r["sqnr_db"] is not None else float("nan") for r in proxy]
     inputs = {r["module"]: r for r in amax if r["role"] == "input"}
     amax_vals = [inputs.get(n, {}).get("amax_max") or float("nan") for n in names]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 0.28 * len(names) + 1.5), sharey=True)
+    fig = Figure(figsize=(11, 0.28 * len(names) + 1.5))
+    a1, a2 = fig.subplots(1, 2, sharey=True)
     a1.barh(names, sqnr, color="tab:blue")
     a1.set_xlabel("quantization SQNR of the layer output (dB, higher is safer)")
     a2.barh(names, amax_vals, color="tab:orange")
@@ -345,5 +402,4 @@ def _plot_layers(run: Run, proxy: list[dict[str, Any]], amax: list[dict[str, Any
     a1.invert_yaxis()
     fig.suptitle("Per layer: SQNR and input range")
     fig.tight_layout()
-    fig.savefig(run.folder.path("layers.png"), dpi=110)
-    plt.close(fig)
+    _save_figure(run, fig, "layers.png")

@@ -3,9 +3,9 @@
 import json
 
 import pytest
-import torch
 
 from qdq.fileio import atomic_write
+from qdqapp.errors import CliError
 from qdqapp.pipeline.config import ConfigError, RunConfig, load_config
 from qdqapp.pipeline.folder import RunFolder
 
@@ -59,23 +59,34 @@ def test_calibrators_from_a_comma_list():
 def test_run_folder_records_and_refuses_a_changed_config(tmp_path):
     cfg = RunConfig(out=str(tmp_path / "run"))
     folder = RunFolder(cfg.out, cfg.fingerprint())
-    folder.mark("fp32", "done", {"metric": 90.0}, 1.0)
-    again = RunFolder(cfg.out, cfg.fingerprint())
-    assert again.done("fp32") and again.result("fp32") == {"metric": 90.0}
+    assert not (tmp_path / "run").exists()  # checking writes nothing
+    folder.open().mark("fp32", "done", {"metric": 90.0}, 1.0)
+    again = RunFolder(cfg.out, cfg.fingerprint()).open()
+    assert again.resuming and again.done("fp32") and again.result("fp32") == {"metric": 90.0}
     changed = RunConfig(out=cfg.out, max_drop=1.0)
-    with pytest.raises(ValueError, match="changed: max_drop"):
+    with pytest.raises(CliError, match="changed: max_drop"):
         RunFolder(changed.out, changed.fingerprint())
-    fresh = RunFolder(changed.out, changed.fingerprint(), restart=True)
+    fresh = RunFolder(changed.out, changed.fingerprint(), restart=True).open()
     assert not fresh.done("fp32")
 
 
-def test_model_state_round_trip_and_atomic_write(tmp_path):
-    folder = RunFolder(tmp_path, RunConfig().fingerprint())
-    model = torch.nn.Linear(3, 2)
-    folder.save_model_state(model)
-    other = torch.nn.Linear(3, 2)
-    assert folder.load_model_state(other)
-    assert torch.equal(other.weight, model.weight)
-    atomic_write(tmp_path / "x.json", json.dumps({"a": 1}))
-    assert json.loads((tmp_path / "x.json").read_text()) == {"a": 1}
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+def test_restart_deletes_only_the_files_the_run_recorded(tmp_path):
+    cfg = RunConfig(out=str(tmp_path))
+    (tmp_path / "mine.txt").write_text("a user's file")
+    folder = RunFolder(cfg.out, cfg.fingerprint()).open()
+    folder.write_text("report.md", "x")
+    (tmp_path / "sensitivity").mkdir()
+    atomic_write(tmp_path / "sensitivity" / "rows.jsonl", "{}\n")
+    folder.mark("fp32", "done", {}, 0.0)
+    assert set(json.loads((tmp_path / "state.json").read_text())["files"]) == {
+        "report.md", "sensitivity/rows.jsonl", "run.log"}
+    RunFolder(cfg.out, cfg.fingerprint(), restart=True).open()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+
+
+def test_a_run_that_never_finished_a_stage_is_discarded(tmp_path):
+    cfg = RunConfig(out=str(tmp_path / "a" / "b"))
+    folder = RunFolder(cfg.out, cfg.fingerprint()).open()
+    folder.write_text("config.json", "{}")
+    folder.discard()
+    assert list(tmp_path.iterdir()) == []

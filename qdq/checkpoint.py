@@ -1,0 +1,429 @@
+"""``save`` / ``restore``: a quantized model in one file, rebuilt exactly from its float model.
+
+A ``state_dict`` of a quantized model cannot be loaded into a freshly built float model:
+the quant twins, the folded BatchNorm, the quantizers the placement rules added and the
+ones they tied together are not there. The file written by :func:`save` holds, next to
+the state (weights and amax), the *recipe* that rebuilds that structure:
+
+==============  ================================================================
+``modules``     every module path with its type (the structure restore must reach)
+``twins``       module paths swapped for quant twins: quant class and float class
+``kept_float``  paths of layers that have a quant twin but stayed float (the ignore
+                list in effect)
+``rules``       each ``apply_rules`` call: where, which rules, the example inputs'
+                shapes/dtypes and the quantizers already off; ``folded`` BatchNorms
+``quantizers``  one entry per quantizer object: every path it sits at (shared
+                quantizers have several), its ``QuantDescriptor``, calibrator kind,
+                switches, ``learn_amax`` and the rule that placed it
+==============  ================================================================
+
+:func:`restore` replays it on the float model: quant twins at the recorded paths,
+BatchNorm -> Identity where it was folded, the placement rules with inputs of the
+recorded shapes, then one quantizer per recorded entry at all of its paths. It checks
+that the structure equals the recorded one and loads the state strictly, so the outputs
+are bit-identical to the saved model's. The file holds only tensors and plain Python
+values and is read with ``torch.load(weights_only=True)``.
+
+Example::
+
+    qdq.save(model, "resnet18.qdq.pt", metadata={"calibrator": "percentile-99.99"})
+    ...
+    model = qdq.restore(torchvision.models.resnet18(), "resnet18.qdq.pt")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from qdq.calib import HistogramCalibrator, MaxCalibrator
+from qdq.descriptor import QuantDescriptor
+from qdq.fileio import atomic_write
+from qdq.nn.mixin import QuantInputMixin
+from qdq.quantizer import TensorQuantizer
+from qdq.replace import name_quantizers, quantizer_paths
+
+__all__ = ["save", "restore", "read", "load_plain", "is_quantized_model_file", "RestoreError",
+           "FORMAT", "VERSION"]
+
+FORMAT = "qdq.quantized_model"
+VERSION = 1
+
+_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_CALIBRATORS = {"MaxCalibrator": MaxCalibrator, "HistogramCalibrator": HistogramCalibrator}
+
+
+class RestoreError(ValueError):
+    """The file cannot be read, or its recipe does not fit the model; names the file."""
+
+
+# ------------------------------------------------------------------ type names
+def _type_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _kind(module: nn.Module) -> str:
+    """A module's type as recorded; every traced GraphModule counts as one kind."""
+    if isinstance(module, fx.GraphModule):
+        return "torch.fx.GraphModule"
+    return _type_name(type(module))
+
+
+def _float_class(quant_cls: type) -> type | None:
+    """The float layer a quant class stands in for (``None`` for rule-made modules)."""
+    declared = getattr(quant_cls, "_float_cls", None)
+    if declared is not None:
+        return declared
+    for base in quant_cls.__mro__[1:]:
+        if (issubclass(base, nn.Module) and base is not nn.Module
+                and not issubclass(base, QuantInputMixin)):
+            return base
+    return None
+
+
+def _quant_classes() -> dict[str, type]:
+    """Every quant class defined in this process, by qualified name."""
+    import qdq.rules  # noqa: F401 - defines the classes the placement rules create
+
+    found: dict[str, type] = {}
+    stack = [QuantInputMixin]
+    while stack:
+        cls = stack.pop()
+        for sub in cls.__subclasses__():
+            found.setdefault(_type_name(sub), sub)
+            stack.append(sub)
+    return found
+
+
+# ----------------------------------------------------------------------- save
+def _quantizer_entries(model: nn.Module) -> list[dict[str, Any]]:
+    entries = []
+    for q, paths in quantizer_paths(model):
+        calibrator = q.calibrator
+        entries.append({
+            "paths": paths,
+            "descriptor": q.descriptor.to_dict(),
+            "calibrator": None if calibrator is None else type(calibrator).__name__,
+            "switches": list(q.get_state()),
+            "learn_amax": q.learn_amax,
+            "placed_by": q.placed_by,
+        })
+    return entries
+
+
+def _rules_entries(model: nn.Module) -> list[dict[str, Any]]:
+    out = []
+    for path, module in model.named_modules():
+        report = getattr(module, "qdq_rules_report", None)
+        if report is None:
+            continue
+        out.append({"path": path, "rules": list(getattr(report, "rules", [])),
+                    "inputs": list(getattr(report, "inputs", [])),
+                    "disabled": list(getattr(report, "disabled", [])),
+                    "folded": list(report.folded)})
+    return out
+
+
+def recipe_of(model: nn.Module) -> dict[str, Any]:
+    """The recipe :func:`save` writes (plain Python values only)."""
+    from qdq.nn.registry import QUANT_TWINS
+
+    twinned = {cls for cls in QUANT_TWINS}
+    modules, twins, kept_float = [], [], []
+    for path, module in model.named_modules():
+        if isinstance(module, TensorQuantizer):
+            continue
+        modules.append([path, _kind(module)])
+        if isinstance(module, QuantInputMixin):
+            float_cls = _float_class(type(module))
+            twins.append([path, _type_name(type(module)),
+                          None if float_cls is None else _type_name(float_cls)])
+        elif type(module) in twinned and path:
+            kept_float.append(path)
+    return {"modules": modules, "twins": twins, "kept_float": kept_float,
+            "rules": _rules_entries(model), "quantizers": _quantizer_entries(model),
+            "training": model.training}
+
+
+def save(model: nn.Module, path: str | os.PathLike, *,
+         metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (quantized, calibrated or not) with its recipe to ``path``.
+
+    ``metadata`` is any JSON-able dict kept with it (how it was calibrated, on which
+    data, the model spec): :func:`read` gives it back. The write is atomic.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save expects an nn.Module, got {type(model).__name__}")
+    metadata = dict(metadata or {})
+    try:
+        json.dumps(metadata)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"save: metadata must be JSON-able ({err})") from err
+    blob = {
+        "format": FORMAT, "version": VERSION,
+        "recipe": recipe_of(model),
+        "metadata": metadata,
+        "state_dict": {k: v.detach().to("cpu", copy=True)
+                       for k, v in model.state_dict().items()},
+    }
+    return atomic_write(path, partial(torch.save, blob))
+
+
+# ----------------------------------------------------------------------- read
+def load_plain(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with one clear RestoreError for
+    a missing file, a file torch.save did not write, or one holding Python objects."""
+    import pickle
+    import zipfile
+
+    path = Path(path)
+    if path.is_dir():
+        raise RestoreError(f"{path}: is a folder, not a file")
+    if not path.is_file():
+        raise RestoreError(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets one message
+        if not zipfile.is_zipfile(path):
+            why = "not a file torch.save wrote"
+        elif isinstance(err, pickle.UnpicklingError):
+            why = ("it holds Python objects, which weights_only loading refuses (save a "
+                   "state_dict, or use qdq.save)")
+        else:
+            why = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise RestoreError(f"{path}: cannot be read ({why})") from err
+
+
+def read(path: str | os.PathLike) -> dict[str, Any]:
+    """The file's contents (``recipe``, ``metadata``, ``state_dict``), loaded with
+    ``weights_only=True``; a missing, unreadable or foreign file is one RestoreError."""
+    path = Path(path)
+    blob = load_plain(path)
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise RestoreError(f"{path}: not a qdq quantized-model file (written by qdq.save); "
+                           "a plain state_dict is loaded with model.load_state_dict")
+    if blob.get("version") != VERSION:
+        raise RestoreError(f"{path}: quantized-model file version {blob.get('version')!r}; "
+                           f"this qdq reads version {VERSION}")
+    return blob
+
+
+def is_quantized_model_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a file :func:`save` wrote (False for a plain state_dict)."""
+    try:
+        read(path)
+    except RestoreError:
+        return False
+    return True
+
+
+# -------------------------------------------------------------------- restore
+def _get(model: nn.Module, path: str) -> nn.Module | None:
+    if not path:
+        return model
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _set(model: nn.Module, path: str, module: nn.Module) -> bool:
+    parent_path, _, attr = path.rpartition(".")
+    parent = _get(model, parent_path)
+    if parent is None:
+        return False
+    parent._modules[attr] = module
+    return True
+
+
+class _Misfit(Exception):
+    """Internal: the recipe does not fit; turned into a RestoreError naming the file."""
+
+
+def _swap_twins(model: nn.Module, twins: list[list], classes: dict[str, type]) -> None:
+    """Quant twins at the recorded paths the float model has; the rest come from rules."""
+    for path, quant_name, float_name in twins:
+        current = _get(model, path)
+        if current is None or _type_name(type(current)) == quant_name:
+            continue
+        if float_name is None or _type_name(type(current)) != float_name:
+            raise _Misfit(f"'{path or '(root)'}' is a {_type_name(type(current))} in the "
+                          f"model, the file has a {quant_name} made from "
+                          f"{float_name or 'nothing'} there")
+        quant_cls = classes.get(quant_name)
+        if quant_cls is None:
+            raise _Misfit(f"'{path}' is a {quant_name} in the file, a class this process "
+                          "has not defined: import the module that defines it first")
+        if not path:
+            raise _Misfit("the root module itself is a quant twin in the file; wrap it")
+        _set(model, path, quant_cls.from_float(current))
+
+
+def _fold_structure(model: nn.Module, modules: dict[str, str]) -> None:
+    """BatchNorm -> Identity where the file has an Identity (the values come later)."""
+    identity = _type_name(nn.Identity)
+    for path, module in list(model.named_modules()):
+        if isinstance(module, _BATCHNORM) and modules.get(path) == identity:
+            _set(model, path, nn.Identity())
+
+
+def _example(spec: dict | None, device: torch.device):
+    if spec is None:
+        return None
+    return torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"]), device=device)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next((t.device for t in [*model.parameters(), *model.buffers()]),
+                torch.device("cpu"))
+
+
+def _replay_rules(model: nn.Module, entries: list[dict]) -> nn.Module:
+    from qdq.rules import RULES, apply_rules
+
+    device = _device_of(model)
+    for entry in entries:
+        unknown = [r for r in entry["rules"] if r not in RULES]
+        if unknown:
+            raise _Misfit(f"it was made with the placement rule(s) {unknown}, which this "
+                          "process has not registered")
+        part = _get(model, entry["path"])
+        if part is None:
+            raise _Misfit(f"the placement rules ran on '{entry['path']}', which the model "
+                          "lacks")
+        for name in entry["disabled"]:
+            q = _get(part, name)
+            if isinstance(q, TensorQuantizer):
+                q.disable()
+        args = tuple(_example(s, device) for s in entry["inputs"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the warnings were given when it was made
+            placed = apply_rules(part, args or None, rules=entry["rules"], insert=False)
+        placed.qdq_rules_report.folded = list(entry["folded"])  # folded by _fold_structure
+        if entry["path"]:
+            _set(model, entry["path"], placed)
+        else:
+            model = placed
+    return model
+
+
+def _install_quantizers(model: nn.Module, entries: list[dict]) -> list[TensorQuantizer]:
+    """One quantizer per recorded entry, at every recorded path (ties come back)."""
+    made = []
+    for entry in entries:
+        q = TensorQuantizer(QuantDescriptor.from_dict(entry["descriptor"]))
+        kind = entry.get("calibrator")
+        if kind is not None and type(q.calibrator).__name__ != kind:
+            desc = q.descriptor
+            if kind == "HistogramCalibrator":
+                q._calibrator = HistogramCalibrator(desc.num_bits, None, desc.unsigned,
+                                                    num_bins=desc.num_bins,
+                                                    skip_zeros=desc.skip_zeros)
+            elif kind == "MaxCalibrator":
+                q._calibrator = MaxCalibrator(desc.num_bits, desc.axis, desc.unsigned)
+        q.to(_device_of(model))
+        for path in entry["paths"]:
+            if not path or not isinstance(_get(model, path), TensorQuantizer):
+                raise _Misfit(f"the file has a quantizer at '{path}', the rebuilt model has "
+                              "none there")
+            _set(model, path, q)
+        made.append(q)
+    recorded = {p for entry in entries for p in entry["paths"]}
+    extra = [n for n, m in model.named_modules(remove_duplicate=False)
+             if isinstance(m, TensorQuantizer) and n not in recorded]
+    if extra:
+        raise _Misfit(f"the rebuilt model has quantizers the file lacks, e.g. '{extra[0]}'")
+    return made
+
+
+def _check_structure(model: nn.Module, modules: list[list]) -> None:
+    rebuilt = [[p, _kind(m)] for p, m in model.named_modules()
+               if not isinstance(m, TensorQuantizer)]
+    if rebuilt == modules:
+        return
+    have, want = dict(map(tuple, rebuilt)), dict(map(tuple, modules))
+    order = [p for p, _ in modules] + [p for p, _ in rebuilt if p not in want]
+    for path in order:
+        if have.get(path) == want.get(path):
+            continue
+        name = path or "(root)"
+        if path not in have:
+            raise _Misfit(f"the file has a {_short(want[path])} at '{name}', the model has no "
+                          "such module")
+        if path not in want:
+            raise _Misfit(f"the model has a {_short(have[path])} at '{name}', the file has no "
+                          "such module")
+        raise _Misfit(f"'{name}' is a {_short(want[path])} in the file, a "
+                      f"{_short(have[path])} in the model")
+
+
+def _short(kind: str) -> str:
+    return kind.rpartition(".")[2]
+
+
+def _add_missing_biases(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """A folded BatchNorm gave its layer a bias; give the float layer one to load into."""
+    for key, value in state.items():
+        path, _, attr = key.rpartition(".")
+        if attr != "bias":
+            continue
+        module = _get(model, path)
+        if module is not None and "bias" in module._parameters \
+                and module._parameters["bias"] is None:
+            ref = getattr(module, "weight", None)
+            module.bias = nn.Parameter(torch.zeros_like(
+                value, device=ref.device if ref is not None else value.device,
+                dtype=ref.dtype if ref is not None else value.dtype))
+
+
+def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Rebuild the quantized model saved in ``path`` from ``model``, its float model.
+
+    ``model`` is the same architecture, built the usual way (weights do not matter: the
+    file's replace them); it is changed in place where it can be, but a root the
+    placement rules traced comes back as a new ``fx.GraphModule``: use the returned
+    module. Custom quant classes must be defined (imported) before the call. Raises
+    :class:`RestoreError`, naming the file and the first module that differs, when the
+    file does not fit the model (the float model may then be partly converted: build it
+    again to retry).
+    """
+    path = Path(path)
+    blob = read(path)
+    recipe, state = blob["recipe"], blob["state_dict"]
+    modules = recipe["modules"]
+    was_training = model.training
+    try:
+        model.eval()
+        _swap_twins(model, recipe["twins"], _quant_classes())
+        _fold_structure(model, dict(map(tuple, modules)))
+        model = _replay_rules(model, recipe["rules"])
+        made = _install_quantizers(model, recipe["quantizers"])
+        _check_structure(model, modules)
+        _add_missing_biases(model, state)
+        result = model.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            shown = (list(result.missing_keys) + list(result.unexpected_keys))[:3]
+            raise _Misfit(f"{len(result.missing_keys)} missing and "
+                          f"{len(result.unexpected_keys)} unexpected state keys, e.g. {shown}")
+    except _Misfit as err:
+        model.train(was_training)
+        raise RestoreError(f"{path} does not fit the model: {err}") from None
+    except RuntimeError as err:  # load_state_dict: shapes differ
+        model.train(was_training)
+        first = (str(err).strip().splitlines() or [""])[-1].strip()
+        raise RestoreError(f"{path} does not fit the model: {first}") from err
+    for q, entry in zip(made, recipe["quantizers"], strict=True):
+        q.set_state(tuple(entry["switches"]))
+        q.placed_by = entry["placed_by"]
+        if entry["learn_amax"] and not q.learn_amax and q.amax is not None:
+            q.init_learn_amax()
+    name_quantizers(model)
+    model.train(recipe["training"])
+    return model

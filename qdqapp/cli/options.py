@@ -1,0 +1,71 @@
+"""The options every command spells the same way, and their conversion to the flow's
+objects: the model (``MODEL``, ``--checkpoint``, ``--no-rules``, ``--ignore``,
+``--seed``, ``--device``), the data (``--data`` and how much of it) and the calibrator."""
+
+from __future__ import annotations
+
+import argparse
+
+from qdqapp.calibrators import DEFAULT_COMPARISON
+from qdqapp.flow import ModelOptions
+from qdqapp.sources import DataOptions
+
+__all__ = ["add_model_options", "add_data_options", "add_calibrator_option",
+           "model_options", "data_options", "MODEL_HELP", "DATA_HELP", "CHECKPOINT_HELP"]
+
+MODEL_HELP = "reference, torchvision:NAME or package.module:factory"
+DATA_HELP = ("fashion-mnist[:ROOT], imagefolder:DIR (or DIR), or random:NxCxHxW "
+             "(a batch shape)")
+CHECKPOINT_HELP = ("a quantized-model file (written by qdq calibrate, qdq run or qdq.save: "
+                   "quantizers, rules and amax come from it) or a float state_dict")
+
+
+def add_model_options(p: argparse.ArgumentParser, positional: bool = True) -> None:
+    if positional:
+        p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
+    p.add_argument("--rules", action=argparse.BooleanOptionalAction, default=True,
+                   help="TensorRT placement rules: fold BatchNorm, quantize residual "
+                        "inputs, share concat/max-pool scales (default on; --no-rules "
+                        "to skip)")
+    p.add_argument("--ignore", action="append", default=[], metavar="NAME",
+                   help="module path kept in float (repeatable)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for random weights and random data (default 0)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+
+
+def add_data_options(p: argparse.ArgumentParser, required: bool = True,
+                     evaluation: bool = False, data_help: str | None = None) -> None:
+    defaults = DataOptions()
+    p.add_argument("--data", required=required, help=data_help or DATA_HELP)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                   help=f"batch size for data read from files (default {defaults.batch_size})")
+    p.add_argument("--calib-batches", type=int, default=defaults.calib_batches, metavar="N",
+                   help=f"calibration batches (default {defaults.calib_batches})")
+    p.add_argument("--image-size", type=int, default=defaults.image_size,
+                   help=f"image folders: centre crop size (default {defaults.image_size}, "
+                        "resized to 8/7 of it first)")
+    if evaluation:
+        p.add_argument("--eval-batches", type=int, metavar="N",
+                       help="evaluation batches per measurement (default: all)")
+        p.add_argument("--agreement", action="store_true",
+                       help="score by top-1 agreement with FP32 even when labels exist")
+
+
+def add_calibrator_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calibrator", default="max", metavar="NAME",
+                   help="max, entropy, mse or percentile-P, e.g. percentile-99.99 "
+                        f"(default max; --compare tries {', '.join(DEFAULT_COMPARISON)})")
+
+
+def model_options(args: argparse.Namespace, spec: str | None = None) -> ModelOptions:
+    return ModelOptions(spec=spec or args.model, checkpoint=args.checkpoint,
+                        rules=args.rules, ignore=list(args.ignore or []), seed=args.seed,
+                        device=args.device)
+
+
+def data_options(args: argparse.Namespace) -> DataOptions:
+    return DataOptions(batch_size=args.batch_size, calib_batches=args.calib_batches,
+                       eval_batches=getattr(args, "eval_batches", None),
+                       image_size=args.image_size, seed=args.seed)

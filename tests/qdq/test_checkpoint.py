@@ -1,0 +1,221 @@
+"""qdq.save / qdq.restore: a quantized model rebuilt from its float model, bit for bit."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import qdq
+from qdq import quant_modules
+from qdq.checkpoint import FORMAT, RestoreError, read
+from qdq.descriptor import QuantDescriptor
+from qdq.nn import QuantMixin
+from qdq.rules import apply_rules
+from qdqapp.reference import build_reference_model
+from tests.conftest import needs_cuda
+from tests.qdq.test_custom_layer import GatedBlock, QuantScaledLinear, ScaledLinear
+
+
+def _calibrate(model: nn.Module, x: torch.Tensor) -> None:
+    """Max/histogram calibration by hand (per quantizer, as pytorch-quantization does)."""
+    quantizers = [q for _, q in qdq.quantizers(model) if q.is_enabled]
+    for q in quantizers:
+        q.disable_quant()
+        q.enable_calib()
+    with torch.no_grad():
+        model(x)
+    for q in quantizers:
+        kwargs = {"method": "percentile", "percentile": 99.9} \
+            if type(q.calibrator).__name__ == "HistogramCalibrator" else {}
+        q.load_calib_amax(strict=False, **kwargs)
+        q.enable_quant()
+        q.disable_calib()
+
+
+def _groups(model: nn.Module) -> list[list[str]]:
+    paths: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, qdq.TensorQuantizer):
+            paths.setdefault(id(m), []).append(name)
+    return sorted(paths.values())
+
+
+def _roundtrip(model: nn.Module, fresh: nn.Module, x: torch.Tensor, tmp_path) -> nn.Module:
+    with torch.no_grad():
+        before = model(x)
+    path = qdq.save(model, tmp_path / "model.qdq.pt", metadata={"note": "test"})
+    restored = qdq.restore(fresh, path)
+    with torch.no_grad():
+        after = restored(x)
+    assert torch.equal(before, after)
+    assert _groups(restored) == _groups(model)
+    assert [r.as_dict() for r in qdq.summary_rows(restored)] == \
+        [r.as_dict() for r in qdq.summary_rows(model)]
+    # the file is plain data: weights_only loading, and the metadata comes back
+    assert torch.load(path, weights_only=True)["format"] == FORMAT
+    assert read(path)["metadata"] == {"note": "test"}
+    return restored
+
+
+def _torchvision(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.get_model(name, weights=None).eval()
+
+
+@pytest.mark.parametrize("name, rules, ignore", [
+    ("resnet18", True, ["fc"]),
+    ("resnet18", False, [re.compile(r"layer4\..*")]),
+    ("mobilenet_v3_small", True, None),
+])
+def test_torchvision_models(tmp_path, name, rules, ignore):
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    model = _torchvision(name)
+    qdq.replace_modules(model, ignore=ignore)
+    if rules:
+        model = apply_rules(model, x[:1])
+    _calibrate(model, x)
+    restored = _roundtrip(model, torchvision.models.get_model(name, weights=None), x, tmp_path)
+    if rules:
+        assert restored.qdq_rules_report.folded  # BatchNorm came back folded
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in restored.modules())
+    if ignore == ["fc"]:
+        assert type(restored.fc) is nn.Linear
+        assert "fc" in read(tmp_path / "model.qdq.pt")["recipe"]["kept_float"]
+    if name == "resnet18" and not rules:
+        assert type(restored.layer4[0].conv1) is nn.Conv2d
+        assert type(restored.layer3[0].conv1) is qdq.nn.QuantConv2d
+
+
+def test_reference_model_shared_quantizers_histogram_and_per_channel(tmp_path):
+    """Concat and max-pool ties, histogram activations, per-channel weights, a layer
+    switched off (partial quantization) and a learned amax all come back."""
+    torch.manual_seed(0)
+    model = build_reference_model().eval()
+    qdq.replace_modules(model, quant_desc_input=QuantDescriptor(calib_method="histogram",
+                                                               num_bins=512))
+    x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    model = apply_rules(model, x[:1])
+    _calibrate(model, x)
+    shared = [g for g in _groups(model) if len(g) > 1]
+    assert shared  # the rules tied concat and max-pool neighbours
+    model.get_submodule("layer2.conv1.0._input_quantizer").disable()
+    model.fc._input_quantizer.init_learn_amax()
+    restored = _roundtrip(model, build_reference_model(), x, tmp_path)
+    stem = restored.get_submodule("stem.0.0")
+    q = stem._input_quantizer
+    assert type(q.calibrator).__name__ == "HistogramCalibrator"
+    assert q.descriptor.num_bins == 512
+    assert stem._weight_quantizer.axis == 0
+    assert stem._weight_quantizer.amax.numel() == 32
+    assert not restored.get_submodule("layer2.conv1.0._input_quantizer").is_enabled
+    assert restored.fc._input_quantizer.learn_amax
+    for group in shared:  # one object at every path of a tie
+        objects = {id(restored.get_submodule(p)) for p in group}
+        assert len(objects) == 1
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scaled = ScaledLinear(4, 4)
+        self.block = GatedBlock()
+        self.lstm = nn.LSTM(4, 4)
+
+    def forward(self, x):
+        y = self.block(self.scaled(x))
+        return self.lstm(y.unsqueeze(0))[0].squeeze(0)
+
+
+def test_custom_quant_layers_bare_quantizers_and_lstm(tmp_path):
+    torch.manual_seed(0)
+    model = Net().eval()
+    qdq.replace_modules(model, quant_map={ScaledLinear: QuantScaledLinear})
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(3))
+    _calibrate(model, x)
+    assert isinstance(model.scaled, QuantScaledLinear)
+    restored = _roundtrip(model, Net(), x, tmp_path)
+    assert isinstance(restored.scaled, QuantScaledLinear)
+    assert isinstance(restored.lstm, qdq.nn.QuantLSTM)
+
+
+def test_model_built_under_initialize_restores_onto_a_float_build(tmp_path):
+    with quant_modules.initialize():
+        torch.manual_seed(0)
+        model = torchvision.models.resnet18().eval()
+    x = torch.randn(2, 3, 32, 32)
+    model = apply_rules(model, x[:1])
+    _calibrate(model, x)
+    _roundtrip(model, torchvision.models.resnet18(), x, tmp_path)
+
+
+def test_restored_model_saves_the_same_recipe(tmp_path):
+    model = _torchvision("resnet18")
+    x = torch.randn(1, 3, 32, 32)
+    model = apply_rules(model, x)
+    _calibrate(model, x)
+    first = qdq.save(model, tmp_path / "a.pt")
+    again = qdq.save(qdq.restore(torchvision.models.resnet18(), first), tmp_path / "b.pt")
+    assert read(first)["recipe"] == read(again)["recipe"]
+
+
+def test_errors_name_the_file(tmp_path):
+    model = _torchvision("resnet18")
+    qdq.replace_modules(model)
+    path = qdq.save(model, tmp_path / "r18.pt")
+    with pytest.raises(RestoreError, match=r"r18.pt does not fit the model: .*layer1\.2"):
+        qdq.restore(torchvision.models.resnet34(), path)
+    with pytest.raises(RestoreError, match="r18.pt does not fit the model"):
+        qdq.restore(torchvision.models.resnet18(num_classes=3), path)
+    plain = tmp_path / "plain.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), plain)
+    with pytest.raises(RestoreError, match="plain.pt: not a qdq quantized-model file"):
+        qdq.restore(torchvision.models.resnet18(), plain)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(RestoreError, match="garbage.pt: cannot be read"):
+        qdq.restore(torchvision.models.resnet18(), garbage)
+    with pytest.raises(RestoreError, match="missing.pt: no such file"):
+        qdq.restore(torchvision.models.resnet18(), tmp_path / "missing.pt")
+
+
+def test_unknown_quant_class_is_named(tmp_path):
+    class Odd(nn.Linear):
+        pass
+
+    class QuantOdd(Odd, QuantMixin):
+        pass
+
+    model = nn.Sequential(Odd(2, 2))
+    qdq.replace_modules(model, quant_map={Odd: QuantOdd})
+    path = qdq.save(model, tmp_path / "odd.pt")
+    blob = torch.load(path, weights_only=True)
+    blob["recipe"]["twins"][0][1] = "elsewhere.QuantOdd"
+    torch.save(blob, path)
+    with pytest.raises(RestoreError, match="elsewhere.QuantOdd in the file, a class this "
+                                           "process has not defined"):
+        qdq.restore(nn.Sequential(Odd(2, 2)), path)
+
+
+def test_metadata_must_be_plain(tmp_path):
+    with pytest.raises(TypeError, match="JSON-able"):
+        qdq.save(nn.Linear(2, 2), tmp_path / "x.pt", metadata={"t": torch.zeros(1)})
+    assert not (tmp_path / "x.pt").exists()
+
+
+@needs_cuda
+def test_restore_onto_a_model_on_the_gpu(tmp_path):
+    model = _torchvision("resnet18")
+    x = torch.randn(2, 3, 32, 32)
+    model = apply_rules(model, x[:1])
+    _calibrate(model, x)
+    path = qdq.save(model.cuda(), tmp_path / "gpu.pt")
+    with torch.no_grad():
+        before = model(x.cuda())
+    restored = qdq.restore(torchvision.models.resnet18().cuda(), path)
+    assert all(q.amax.is_cuda for _, q in qdq.quantizers(restored) if q.amax is not None)
+    with torch.no_grad():
+        assert torch.equal(restored(x.cuda()), before)
