@@ -304,9 +304,10 @@ def _onnx_top1(path, loader: Iterable, max_batches: int | None) -> float:
     import itertools
 
     import numpy as np
-    import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    from export.verify import ort_session
+
+    session = ort_session(path)   # the one session factory: safe for FP8 graphs too
     name = session.get_inputs()[0].name
     correct = total = 0
     for x, y in itertools.islice(loader, max_batches):
