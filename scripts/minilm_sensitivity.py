@@ -11,7 +11,8 @@ min cosine of mean-pooled sentence embeddings against FP32 on ``test.txt``:
 For each: a leave-one-out ``sensitivity.sweep`` (report, CSV and bar chart written under
 ``--out/<setup>/``), then the curve "layers kept in float vs min cosine": the most
 sensitive layers go back to float one by one (measured after each), up to ``--max-float``
-layers. Prints the curves and how many float layers each needs for ``--target``.
+layers. Prints the curves and how many float layers each needs for ``--target``. Sweep
+rows go to ``--out/<setup>/rows.jsonl`` as they are measured; a rerun resumes from them.
 
 Usage::
 
@@ -69,12 +70,15 @@ def build(float_model, calib, smooth: bool, attention: bool, calib_args: dict):
 def curve(model, report, metric, max_float: int) -> list[tuple[int, float, str]]:
     """(layers in float, min cosine, the layer just returned to float), most sensitive first."""
     order = [r.layer for r in report.ranked() if r.ok][:max_float]
+    layers = select_layers(find_layers(model), order)
     points = [(0, metric(model), "-")]
-    for k, layer in enumerate(select_layers(find_layers(model), order), start=1):
-        layer.disable()
-        points.append((k, metric(model), layer.name))
-    for layer in select_layers(find_layers(model), order):
-        layer.enable()
+    try:
+        for k, layer in enumerate(layers, start=1):
+            layer.disable()
+            points.append((k, metric(model), layer.name))
+    finally:
+        for layer in layers:
+            layer.enable()
     return points
 
 
@@ -97,8 +101,10 @@ def main() -> None:
     for name in args.setups:
         setup = SETUPS[name]
         model = build(text.model, calib, setup["smooth"], setup["attention"], setup["calib"])
+        rows = out / name / "rows.jsonl"
+        rows.parent.mkdir(parents=True, exist_ok=True)
         report = sensitivity.sweep(model, metric, mode="leave-one-out", progress=False,
-                                   metric_name="min cosine")
+                                   metric_name="min cosine", resume=rows)
         report.write(out / name)
         points = curve(model, report, metric, args.max_float)
         needed = next((k for k, value, _ in points if value >= args.target), None)

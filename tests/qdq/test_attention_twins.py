@@ -189,3 +189,5 @@ def test_rules_on_a_model_built_with_initialize_swap_attention():
     rows = {(r.module, r.role): r for r in qdq.summary_rows(ruled)}
     assert rows[("0.qkv", "input")].state == "quant"  # F.linear on qkv.weight is quantized
     assert rows[("0.qk", "other")].placed_by == "attention"
+    assert "attention matmuls (q @ k^T, attn @ v): 2, 4 of 4 operands quantized" in \
+        qdq.summary(ruled)
