@@ -28,6 +28,7 @@ import copy
 import inspect
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,8 +44,9 @@ from qdq.fileio import atomic_write
 from qdq.formats import FORMATS, format_of
 from qdq.nn.weight_only import QuantizedWeight
 
-__all__ = ["ExportError", "ExportResult", "dynamo_exporter_available", "fold_constants",
-           "to_onnx", "uncalibrated_quantizers"]
+__all__ = ["ExportError", "ExportResult", "KeywordPlan", "dynamo_exporter_available",
+           "fold_constants", "flat_outputs", "keyword_args", "keyword_plan", "to_onnx",
+           "uncalibrated_quantizers"]
 
 
 class ExportError(RuntimeError):
@@ -229,10 +231,13 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *,
     """Export ``model`` (quantized, calibrated) to ``path``.
 
     Args:
-        example_inputs: a tensor or tuple of tensors the model is traced with.
+        example_inputs: a tensor or tuple of tensors the model is traced with, or a dict
+            of keyword tensors (``{"input_ids": ..., "attention_mask": ...}``), as
+            calibration takes them: see :func:`keyword_plan`.
         opset: ONNX opset; default and minimum: 13 (per-channel Q/DQ), 19 with FP8
             quantizers, 21 with INT4 or block-wise weights.
-        dynamic_batch: mark dim 0 of every input and output as dynamic.
+        dynamic_batch: mark dim 0 of every input and output as dynamic (and, for
+            keyword inputs, the sequence axis of token inputs).
         fold_bn: fold BatchNorm into the preceding conv (on a copy) before export.
         int8_weights: store weights as int8 initializers -> DQ instead of fp32 -> Q -> DQ
             (float8e4m3fn initializers for FP8 weight quantizers). Weight-only layers
@@ -259,7 +264,8 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *,
         raise ExportError(f"output folder {path.parent} is not a folder")
     if not os.access(path.parent, os.W_OK):
         raise ExportError(f"output folder {path.parent} is not writable")
-    args = _as_tuple(example_inputs)
+    keywords = isinstance(example_inputs, Mapping)
+    args = keyword_args(example_inputs) if keywords else _as_tuple(example_inputs)
     if dynamo and not dynamo_exporter_available():
         raise ExportError(f"the dynamo exporter needs torch 2.5 or newer "
                           f"(torch.onnx.export(dynamo=True, dynamic_shapes=...)); this is "
@@ -283,21 +289,27 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *,
     work = copy.deepcopy(model).eval()
     device = next((p.device for p in work.parameters()), torch.device("cpu"))
     args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
-    folded = _fold(work, args) if fold_bn else []
-    try:
-        with torch.no_grad():
-            outputs = work(*args)
-    except Exception as err:
-        raise ExportError(f"the model does not run on the example inputs: {err}") from err
-    n_out = len(outputs) if isinstance(outputs, (tuple, list)) else 1
-    input_names = input_names or [f"input{i}" if len(args) > 1 else "input"
-                                  for i in range(len(args))]
-    output_names = output_names or [f"output{i}" if n_out > 1 else "output"
-                                    for i in range(n_out)]
-    dynamic_axes = ({name: {0: "batch"} for name in [*input_names, *output_names]}
-                    if dynamic_batch else None)
-
-    traced = _PositionalOnly(work) if _needs_wrapper(work, len(args)) else work
+    if keywords:
+        plan = keyword_plan(work, dict(zip(example_inputs, args, strict=True)), fold_bn,
+                            input_names, output_names, dynamic_batch)
+        traced, folded = plan.module, plan.folded
+        input_names, output_names, dynamic_axes = plan.input_names, plan.output_names, \
+            plan.dynamic_axes
+    else:
+        folded = _fold(work, args) if fold_bn else []
+        try:
+            with torch.no_grad():
+                outputs = work(*args)
+        except Exception as err:
+            raise ExportError(f"the model does not run on the example inputs: {err}") from err
+        n_out = len(outputs) if isinstance(outputs, (tuple, list)) else 1
+        input_names = input_names or [f"input{i}" if len(args) > 1 else "input"
+                                      for i in range(len(args))]
+        output_names = output_names or [f"output{i}" if n_out > 1 else "output"
+                                        for i in range(n_out)]
+        dynamic_axes = ({name: {0: "batch"} for name in [*input_names, *output_names]}
+                        if dynamic_batch else None)
+        traced = _PositionalOnly(work) if _needs_wrapper(work, len(args)) else work
     # The exporter writes its raw graph to a scratch folder; only the checked,
     # post-processed model reaches ``path``, in one atomic write.
     with tempfile.TemporaryDirectory(prefix="qdq-export-") as scratch:
@@ -371,3 +383,110 @@ def dynamo_exporter_available() -> bool:
 def _dynamo_shapes(args: tuple):
     batch = torch.export.Dim("batch")
     return tuple({0: batch} if isinstance(a, torch.Tensor) else None for a in args)
+
+
+# ----------------------------------------------------------------------- keyword inputs
+# Hugging Face models take keyword tensors (input_ids, attention_mask, ...) and return a
+# dict-like ModelOutput. ONNX graphs take and give flat, named tensors, so the export
+# runs a wrapper that maps positional tensors to the keywords and flattens the outputs.
+
+
+def keyword_args(inputs: Mapping) -> tuple:
+    """The tensors of a keyword-input dict, in its order; one error for anything else."""
+    bad = [k for k, v in inputs.items() if not isinstance(v, torch.Tensor)]
+    if not inputs or bad:
+        raise ExportError("keyword example_inputs must be a non-empty dict of tensors"
+                          + (f"; not tensors: {bad}" if bad else ""))
+    return tuple(inputs.values())
+
+
+def flat_outputs(outputs, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` for every tensor in a model's outputs, in order.
+
+    Dict and ModelOutput fields are named by their keys (``last_hidden_state``), nested
+    ones joined with dots; tuple items by position (``output0`` at the top level). None
+    fields are skipped, as ONNX has no optional outputs.
+    """
+    if isinstance(outputs, torch.Tensor):
+        return [(prefix or "output", outputs)]
+    if isinstance(outputs, Mapping):
+        items = [(f"{prefix}.{k}" if prefix else str(k), v) for k, v in outputs.items()]
+    elif isinstance(outputs, (tuple, list)):
+        items = [(f"{prefix}.{i}" if prefix else f"output{i}", v)
+                 for i, v in enumerate(outputs)]
+    elif outputs is None:
+        return []
+    else:
+        raise ExportError(f"model output {prefix or 'output'} is a {type(outputs).__name__}, "
+                          "not a tensor, tuple or dict")
+    return [pair for name, value in items for pair in flat_outputs(value, name)]
+
+
+class _KeywordCall(nn.Module):
+    """``forward(*tensors)`` -> ``model(**dict(zip(names, tensors)))``, outputs flattened."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.names = names
+
+    def forward(self, *tensors):
+        outputs = self.model(**dict(zip(self.names, tensors, strict=True)))
+        return tuple(t for _, t in flat_outputs(outputs))
+
+
+@dataclass
+class KeywordPlan:
+    module: nn.Module
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_axes: dict[str, dict[int, str]] | None
+    folded: list[str]
+
+
+def _token_input(t: torch.Tensor) -> bool:
+    """Token ids and masks: integer or bool ``[batch, sequence]`` tensors."""
+    return t.dim() == 2 and not t.is_floating_point() and not t.is_complex()
+
+
+def keyword_plan(model: nn.Module, inputs: dict[str, torch.Tensor], fold_bn: bool,
+                 input_names: list[str] | None, output_names: list[str] | None,
+                 dynamic_batch: bool) -> KeywordPlan:
+    """How to export a keyword-input model (``model`` is the export copy, in eval mode).
+
+    ONNX inputs are named after the dict keys and outputs after the output fields. With
+    ``dynamic_batch``, dim 0 of everything is ``batch``; integer ``[batch, sequence]``
+    inputs (token ids, attention masks) get a dynamic ``sequence`` axis too, and so does
+    every output dim that is neither the first nor the last and has the example's sequence
+    length (``last_hidden_state`` ``[batch, sequence, hidden]``).
+    """
+    names = list(inputs)
+    if input_names is not None and len(input_names) != len(names):
+        raise ExportError(f"input_names has {len(input_names)} names for {len(names)} inputs")
+    folded = _fold(model, inputs) if fold_bn else []
+    try:
+        with torch.no_grad():
+            outputs = flat_outputs(model(**inputs))
+    except ExportError:
+        raise
+    except Exception as err:
+        raise ExportError(f"the model does not run on the example inputs: {err}") from err
+    if not outputs:
+        raise ExportError("the model returns no tensor")
+    in_names = list(input_names or names)
+    out_names = list(output_names or [name for name, _ in outputs])
+    if len(out_names) != len(outputs):
+        raise ExportError(f"output_names has {len(out_names)} names for {len(outputs)} "
+                          "outputs")
+    axes = None
+    if dynamic_batch:
+        sequences = {int(t.shape[1]) for t in inputs.values() if _token_input(t)}
+        axes = {}
+        for name, t in zip(in_names, inputs.values(), strict=True):
+            axes[name] = {0: "batch", 1: "sequence"} if _token_input(t) else {0: "batch"}
+        for name, (_, t) in zip(out_names, outputs, strict=True):
+            dims = {0: "batch"} if t.dim() else {}
+            dims.update({d: "sequence" for d in range(1, t.dim() - 1)
+                         if int(t.shape[d]) in sequences})
+            axes[name] = dims
+    return KeywordPlan(_KeywordCall(model, names), in_names, out_names, axes, folded)

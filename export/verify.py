@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,7 @@ import torch
 from torch import nn
 
 from export.formats import onnx_format
+from export.onnx_export import flat_outputs
 from export.onnx_io import constant_values
 from export.onnx_io import load_onnx as _load
 from qdq import quantizers as iter_quantizers
@@ -358,12 +360,69 @@ def _output_scales(graph: onnx.GraphProto, consts: dict[str, np.ndarray]) -> dic
     return scales
 
 
+# ----------------------------------------------------------------------- model calls
+@dataclass
+class _TorchCall:
+    """How ``verify`` feeds the inputs: positionally, or as keywords (``model(**inputs)``)."""
+
+    tensors: tuple[torch.Tensor, ...]
+    keys: list[str] | None = None
+
+    @classmethod
+    def of(cls, inputs) -> _TorchCall:
+        if isinstance(inputs, Mapping):
+            if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs.values()):
+                raise VerifyError("keyword inputs must be a non-empty dict of tensors")
+            return cls(tuple(inputs.values()), [str(k) for k in inputs])
+        return cls(_as_tuple(inputs))
+
+    def in_onnx_order(self, specs) -> tuple[torch.Tensor, ...]:
+        """The tensors in the ONNX inputs' order: by name for keywords, else as given."""
+        if self.keys is None or {s.name for s in specs} != set(self.keys):
+            return self.tensors
+        by_name = dict(zip(self.keys, self.tensors, strict=True))
+        return tuple(by_name[s.name] for s in specs)
+
+    def example(self, tensors):
+        return tensors if self.keys is None else dict(zip(self.keys, tensors, strict=True))
+
+    def outputs(self, model: nn.Module, tensors) -> list[torch.Tensor]:
+        if self.keys is None:
+            return _flatten(model(*tensors))
+        return [t for _, t in flat_outputs(model(**self.example(tensors)))]
+
+
 # --------------------------------------------------------------------------- verify
 @dataclass
 class _Pair:
     q: onnx.NodeProto
     dq: onnx.NodeProto
     scale: np.ndarray | None
+
+
+def _closest_pair(candidates: list[_Pair], ort_values: dict[str, np.ndarray], x: torch.Tensor,
+                  step: float, scale: np.ndarray, used: set[str]) -> _Pair | None:
+    """The Q node that best answers one quantizer call, among nodes of its shape and scale.
+
+    Within half a step of ``x``, nodes are preferred (1) whose scale is bit-equal to the
+    quantizer's (quantizers of near-identical tensors can differ in the last bit: ConvNeXt
+    blocks with random weights, whose layer scale of 1e-6 leaves the residual stream
+    almost unchanged), (2) not yet taken by another call, so calls and nodes pair one to
+    one unless the exporter merged two calls on one tensor into one node, (3) whose input
+    is closest.
+    """
+    xs = x.detach().float().cpu().numpy()
+    best, best_key = None, None
+    for pair in candidates:
+        gap = float(np.abs(ort_values[pair.q.input[0]] - xs).max()) / step
+        if gap > 0.5:
+            continue
+        exact = pair.scale is not None and np.array_equal(pair.scale.reshape(-1),
+                                                          scale.reshape(-1))
+        key = (not exact, pair.q.name in used, gap)
+        if best_key is None or key < best_key:
+            best, best_key = pair, key
+    return best
 
 
 class _Recorder:
@@ -373,7 +432,7 @@ class _Recorder:
     output for the Q node that matches the call: the one of the same scope when its shape
     and scale agree, else (the exporter merges identical Q nodes, the dynamo exporter
     names nodes its own way) the Q node of the same shape and scale whose input is closest,
-    within half a step.
+    within half a step. Calls and Q nodes pair one to one unless the exporter merged two.
     """
 
     def __init__(self, named: list[tuple[str, nn.Module]], pairs: list[_Pair] | None = None,
@@ -386,6 +445,7 @@ class _Recorder:
             self.by_scope.setdefault(scope_of(pair.q.name), []).append(pair)
         self.calls: dict[str, list[tuple[torch.Tensor, torch.Tensor, _Pair | None]]] = {}
         self.unmatched: list[str] = []
+        self.used: set[str] = set()
         self._handles = []
 
     def __enter__(self) -> _Recorder:
@@ -409,17 +469,17 @@ class _Recorder:
                                                        scale.reshape(-1), rtol=1e-6, atol=0)))
 
         own = self.by_scope.get(name, [])
-        if k < len(own) and fits(own[k]):
-            return own[k]
+        if k < len(own) and fits(own[k]) and own[k].q.name not in self.used:
+            return self._take(own[k])
         step = float(scale.max()) if scale.size else 1.0
-        xs = x.detach().float().cpu().numpy()
-        best, best_gap = None, 0.5
-        for pair in self.pairs or []:
-            if fits(pair):
-                gap = float(np.abs(self.ort[pair.q.input[0]] - xs).max()) / step
-                if gap <= best_gap:
-                    best, best_gap = pair, gap
-        return best
+        fitting = [p for p in self.pairs or [] if fits(p)]
+        return self._take(_closest_pair(fitting, self.ort, x, step, scale, self.used))
+
+    def _take(self, pair: _Pair | None) -> _Pair | None:
+        """Calls and Q nodes pair one to one where they can: a taken node is offered last."""
+        if pair is not None:
+            self.used.add(pair.q.name)
+        return pair
 
     def _hook(self, name: str):
         def hook(module, args, output):
@@ -446,7 +506,9 @@ def verify(model: nn.Module, onnx_path: str | os.PathLike, inputs, *, forced: bo
     """Compare ``model`` (PyTorch, eval mode) with ``onnx_path`` in ONNX Runtime on ``inputs``.
 
     Args:
-        inputs: a tensor or tuple of tensors, fed to both in the same order.
+        inputs: a tensor or tuple of tensors, fed to both in the same order; or a dict of
+            keyword tensors (``model(**inputs)``; ONNX inputs matched by name, as
+            ``to_onnx`` names them), whose outputs are flattened as ``to_onnx`` does.
         forced: also run the forced comparison and the per-quantizer flip analysis.
         noise_floor: also run PyTorch against itself with oneDNN/cuDNN off.
         classifier: report top-1 agreement (default: for 2-D outputs with >1 column).
@@ -462,7 +524,8 @@ def verify(model: nn.Module, onnx_path: str | os.PathLike, inputs, *, forced: bo
     """
     if not isinstance(model, nn.Module):
         raise VerifyError(f"model must be an nn.Module, got {type(model).__name__}")
-    args = _as_tuple(inputs)
+    call = _TorchCall.of(inputs)
+    args = call.tensors
     proto = load_onnx(onnx_path)
     graph = proto.graph
     init_names = {i.name for i in graph.initializer}
@@ -471,7 +534,7 @@ def verify(model: nn.Module, onnx_path: str | os.PathLike, inputs, *, forced: bo
         raise VerifyError(f"{Path(onnx_path).name} takes {len(feeds_spec)} inputs, got "
                           f"{len(args)}")
     feeds = {}
-    for spec, tensor in zip(feeds_spec, args, strict=True):
+    for spec, tensor in zip(feeds_spec, call.in_onnx_order(feeds_spec), strict=True):
         dims = spec.type.tensor_type.shape.dim
         want = [d.dim_value if d.HasField("dim_value") else None for d in dims]
         got = list(tensor.shape)
@@ -511,14 +574,14 @@ def verify(model: nn.Module, onnx_path: str | os.PathLike, inputs, *, forced: bo
         from qdq.rules import fold_batchnorm
 
         model = copy.deepcopy(model).eval()
-        fold_batchnorm(model, args)
+        fold_batchnorm(model, call.example(args))
     model = model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     targs = tuple(a.to(device) for a in args)
     named = [(n, q) for n, q in iter_quantizers(model) if q.is_quant_enabled]
     with torch.no_grad(), _Recorder(named) as rec:
         try:
-            free = _flatten(model(*targs))
+            free = call.outputs(model, targs)
         except Exception as err:  # noqa: BLE001
             raise VerifyError(f"the PyTorch model fails on the inputs: {_first(err)}") from err
         free_calls = rec.calls if forced else {}
@@ -538,14 +601,14 @@ def verify(model: nn.Module, onnx_path: str | os.PathLike, inputs, *, forced: bo
 
     if noise_floor:
         with torch.no_grad(), _other_kernels():
-            alt = _flatten(model(*targs))
+            alt = call.outputs(model, targs)
         report.noise_floor_rel_l2 = max(
             _diff("", a.float().cpu().numpy(), f.float().cpu().numpy(), None, False).rel_l2
             for a, f in zip(alt, free, strict=True))
 
     if forced and pairs:
         with torch.no_grad(), _Recorder(named, pairs, ort_values) as rec:
-            forced_out = _flatten(model(*targs))
+            forced_out = call.outputs(model, targs)
         report.forced_outputs = [
             _diff(n, o, f.float().cpu().numpy(), steps.get(n), classifier)
             for n, o, f in zip(output_names, ort_outputs, forced_out, strict=True)]

@@ -11,7 +11,8 @@ the state (weights and amax), the *recipe* that rebuilds that structure:
 ``kept_float``  paths of layers that have a quant twin but stayed float (the ignore
                 list in effect)
 ``rules``       each ``apply_rules`` call: where, which rules, the example inputs'
-                shapes/dtypes and the quantizers already off; ``folded`` BatchNorms
+                shapes/dtypes (positional or keyword), the quantizers already off,
+                the traced parts kept module-level; ``folded`` BatchNorms
 ``quantizers``  one entry per quantizer object: every path it sits at (shared
                 quantizers have several), its ``QuantDescriptor``, calibrator kind,
                 switches, ``learn_amax`` and the rule that placed it
@@ -126,7 +127,9 @@ def _rules_entries(model: nn.Module) -> list[dict[str, Any]]:
             continue
         out.append({"path": path, "rules": list(getattr(report, "rules", [])),
                     "inputs": list(getattr(report, "inputs", [])),
+                    "keywords": dict(getattr(report, "keywords", {})),
                     "disabled": list(getattr(report, "disabled", [])),
+                    "reverted": list(getattr(report, "reverted_parts", [])),
                     "folded": list(report.folded)})
     return out
 
@@ -302,10 +305,13 @@ def _replay_rules(model: nn.Module, entries: list[dict]) -> nn.Module:
             q = _get(part, name)
             if isinstance(q, TensorQuantizer):
                 q.disable()
-        args = tuple(_example(s, device) for s in entry["inputs"])
+        keywords = entry.get("keywords") or {}
+        example = ({k: _example(s, device) for k, s in keywords.items()} if keywords
+                   else tuple(_example(s, device) for s in entry["inputs"]) or None)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the warnings were given when it was made
-            placed = apply_rules(part, args or None, rules=entry["rules"], insert=False)
+            placed = apply_rules(part, example, rules=entry["rules"], insert=False,
+                                 skip_parts=entry.get("reverted", ()))
         placed.qdq_rules_report.folded = list(entry["folded"])  # folded by _fold_structure
         if entry["path"]:
             _set(model, entry["path"], placed)

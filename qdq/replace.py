@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from qdq.descriptor import QuantDescriptor
+from qdq.nn.attention import attention_twin_of
 from qdq.nn.mixin import QuantInputMixin, QuantMixin
 from qdq.nn.registry import QUANT_TWINS
 from qdq.quantizer import TensorQuantizer
@@ -71,6 +72,8 @@ def replace_modules(model: nn.Module, ignore=None,
             compiled regexes (full match), or ``callable(name, module) -> bool``; one
             rule or a list. An ignored module keeps its float children too.
         quant_map: float class -> quant class, overriding the registry per class.
+            Registered attention classes (:mod:`qdq.nn.attention`) get their twins too,
+            so their matmuls and functional linears are quantized.
         quant_desc_input / quant_desc_weight: descriptors instead of the classes' defaults.
 
     Returns the replacements made, in model order.
@@ -85,7 +88,7 @@ def replace_modules(model: nn.Module, ignore=None,
             name = f"{prefix}{child_name}"
             if is_ignored(name, child):
                 continue
-            quant_cls = table.get(type(child))
+            quant_cls = table.get(type(child)) or attention_twin_of(type(child))
             if quant_cls is not None and not isinstance(child, QuantInputMixin):
                 descs = {"quant_desc_input": quant_desc_input}
                 if issubclass(quant_cls, QuantMixin):

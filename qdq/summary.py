@@ -99,4 +99,10 @@ def summary(model: nn.Module) -> str:
     calibrated = sum(r.amax_max is not None for r in rows)
     lines.append(f"{len(rows)} quantizers: {on} enabled, {calibrated} with amax, "
                  f"{sum(bool(r.shared_with) for r in rows)} shared")
+    attention = [r for r in rows if r.placed_by == "attention" and r.role in ("input", "other")
+                 and r.module.rsplit(".", 1)[-1] in ("qk", "av")]
+    if attention:
+        lines.append(f"attention matmuls (q @ k^T, attn @ v): {len(attention) // 2}, "
+                     f"{sum(r.state != 'off' for r in attention)} of {len(attention)} "
+                     "operands quantized")
     return "\n".join(lines)

@@ -6,6 +6,7 @@
   sharded over ``torch.distributed`` ranks; returns a :class:`SensitivityReport`.
 - :func:`proxy_ranking` — per-layer SQNR in one pass, no labels needed.
 - :func:`partial_quantize` — the fewest layers in float that meet a measured target.
+- :func:`smoothquant` — per-layer SmoothQuant (activation outliers moved into weights).
 
 Example::
 
@@ -27,6 +28,7 @@ from sensitivity.layers import Layer, disable_layers, find_layers
 from sensitivity.partial import PartialResult, partial_quantize
 from sensitivity.proxy import ProxyReport, proxy_ranking, spearman
 from sensitivity.report import LayerRow, SensitivityReport
+from sensitivity.smoothquant import SmoothQuantReport, smoothquant
 from sensitivity.sweep import sweep
 
 #: Read a written report back (``sensitivity.json`` or its folder).
@@ -37,4 +39,5 @@ __all__ = [
     "SensitivityError", "Layer", "find_layers", "disable_layers", "load_report",
     "partial_quantize", "PartialResult",
     "proxy_ranking", "ProxyReport", "spearman", "sweep", "SensitivityReport", "LayerRow",
+    "smoothquant", "SmoothQuantReport",
 ]

@@ -4,6 +4,12 @@ Importable as ``from qdq import nn as quant_nn``, the way pytorch-quantization s
 import ``pytorch_quantization.nn``.
 """
 
+from qdq.nn.attention import (
+    ATTENTION_TWINS,
+    QuantAttentionMixin,
+    attention_twin_of,
+    register_attention,
+)
 from qdq.nn.conv import (
     QuantConv1d,
     QuantConv2d,
@@ -45,4 +51,5 @@ __all__ = [
     "QuantAdaptiveAvgPool1d", "QuantAdaptiveAvgPool2d", "QuantAdaptiveAvgPool3d",
     "QuantLSTM", "QuantLSTMCell",
     "QuantAdd", "QuantConcat", "QuantMatMul",
+    "ATTENTION_TWINS", "QuantAttentionMixin", "attention_twin_of", "register_attention",
 ]

@@ -14,10 +14,11 @@ Example::
     print(qdq.summary(model))   # "shared" and "rule" columns show the ties
 """
 
-from qdq.rules.apply import RulesReport, apply_rules
-from qdq.rules.attention import QuantMultiheadAttention
+from qdq.rules.apply import RulesError, RulesReport, apply_rules
+from qdq.rules.attention import QuantMultiheadAttention, attention_matmuls
 from qdq.rules.fold import fold_batchnorm
 from qdq.rules.registry import RULES, RuleContext, register_rule, unregister_rule
 
-__all__ = ["fold_batchnorm", "apply_rules", "RulesReport", "RULES", "RuleContext",
-           "register_rule", "unregister_rule", "QuantMultiheadAttention"]
+__all__ = ["fold_batchnorm", "apply_rules", "RulesReport", "RulesError", "RULES",
+           "RuleContext", "register_rule", "unregister_rule", "QuantMultiheadAttention",
+           "attention_matmuls"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -11,11 +12,13 @@ from torch import fx, nn
 from qdq.nn.mixin import QuantInputMixin
 from qdq.replace import disable_quantization, name_quantizers, quantizers, replace_modules
 from qdq.rules import placement  # noqa: F401 - registers the rules
-from qdq.rules.fold import _as_tuple, fold_batchnorm
+from qdq.rules.attention import swap_attention_twins
+from qdq.rules.check import Call, float_outputs, mismatch, placeholder_args, record_calls
+from qdq.rules.fold import fold_batchnorm
 from qdq.rules.registry import RULES, RuleContext
 from qdq.rules.trace import trace_parts
 
-__all__ = ["apply_rules", "RulesReport"]
+__all__ = ["apply_rules", "RulesReport", "RulesError"]
 
 
 @dataclass
@@ -25,25 +28,38 @@ class RulesReport:
     folded: list[str] = field(default_factory=list)
     changes: dict[str, int] = field(default_factory=dict)
     untraced: list[str] = field(default_factory=list)
+    reverted: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     #: what ``qdq.save`` records to replay the call: the rules run, the example inputs'
-    #: shapes and dtypes, and the quantizers that were already off
+    #: shapes and dtypes (positional and keyword), the quantizers that were already off
+    #: and the traced parts that were kept module-level
     rules: list[str] = field(default_factory=list)
     inputs: list[dict | None] = field(default_factory=list)
+    keywords: dict[str, dict | None] = field(default_factory=dict)
     disabled: list[str] = field(default_factory=list)
+    reverted_parts: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"folded BatchNorm: {len(self.folded)}"]
         lines += [f"{name}: {count}" for name, count in self.changes.items()]
         lines += [f"left with module-level quantizers: {u}" for u in self.untraced]
+        lines += [f"kept module-level (rewrite changed the float function): {u}"
+                  for u in self.reverted]
         lines += self.notes
         return "\n".join(lines)
 
 
-def _shape_prop(gm: fx.GraphModule, args: tuple) -> None:
+class RulesError(RuntimeError):
+    """The rules could not keep the model's float function; the message says where."""
+
+
+def _shape_prop(gm: fx.GraphModule, call: Call | None) -> None:
     from torch.fx.passes.shape_prop import ShapeProp
 
-    if not args:
+    if call is None:
+        return
+    args = placeholder_args(gm, call)
+    if args is None:
         return
     try:
         with torch.no_grad(), disable_quantization(gm):
@@ -64,40 +80,73 @@ def _install(model: nn.Module, path: str, gm: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, attr, gm)
 
 
+def _part_changed(gm: nn.Module, record) -> str | None:
+    """Why the rewritten part computes something else in float than it did, or None."""
+    if record is None:
+        return None  # not reached by the example inputs: nothing to compare
+    call, reference = record
+    try:
+        output = float_outputs(gm, call)
+    except Exception as err:  # noqa: BLE001 - a failing rewrite is reverted, not raised
+        return f"fails on the example inputs: {type(err).__name__}: {str(err)[:120]}"
+    return mismatch(reference, output)
+
+
 def apply_rules(model: nn.Module, example_inputs=None, rules: list[str] | None = None,
-                insert: bool = True) -> nn.Module:
+                insert: bool = True, skip_parts: Sequence[str] = ()) -> nn.Module:
     """Place and tie Q/DQ the way TensorRT fuses them; returns the model to use.
 
     Steps: fold BatchNorm (:func:`fold_batchnorm`); insert quantizers with
     :func:`qdq.replace_modules` if the model has none yet (``insert=False`` to skip);
-    trace with torch.fx (parts that do not trace keep their module-level quantizers and
-    are named in a warning); run the registered rules (all, or the names in ``rules``);
-    tie shared quantizers into one object each.
+    swap registered attention modules for their twins (:mod:`qdq.nn.attention`); trace
+    with torch.fx (parts that do not trace keep their module-level quantizers and are
+    named in a warning); run the registered rules (all, or the names in ``rules``); tie
+    shared quantizers into one object each.
+
+    With ``example_inputs`` (a tensor, a tuple of arguments or a dict of keyword
+    arguments) the rewrite is checked: with every quantizer disabled, each rewritten
+    part must give the outputs the part gave before on those inputs, and the whole model
+    the outputs the float model gave. A part that does not (fx traced one branch of an
+    ``if x is None``, say) is put back as it was, with its module-level quantizers, and
+    named in one warning; if the whole model still differs, :class:`RulesError`.
+    ``skip_parts`` names traced parts (module paths, ``""`` for the root) to keep
+    module-level without trying: ``qdq.restore`` replays the parts that were reverted.
 
     The model is changed in place where it can be (folding, quantizer ties, rewritten
     untraceable parts' children), but a traced root comes back as a new
     ``fx.GraphModule`` holding the same submodules: always use the returned module.
-    ``example_inputs`` (a tensor or tuple) enables shape checks; the model should be in
-    eval mode. What was done is in ``returned.qdq_rules_report``.
+    The model should be in eval mode. What was done is in ``returned.qdq_rules_report``.
     """
     names = list(RULES) if rules is None else list(rules)
     unknown = [n for n in names if n not in RULES]
     if unknown:
         raise ValueError(f"unknown placement rule(s) {unknown}; registered: {list(RULES)}")
-    args = _as_tuple(example_inputs)
+    call = Call.of(example_inputs)
+    reference = float_outputs(model, call) if call is not None else None
     disabled = [name for name, q in quantizers(model) if not q.is_enabled]
-    report = RulesReport(folded=fold_batchnorm(model, example_inputs), rules=names,
-                         inputs=[_input_spec(a) for a in args], disabled=disabled)
+    report = RulesReport(
+        folded=fold_batchnorm(model, example_inputs), rules=names, disabled=disabled,
+        inputs=[_input_spec(a) for a in call.args] if call is not None else [],
+        keywords={k: _input_spec(v) for k, v in call.kwargs.items()} if call is not None
+        else {})
+    skip = set(skip_parts)
     if insert and not any(isinstance(m, QuantInputMixin) for m in model.modules()):
         replace_modules(model)
-    result = model
+    swapped = swap_attention_twins(model)
+    if swapped:
+        report.changes["attention"] = len(swapped)
+    parts = []
     for part in trace_parts(model):
         if part.graph_module is None:
             report.untraced.append(f"{part.path or '(root)'} ({part.error})")
-            continue
+        else:
+            parts.append(part)
+    records = record_calls(model, [p.path for p in parts], call) if call is not None else {}
+    result = model
+    for part in parts:
         gm = part.graph_module
         if not part.path:
-            _shape_prop(gm, args)
+            _shape_prop(gm, call)
         ctx = RuleContext(gm, part.path)
         for name in names:
             count = RULES[name](ctx)
@@ -106,6 +155,12 @@ def apply_rules(model: nn.Module, example_inputs=None, rules: list[str] | None =
         gm.graph.lint()
         gm.recompile()
         report.notes.extend(ctx.notes)
+        why = ("kept module-level as asked" if part.path in skip
+               else _part_changed(gm, records.get(part.path)) if call is not None else None)
+        if why is not None:
+            report.reverted.append(f"{part.path or '(root)'} ({why})")
+            report.reverted_parts.append(part.path)
+            continue
         if part.path:
             _install(model, part.path, gm)
         else:
@@ -114,6 +169,14 @@ def apply_rules(model: nn.Module, example_inputs=None, rules: list[str] | None =
         warnings.warn("apply_rules: parts that torch.fx cannot trace keep module-level "
                       "quantizers only (no residual/concat/shared-scale rules): "
                       + "; ".join(report.untraced), stacklevel=2)
+    if report.reverted:
+        warnings.warn("apply_rules: traced parts that would change the float function are "
+                      "kept module-level: " + "; ".join(report.reverted), stacklevel=2)
+    if call is not None:
+        why = mismatch(reference, float_outputs(result, call))
+        if why is not None:
+            raise RulesError(f"apply_rules changed what the model computes in float ({why}); "
+                             "report it with the model: no rewrite should do that")
     name_quantizers(result)
     for _, q in quantizers(result):
         if q.placed_by is None:

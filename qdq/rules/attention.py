@@ -22,12 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from qdq.nn.attention import QuantAttentionMixin, attention_twin_of
 from qdq.nn.functional import QuantMatMul
 from qdq.nn.linear import QuantLinear
 from qdq.nn.mixin import QuantMixin
 from qdq.quantizer import TensorQuantizer
 
-__all__ = ["QuantMultiheadAttention", "swap_attention", "unsupported_reason"]
+__all__ = ["QuantMultiheadAttention", "attention_matmuls", "swap_attention",
+           "swap_attention_twins", "unsupported_reason"]
 
 
 def unsupported_reason(mha: nn.MultiheadAttention) -> str | None:
@@ -178,3 +180,43 @@ def swap_attention(gm: nn.Module) -> tuple[list[str], list[tuple[str, str]]]:
         setattr(gm.get_submodule(parent) if parent else gm, attr, twin)
         swapped.append(name)
     return swapped, skipped
+
+
+def swap_attention_twins(model: nn.Module) -> list[str]:
+    """Swap every registered attention module (:mod:`qdq.nn.attention`) under ``model``
+    for its twin, in place, wherever it sits (traced or not); returns their paths.
+
+    ``qdq.replace_modules`` already does this; models quantized with
+    ``quant_modules.initialize()`` get it here.
+    """
+    swapped = []
+    for name, module in list(model.named_modules()):
+        twin_cls = attention_twin_of(type(module))
+        if twin_cls is None or not name:
+            continue
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr,
+                twin_cls.from_float(module))
+        swapped.append(name)
+    return swapped
+
+
+def attention_matmuls(model: nn.Module) -> list[tuple[str, QuantMatMul]]:
+    """``(path, QuantMatMul)`` of every attention matmul (``q @ k^T``, ``attn @ v``) of
+    attention twins and ``QuantMultiheadAttention`` under ``model``.
+
+    Example (every Linear in INT8, attention matmuls in float)::
+
+        for _, mm in attention_matmuls(model):
+            mm._input_quantizer.disable(); mm._other_quantizer.disable()
+    """
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, QuantAttentionMixin):
+            names = module._spec.matmuls
+        elif isinstance(module, QuantMultiheadAttention):
+            names = ("qk", "av")
+        else:
+            continue
+        found += [(f"{name}.{n}" if name else n, getattr(module, n)) for n in names]
+    return found

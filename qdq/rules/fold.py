@@ -25,6 +25,7 @@ from torch import fx, nn
 
 from qdq.quantizer import TensorQuantizer
 from qdq.replace import disable_quantization
+from qdq.rules.check import Call, placeholder_args
 from qdq.rules.trace import trace_parts
 
 __all__ = ["fold_batchnorm", "fold_pair", "FOLDABLE"]
@@ -157,9 +158,12 @@ def _pairs(gm: fx.GraphModule) -> list[tuple[str, str]]:
     return pairs
 
 
-def _propagate_shapes(gm: fx.GraphModule, args: tuple) -> None:
+def _propagate_shapes(gm: fx.GraphModule, call: Call) -> None:
     from torch.fx.passes.shape_prop import ShapeProp
 
+    args = placeholder_args(gm, call)
+    if args is None:
+        return
     try:
         with torch.no_grad(), disable_quantization(gm):
             ShapeProp(gm).propagate(*args)
@@ -168,24 +172,18 @@ def _propagate_shapes(gm: fx.GraphModule, args: tuple) -> None:
                       "Linear+BatchNorm1d pairs are assumed 2-D", stacklevel=3)
 
 
-def _as_tuple(example_inputs) -> tuple:
-    if example_inputs is None:
-        return ()
-    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (
-        example_inputs,)
-
-
 def fold_batchnorm(model: nn.Module, example_inputs=None) -> list[str]:
     """Fold every eval-mode BatchNorm that directly follows a Conv/ConvTranspose/Linear.
 
     In place: the layer's weight and bias are rewritten and the BN is replaced by
     ``nn.Identity``. BNs in training mode are left as they are (their statistics still
-    change), with a warning. ``example_inputs`` (a tensor or a tuple), when given, lets
+    change), with a warning. ``example_inputs`` (a tensor, a tuple of arguments or a dict
+    of keyword arguments), when given, lets
     shapes be checked: a Linear followed by BatchNorm1d folds only on 2-D outputs.
 
     Returns the model paths of the folded BatchNorms.
     """
-    args = _as_tuple(example_inputs)
+    call = Call.of(example_inputs)
     folded: list[str] = []
     in_training: list[str] = []
     untraced: list[str] = []
@@ -197,8 +195,8 @@ def fold_batchnorm(model: nn.Module, example_inputs=None) -> list[str]:
                 untraced.append(f"{part.path or '(root)'} ({part.error}): "
                                 + ", ".join(direct))
             continue
-        if args and not part.path:
-            _propagate_shapes(part.graph_module, args)
+        if call is not None and not part.path:
+            _propagate_shapes(part.graph_module, call)
         for layer_t, bn_t in _pairs(part.graph_module):
             layer_path, bn_path = part.qualify(layer_t), part.qualify(bn_t)
             layer, bn = model.get_submodule(layer_path), model.get_submodule(bn_path)

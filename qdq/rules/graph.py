@@ -22,7 +22,8 @@ from qdq.nn.pooling import QuantMaxPool1d, QuantMaxPool2d, QuantMaxPool3d
 from qdq.quantizer import TensorQuantizer
 
 __all__ = [
-    "ADD", "CAT", "MATMUL", "RESIZE", "TRANSPARENT", "FUSIBLE", "WEIGHTED", "MAXPOOL",
+    "ADD", "CAT", "MATMUL", "RESIZE", "TRANSPARENT", "FUSIBLE", "WEIGHTED", "CONV_WEIGHTED",
+    "MAXPOOL",
     "Site", "matches", "module_of", "producer", "passes_through", "sites", "owner_path",
     "is_tensor",
 ]
@@ -60,6 +61,8 @@ FUSIBLE = TRANSPARENT | {
     ("call_method", "relu"),
 }
 WEIGHTED = (_QuantConvNd, _QuantConvTransposeNd, QuantLinear)
+#: layers a residual Add fuses into (see ``placement.from_weighted_layer``)
+CONV_WEIGHTED = (_QuantConvNd, _QuantConvTransposeNd)
 MAXPOOL = (QuantMaxPool1d, QuantMaxPool2d, QuantMaxPool3d)
 
 

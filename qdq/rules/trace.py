@@ -13,23 +13,30 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
+from qdq.nn.attention import QuantAttentionMixin
 from qdq.nn.mixin import QuantInputMixin
 from qdq.quantizer import TensorQuantizer
 
-__all__ = ["QdqTracer", "TracedPart", "trace_parts", "module_path"]
+__all__ = ["QdqTracer", "TracedPart", "trace_parts", "module_path", "is_quant_leaf"]
 
 
 class QdqTracer(fx.Tracer):
     """Keeps quantizers and quant twins as single ``call_module`` nodes.
 
     Their forwards branch on quantizer state, which fx cannot follow, and the rules
-    want to see "a QuantConv2d" rather than the ops inside it.
+    want to see "a QuantConv2d" rather than the ops inside it. Attention twins run their
+    float code under a function mode, which only works when they are called as a whole.
     """
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, (TensorQuantizer, QuantInputMixin)):
+        if is_quant_leaf(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+
+def is_quant_leaf(m: nn.Module) -> bool:
+    """Quantizers, quant twins and attention twins: one node each in a traced graph."""
+    return isinstance(m, (TensorQuantizer, QuantInputMixin, QuantAttentionMixin))
 
 
 @dataclass
@@ -59,14 +66,23 @@ def trace_parts(model: nn.Module, tracer_cls: type[fx.Tracer] = QdqTracer,
     """Yield a traced part for ``model`` or, if it fails, for its children (recursively).
 
     Parts that fail and have no children to fall back on are yielded with
-    ``graph_module=None`` and the error text.
+    ``graph_module=None`` and the error text. Quantizers, quant twins and attention
+    twins are never parts: they are single nodes of their parent's graph and nothing
+    inside them is for the rules to rewrite.
     """
+    if prefix and is_quant_leaf(model):
+        return
+    if isinstance(model, (nn.ModuleList, nn.ModuleDict)):  # containers: no forward
+        for name, child in model.named_children():
+            if _has_children(child):
+                yield from trace_parts(child, tracer_cls, module_path(prefix, name))
+        return
     try:
         graph = tracer_cls().trace(model)
         gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     except Exception as err:  # noqa: BLE001 - fx raises many kinds; we report and fall back
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        yield TracedPart(prefix, model, None, f"{type(err).__name__}: {first_line[:200]}")
+        yield TracedPart(prefix, model, None, f"{type(err).__name__}: {first_line[:80]}")
         for name, child in model.named_children():
             if _has_children(child):
                 yield from trace_parts(child, tracer_cls, module_path(prefix, name))

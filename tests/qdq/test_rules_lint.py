@@ -21,11 +21,13 @@ from qdq.rules import apply_rules
 
 FAST = ["resnet18", "mobilenet_v2"]
 SLOW = ["resnet50", "mobilenet_v3_large", "efficientnet_b0", "densenet121", "googlenet",
-        "vit_b_16"]
+        "vit_b_16", "swin_t"]
 #: models whose module-level placement the lint already accepts (see BENCHMARKS.md):
 #: DenseNet's concats are left unquantized by insertion and its pools feed no quantizer
 #: directly, so there is nothing for the lint to flag before the rules either.
-CLEAN_BEFORE = {"densenet121"}
+#: Swin's attention (F.linear on qkv.weight, both matmuls) is quantized by its attention
+#: twin, which module-level insertion already uses; Swin has no conv residual.
+CLEAN_BEFORE = {"densenet121", "swin_t"}
 
 
 def _build(name: str) -> tuple[torch.nn.Module, torch.Tensor]:

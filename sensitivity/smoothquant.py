@@ -1,0 +1,461 @@
+"""``smoothquant``: move activation outliers into the weights, per layer, exactly in float.
+
+SmoothQuant (Xiao et al., 2023): a Linear ``y = x W^T`` equals ``(x / s) (W * s)^T`` for
+any positive per-input-channel ``s``. With ``s_j = max|x_j|^a / max|W_j|^(1-a)`` the few
+activation channels with huge ranges (LayerNorm outputs, GELU outputs of transformers)
+shrink and the weights of those channels grow, so one per-tensor activation scale fits
+the rest of the channels better. ``a`` is searched per layer on calibration data (a
+grid, by the error of the quantized layer output against the float one); a layer whose
+error no ``a`` improves is left alone.
+
+Where ``1/s`` goes, so that the float model is unchanged:
+
+- a LayerNorm whose output feeds only Linear layers (in a torch.fx graph: pre-LN blocks
+  such as ViT's ``ln_2 -> mlp.0``, or q/k/v projections read straight from a LayerNorm):
+  ``gamma / s`` and ``beta / s``; the Linears reading it share one ``s`` (one search);
+- anywhere else (a LayerNorm output that also feeds a residual, as in BERT; GELU
+  outputs; attention outputs): the Linear's ``input_scale`` buffer, a per-channel Mul
+  before the input quantizer, exported as ``Mul -> QuantizeLinear`` (TensorRT fuses it
+  into the pointwise op before it).
+
+Run it after inserting quantizers and before calibrating: the amax of every quantizer it
+touches is reset. It checks the float model on the spot (every quantizer disabled, the
+first batch, largest difference within ``1e-5`` of the largest output) and undoes
+everything if that fails.
+
+Example::
+
+    qdq.replace_modules(model)
+    report = sensitivity.smoothquant(model, calib_batches, alpha="auto")
+    print(report)                       # per layer: alpha, where s went, output error
+    sensitivity.calibrate(model, calib_batches, method="histogram",
+                          amax_method="percentile", percentile=99.99)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from tqdm.auto import tqdm
+
+from qdq.nn.linear import QuantLinear
+from qdq.quantizer import TensorQuantizer
+from qdq.rules.check import largest_difference, mismatch
+from qdq.rules.trace import trace_parts
+from qdq.tensor_quant import fake_tensor_quant
+from sensitivity.batches import ForwardFn, default_forward, model_device, take, to_device
+from sensitivity.errors import SensitivityError
+from sensitivity.layers import saved_states
+
+__all__ = ["smoothquant", "SmoothQuantReport", "SmoothRow", "smoothing_scale",
+           "quantized_output_error", "ALPHAS", "FLOAT_TOLERANCE"]
+
+#: alphas tried per layer when ``alpha="auto"``
+ALPHAS = tuple(round(0.05 * i, 2) for i in range(0, 21))
+#: largest float difference the smoothing may cause, relative to the largest output value
+FLOAT_TOLERANCE = 1e-5
+
+
+# ------------------------------------------------------------------------ the math
+def smoothing_scale(act_max: torch.Tensor, weight_max: torch.Tensor, alpha: float
+                    ) -> torch.Tensor:
+    """``s_j = act_max_j^alpha / weight_max_j^(1 - alpha)``, 1 where a channel is all zero.
+
+    ``act_max``: max |x_j| over the calibration data; ``weight_max``: max |W_ij| over the
+    output rows (over every Linear sharing the input).
+    """
+    act = act_max.double()
+    weight = weight_max.double()
+    s = act.pow(alpha) / weight.pow(1.0 - alpha)
+    ok = (act > 0) & (weight > 0) & torch.isfinite(s) & (s > 0)
+    return torch.where(ok, s, torch.ones_like(s))
+
+
+def quantized_output_error(x: torch.Tensor, weight: torch.Tensor, s: torch.Tensor,
+                           x_amax: float, num_bits: int = 8,
+                           reference: torch.Tensor | None = None) -> float:
+    """Mean squared error of ``Q(x / s) Q(W * s)^T`` against ``x W^T``.
+
+    ``x``: rows of the layer input; activations per tensor with ``x_amax`` (for the
+    smoothed input), weights per output row with their max. ``reference``: ``x W^T`` if
+    already computed.
+    """
+    xs = x / s.to(x.dtype)
+    ws = weight * s.to(weight.dtype)
+    w_amax = ws.abs().amax(dim=1, keepdim=True)
+    xq = fake_tensor_quant(xs, torch.tensor(x_amax, dtype=x.dtype), num_bits)
+    wq = fake_tensor_quant(ws, w_amax, num_bits)
+    y = x @ weight.T if reference is None else reference
+    return float(((xq @ wq.T) - y).pow(2).mean())
+
+
+# ---------------------------------------------------------------------- the report
+@dataclass
+class SmoothRow:
+    """One smoothed unit: a Linear, or the Linears that read one LayerNorm."""
+
+    layers: list[str]
+    alpha: float | None  # None: left alone (no alpha beat the unsmoothed layer)
+    into: str  # "layernorm <path>", "mul" or "-"
+    error_before: float  # relative output MSE of the quantized layer(s), unsmoothed
+    error_after: float
+    act_max_before: float
+    act_max_after: float
+    weight_max_before: float
+    weight_max_after: float
+
+
+@dataclass
+class SmoothQuantReport:
+    rows: list[SmoothRow] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    float_difference: float = 0.0  # largest float difference after smoothing, relative
+
+    @property
+    def smoothed(self) -> list[SmoothRow]:
+        return [r for r in self.rows if r.alpha is not None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        lines = [f"SmoothQuant: {len(self.smoothed)} of {len(self.rows)} units smoothed; "
+                 f"float outputs unchanged to {self.float_difference:.1e} (relative)"]
+        width = max((len(", ".join(r.layers)) for r in self.rows), default=5)
+        width = min(width, 70)
+        lines.append(f"{'layer':<{width}}  {'alpha':>5}  {'into':<28}  {'error':>17}  "
+                     f"{'act max':>15}  {'weight max':>15}")
+        for r in self.rows:
+            alpha = "-" if r.alpha is None else f"{r.alpha:.2f}"
+            name = ", ".join(r.layers)
+            name = name if len(name) <= width else name[:width - 3] + "..."
+            lines.append(
+                f"{name:<{width}}  {alpha:>5}  {r.into[:28]:<28}  "
+                f"{r.error_before:>7.2e}->{r.error_after:<8.2e}  "
+                f"{r.act_max_before:>6.3g}->{r.act_max_after:<7.3g}  "
+                f"{r.weight_max_before:>6.3g}->{r.weight_max_after:<7.3g}")
+        if self.skipped:
+            lines.append("not smoothed: " + "; ".join(self.skipped))
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- the walker
+@dataclass(eq=False)
+class _Unit:
+    linears: list[tuple[str, QuantLinear]]
+    norm: tuple[str, nn.LayerNorm] | None = None
+
+
+def _targets(model: nn.Module, names: Sequence[str] | None) -> tuple[list, list[str]]:
+    """Quantized Linears to smooth, and why others are not."""
+    users: dict[int, int] = {}
+    for module in model.modules():
+        for child in module.children():
+            if isinstance(child, TensorQuantizer):
+                users[id(child)] = users.get(id(child), 0) + 1
+    found, skipped = [], []
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantLinear):
+            continue
+        if names is not None and name not in names:
+            continue
+        q_in, q_w = module._input_quantizer, module._weight_quantizer
+        if not (q_in.is_enabled and q_w.is_enabled):
+            skipped.append(f"{name} (a quantizer is disabled)")
+        elif q_in.axis is not None or q_w.axis not in (0, (0,)):
+            skipped.append(f"{name} (needs a per-tensor input and per-row weight)")
+        elif users.get(id(q_in), 0) > 1:
+            skipped.append(f"{name} (its input quantizer is shared)")
+        else:
+            found.append((name, module))
+    if names is not None:
+        known = {n for n, _ in found} | {s.split(" ")[0] for s in skipped}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise SensitivityError(f"smoothquant: no quantized Linear named {unknown}")
+    return found, skipped
+
+
+def _layernorm_groups(model: nn.Module, linears: dict[str, QuantLinear]
+                      ) -> dict[str, tuple[str, list[str]]]:
+    """Linear path -> (LayerNorm path, every Linear path reading it) where folding is exact.
+
+    Exact when, in a traced graph, a LayerNorm called once has only Linears from
+    ``linears`` as users, each called once.
+    """
+    groups: dict[str, tuple[str, list[str]]] = {}
+    for part in trace_parts(model):
+        gm = part.graph_module
+        if gm is None:
+            continue
+        calls: dict[str, int] = {}
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                calls[node.target] = calls.get(node.target, 0) + 1
+        for node in gm.graph.nodes:
+            if node.op != "call_module" or calls[node.target] != 1:
+                continue
+            norm = gm.get_submodule(node.target)
+            if not isinstance(norm, nn.LayerNorm) or not norm.elementwise_affine \
+                    or norm.bias is None or len(norm.normalized_shape) != 1:
+                continue
+            readers = _linear_readers(node, calls, part.qualify)
+            if readers and all(r in linears for r in readers):
+                for r in readers:
+                    groups[r] = (part.qualify(node.target), readers)
+    return groups
+
+
+def _linear_readers(node: fx.Node, calls: dict[str, int], qualify) -> list[str] | None:
+    readers = []
+    for user in node.users:
+        if user.op != "call_module" or calls.get(user.target) != 1 \
+                or user.args[:1] != (node,) or len(user.args) != 1 or user.kwargs:
+            return None
+        readers.append(qualify(user.target))
+    return readers
+
+
+def _units(model: nn.Module, found: list[tuple[str, QuantLinear]]) -> list[_Unit]:
+    linears = dict(found)
+    groups = _layernorm_groups(model, linears)
+    units, done = [], set()
+    for name, module in found:
+        if name in done:
+            continue
+        if name in groups:
+            norm_path, readers = groups[name]
+            units.append(_Unit([(r, linears[r]) for r in readers],
+                               (norm_path, model.get_submodule(norm_path))))
+            done.update(readers)
+        else:
+            units.append(_Unit([(name, module)]))
+            done.add(name)
+    return units
+
+
+# ----------------------------------------------------------------- the statistics
+class _Inputs:
+    """Per-channel max |x| over all rows, and up to ``max_rows`` rows kept for the search."""
+
+    def __init__(self, max_rows: int, generator: torch.Generator) -> None:
+        self.max_rows = max_rows
+        self.generator = generator
+        self.act_max: torch.Tensor | None = None
+        self.rows: list[torch.Tensor] = []
+        self.seen = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        rows = x.detach().reshape(-1, x.shape[-1]).float().cpu()
+        peak = rows.abs().amax(0).double()
+        self.act_max = peak if self.act_max is None else torch.maximum(self.act_max, peak)
+        self.rows.append(rows)
+        self.seen += rows.shape[0]
+        kept = sum(r.shape[0] for r in self.rows)
+        if kept > 2 * self.max_rows:
+            self.rows = [self._sample(torch.cat(self.rows))]
+
+    def _sample(self, rows: torch.Tensor) -> torch.Tensor:
+        if rows.shape[0] <= self.max_rows:
+            return rows
+        pick = torch.randperm(rows.shape[0], generator=self.generator)[:self.max_rows]
+        return rows[pick.sort().values]
+
+    def sample(self) -> torch.Tensor:
+        return self._sample(torch.cat(self.rows))
+
+
+def _collect(model: nn.Module, units: list[_Unit], batches: Iterable, max_rows: int,
+             forward: ForwardFn, progress: bool) -> dict[int, _Inputs]:
+    """Run ``batches`` in float; what each unit's input quantizer receives."""
+    generator = torch.Generator().manual_seed(0)
+    stats = {id(u): _Inputs(max_rows, generator) for u in units}
+    def recorder(inputs: _Inputs):
+        def hook(module, args) -> None:
+            inputs.add(args[0])
+        return hook
+
+    handles = []
+    for unit in units:
+        q = unit.linears[0][1]._input_quantizer  # a group's Linears read one tensor
+        handles.append(q.register_forward_pre_hook(recorder(stats[id(unit)])))
+    device = model_device(model)
+    quantizers = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
+    try:
+        with torch.no_grad(), saved_states(quantizers):
+            for q in quantizers:
+                q.disable()
+            for q in {id(u.linears[0][1]._input_quantizer): u.linears[0][1]._input_quantizer
+                      for u in units}.values():
+                q.enable()  # on, but neither calibrating nor quantizing: hooks see inputs
+                q.disable_calib()
+                q.disable_quant()
+            for batch in tqdm(batches, desc="smoothquant", unit="batch", leave=False,
+                              disable=not progress):
+                forward(model, to_device(batch, device))
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+# ------------------------------------------------------------------------ the search
+def _weight_max(unit: _Unit) -> torch.Tensor:
+    return torch.stack([m.weight.detach().abs().amax(0).double().cpu()
+                        for _, m in unit.linears]).amax(0)
+
+
+def _search(unit: _Unit, stats: _Inputs, alphas: Sequence[float]) -> tuple[float | None, float,
+                                                                           float, torch.Tensor]:
+    """(best alpha or None, error unsmoothed, error at best, s at best).
+
+    The error of a unit is the output MSE of each of its quantized Linears relative to
+    that output's mean power, averaged over the Linears.
+    """
+    x = stats.sample()
+    act_max = stats.act_max
+    layers = []
+    for _, m in unit.linears:
+        w = m.weight.detach().float().cpu()
+        y = x @ w.T
+        layers.append((w, y, float(y.pow(2).mean()) or 1.0, m._input_quantizer.num_bits))
+
+    def error(s: torch.Tensor) -> float:
+        amax = float((act_max / s).max())
+        return sum(quantized_output_error(x, w, s.float(), amax, bits, y) / power
+                   for w, y, power, bits in layers) / len(layers)
+
+    ones = torch.ones_like(act_max)
+    base = error(ones)
+    weight_max = _weight_max(unit)
+    best = (None, base, ones)
+    for alpha in alphas:
+        s = smoothing_scale(act_max, weight_max, alpha)
+        err = error(s)
+        if err < best[1]:
+            best = (alpha, err, s)
+    return best[0], base, best[1], best[2]
+
+
+# ---------------------------------------------------------------------- applying it
+@torch.no_grad()
+def _apply(unit: _Unit, s: torch.Tensor) -> None:
+    for _, m in unit.linears:
+        m.weight.mul_(s.to(m.weight.device, m.weight.dtype))
+        m._weight_quantizer.reset_amax()
+        m._input_quantizer.reset_amax()
+    if unit.norm is not None:
+        norm = unit.norm[1]
+        inv = (1.0 / s).to(norm.weight.device, norm.weight.dtype)
+        norm.weight.mul_(inv)
+        norm.bias.mul_(inv)
+    else:
+        (_, m), = unit.linears
+        old = getattr(m, "input_scale", None)
+        old = torch.ones(m.in_features, dtype=torch.float64) if old is None else old.double()
+        m.set_input_scale((old.cpu() / s).float())
+
+
+def _snapshot(units: list[_Unit]) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
+    saved = []
+    for unit in units:
+        modules = [m for _, m in unit.linears] + ([unit.norm[1]] if unit.norm else [])
+        for m in modules:
+            saved.append((m, {k: v.detach().clone() for k, v in m.state_dict().items()}))
+    return saved
+
+
+def _restore(saved) -> None:
+    for module, state in saved:
+        if isinstance(module, QuantLinear) and "input_scale" not in state:
+            module.set_input_scale(None)
+        module.load_state_dict(state)
+
+
+def _float_output(model: nn.Module, batch, forward: ForwardFn):
+    quantizers = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
+    with torch.no_grad(), saved_states(quantizers):
+        for q in quantizers:
+            q.disable()
+        return forward(model, to_device(batch, model_device(model)))
+
+
+def smoothquant(model: nn.Module, batches: Iterable, alpha: float | str = "auto", *,
+                layers: Sequence[str] | None = None, alphas: Sequence[float] = ALPHAS,
+                num_batches: int | None = None, max_rows: int = 4096,
+                forward_fn: ForwardFn | None = None, progress: bool = True
+                ) -> SmoothQuantReport:
+    """Smooth the quantized Linears of ``model`` in place; returns a per-layer report.
+
+    Args:
+        model: a model with quantizers (``qdq.replace_modules`` or the rules), eval mode.
+        batches: calibration batches (tensors, tuples or keyword dicts, as ``calibrate``).
+        alpha: ``"auto"`` (searched per layer over ``alphas``) or one value in [0, 1]
+            used for every layer (a layer is still left alone where it would get worse).
+        layers: module paths of the Linears to smooth (default: every quantized Linear
+            with a per-tensor input and per-row weight quantizer).
+        num_batches: use the first ``num_batches`` batches only.
+        max_rows: input rows per layer kept for the search (a seeded subsample).
+        forward_fn: ``forward_fn(model, batch)`` for models with their own signature.
+
+    Raises :class:`SensitivityError` for bad arguments, and when the smoothed model's
+    float outputs differ from the original's (after undoing every change).
+    """
+    if alpha != "auto":
+        if isinstance(alpha, str) or not 0.0 <= float(alpha) <= 1.0:
+            raise SensitivityError(f"alpha must be 'auto' or a number in [0, 1], got {alpha!r}")
+        alphas = (float(alpha),)
+    if not alphas or any(not 0.0 <= a <= 1.0 for a in alphas):
+        raise SensitivityError(f"alphas must be numbers in [0, 1], got {list(alphas)}")
+    if max_rows < 1:
+        raise SensitivityError(f"max_rows must be at least 1, got {max_rows}")
+    forward = forward_fn or default_forward
+    data = list(take(batches, num_batches))
+    if not data:
+        raise SensitivityError("smoothquant: the calibration data gave no batch")
+    found, skipped = _targets(model, layers)
+    if not found:
+        raise SensitivityError("smoothquant: the model has no quantized Linear to smooth "
+                               "(insert quantizers first: qdq.replace_modules(model))")
+    was_training = model.training
+    model.eval()
+    try:
+        units = _units(model, found)
+        reference = _float_output(model, data[0], forward)
+        stats = _collect(model, units, data, max_rows, forward, progress)
+        report = SmoothQuantReport(skipped=skipped)
+        saved = _snapshot(units)
+        for unit in units:
+            inputs = stats[id(unit)]
+            names = [n for n, _ in unit.linears]
+            if inputs.act_max is None:
+                report.skipped.append(f"{', '.join(names)} (saw no data)")
+                continue
+            best, before, after, s = _search(unit, inputs, alphas)
+            weight_max = _weight_max(unit)
+            if best is not None:
+                _apply(unit, s)
+            into = "-" if best is None else (
+                f"layernorm {unit.norm[0]}" if unit.norm is not None else "mul")
+            report.rows.append(SmoothRow(
+                layers=names, alpha=best, into=into, error_before=before, error_after=after,
+                act_max_before=float(inputs.act_max.max()),
+                act_max_after=float((inputs.act_max / s).max()),
+                weight_max_before=float(weight_max.max()),
+                weight_max_after=float((weight_max * s).max())))
+        smoothed = _float_output(model, data[0], forward)
+        problem = mismatch(reference, smoothed, FLOAT_TOLERANCE)
+        if problem is None:
+            report.float_difference = largest_difference(reference, smoothed)
+        if problem is not None or not math.isfinite(report.float_difference):
+            _restore(saved)
+            raise SensitivityError(f"smoothquant changed the float model ({problem}); every "
+                                   "change was undone")
+    finally:
+        model.train(was_training)
+    return report
