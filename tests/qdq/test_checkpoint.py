@@ -219,3 +219,47 @@ def test_restore_onto_a_model_on_the_gpu(tmp_path):
     assert all(q.amax.is_cuda for _, q in qdq.quantizers(restored) if q.amax is not None)
     with torch.no_grad():
         assert torch.equal(restored(x.cuda()), before)
+
+
+def _tiny_bert(seed: int):
+    transformers = pytest.importorskip("transformers", reason="transformers not installed "
+                                       "(pip install -e '.[hf]')")
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64,
+                                     max_position_embeddings=32, attn_implementation="eager")
+    return transformers.BertModel(config).eval()
+
+
+def test_transformer_with_keyword_inputs_attention_twins_and_smoothquant(tmp_path):
+    """A Hugging Face model: rules run on keyword inputs (recorded and replayed), the
+    attention twins come back, and SmoothQuant's folded LayerNorms and Mul scales are
+    state that the file carries."""
+    import sensitivity
+
+    model = _tiny_bert(0)
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    qdq.replace_modules(model)
+    model = apply_rules(model, batch)
+    sensitivity.smoothquant(model, [batch], progress=False)
+    quantizers = [q for _, q in qdq.quantizers(model) if q.is_enabled]
+    for q in quantizers:
+        q.disable_quant()
+        q.enable_calib()
+    with torch.no_grad():
+        model(**batch)
+    for q in quantizers:
+        q.load_calib_amax(strict=False)
+        q.enable_quant()
+        q.disable_calib()
+    with torch.no_grad():
+        before = model(**batch).last_hidden_state
+    path = qdq.save(model, tmp_path / "bert.qdq.pt")
+    restored = qdq.restore(_tiny_bert(5), path)
+    with torch.no_grad():
+        after = restored(**batch).last_hidden_state
+    assert torch.equal(before, after)
+    assert _groups(restored) == _groups(model)
+    assert sorted(type(m).__name__ for m in restored.modules()) == \
+        sorted(type(m).__name__ for m in model.modules())
