@@ -3,8 +3,9 @@
 For every activation quantizer of the Fashion-MNIST reference model (module-level
 insertion, histogram calibration on training batches): the share of its input in bin 0
 (the exact zeros of a ReLU, and values below one bin width), and amax from max, from the
-entropy search on the histogram as counted and from ``entropy_amax`` (bin 0 levelled to
-bin 1). Then test top-1 of the whole model for each way, next to the other methods.
+entropy search on the histogram as counted and from the entropy search as
+pytorch-quantization runs it (bin 0 levelled to bin 1). Then test top-1 of the whole model
+for each way, next to the other methods.
 
     PYTHONPATH=. python scripts/entropy_zeros.py --threads 2
 """
@@ -45,7 +46,7 @@ def calibrated(checkpoint, calib, batches: int, amax_method: str, skip_zeros: bo
 
 def entropy_as_counted(counts: torch.Tensor, width: float) -> torch.Tensor:
     """The KL search on the histogram as collected, zero spike included (last argmin)."""
-    cand, kl = entropy_divergences(counts)
+    cand, kl = entropy_divergences(counts, level_zero=False)
     ties = (kl <= kl.min() + KL_TIE_TOL).nonzero()
     return torch.tensor(float(cand[int(ties.max())]) * width)
 

@@ -27,8 +27,8 @@ Exact semantics (pytorch-quantization 2.x, ``calib/histogram.py``):
   its level's count divided by the number of such bins. KL(P || Q) of the normalised
   distributions; the largest candidate among the minima wins. A candidate whose last bin
   is empty while later bins are not has infinite KL (P has mass where Q has none).
-- **percentile**: the left edge of the first bin where the cumulative count reaches
-  ``percentile / 100`` of the total.
+- **percentile**: the left edge of the first bin where the running sum of
+  ``count / total`` (float64, left to right) reaches ``percentile / 100``.
 - **mse**: candidates are bin centres; the error of a candidate is the sum over all bin
   centres ``x`` of ``count * (fake_quant(x, amax) - x)^2`` (round half to even, centres
   above amax clip to it); the smallest candidate among the minima wins.
@@ -223,25 +223,28 @@ def _prefix(values: torch.Tensor) -> torch.Tensor:
 
 
 def _gather_blocks(tables: Sequence[torch.Tensor], bounds: torch.Tensor,
-                   reduce: Callable[..., torch.Tensor]) -> torch.Tensor:
+                   reduce: Callable[..., torch.Tensor], differences: bool = False
+                   ) -> torch.Tensor:
     """``reduce(lo, hi, *gathered)`` for every histogram and candidate, in blocks.
 
     ``tables`` are ``[Q, N + 1]`` prefix sums and ``bounds`` ``[T, K]`` indices into them,
-    the same for every histogram. Each table is transposed to ``[N + 1, Q]`` so that one
-    ``index_select`` gathers all histograms at once; ``reduce`` gets, for candidates
-    ``lo:hi``, gathers shaped ``[hi - lo, K, Q]`` and returns ``[hi - lo, Q]``. Returns
-    ``[Q, T]``."""
-    parts = [t.t().contiguous() for t in tables]
-    q_count = parts[0].shape[1]
+    the same for every histogram. The tables are laid side by side as the columns of one
+    ``[N + 1, len(tables) * Q]`` table, so that a single ``index_select`` gathers every
+    table for every histogram; ``reduce`` gets, for candidates ``lo:hi``, one ``[hi - lo,
+    K, Q]`` view per table (``[hi - lo, K - 1, Q]`` of differences between neighbouring
+    bounds with ``differences``) and returns ``[hi - lo, Q]``. Returns ``[Q, T]``."""
+    q_count = tables[0].shape[0]
+    table = torch.cat([t.t() for t in tables], dim=1)
     t_count, k = bounds.shape
     out = torch.empty(t_count, q_count, dtype=torch.float64, device=bounds.device)
     budget = _CPU_BLOCK if bounds.device.type == "cpu" else _DEVICE_BLOCK
-    step = max(1, budget // (q_count * k))
+    step = max(1, budget // (table.shape[1] * k))
     for lo in range(0, t_count, step):       # blocks bound memory; each is a few tensor ops
         hi = min(lo + step, t_count)
-        index = bounds[lo:hi].reshape(-1)
-        out[lo:hi] = reduce(lo, hi, *(p.index_select(0, index).view(hi - lo, k, q_count)
-                                      for p in parts))
+        rows = table.index_select(0, bounds[lo:hi].reshape(-1)).view(hi - lo, k, -1)
+        if differences:
+            rows = rows.diff(dim=1)
+        out[lo:hi] = reduce(lo, hi, *rows.split(q_count, dim=2))
     return out.t()
 
 
@@ -283,11 +286,10 @@ def _entropy_kl(block: torch.Tensor, lengths: list[int], levels: int, start_bin:
 
     def level_sum(lo: int, hi: int, m: torch.Tensor, nz: torch.Tensor) -> torch.Tensor:
         # sum_k M_k log(M_k / nz_k), with 0 log 0 = 0 (xlogy is 10x slower than this)
-        m, nz = m.diff(dim=1), nz.diff(dim=1).clamp_min_(1)
-        ratio = _log_(torch.div(m, nz, out=nz).clamp_min_(1e-300))
+        ratio = _log_(torch.div(m, nz.clamp_min(1)).clamp_min_(1e-300))
         return ratio.mul_(m).sum(1)
 
-    head = _gather_blocks((mass, nonzero), bounds, level_sum)
+    head = _gather_blocks((mass, nonzero), bounds, level_sum, differences=True)
 
     at = cand.expand(len(lengths), -1)
     kept = mass.gather(1, at)                            # S_i: count of the first i bins
@@ -414,19 +416,27 @@ def mse_errors(counts: torch.Tensor, num_bits: int = 8, unsigned: bool = False,
 
 def percentile_bins(counts: Sequence[torch.Tensor], *, percentile: float = 99.99,
                     names: Sequence[str] | None = None) -> torch.Tensor:
-    """The first bin ``b`` (amax: its left edge ``b * w``) where the cumulative count
-    reaches ``percentile / 100`` of the total (``fl(percentile / 100) * total`` in float64)."""
+    """The first bin ``b`` (amax: its left edge ``b * w``) where the cumulative share of the
+    count reaches ``percentile / 100``; ``n`` (the top edge) if rounding keeps it below.
+
+    The share is pytorch-quantization's, rounding included: a running float64 sum of
+    ``count / total``, left to right (torch's CPU cumsum adds in that order, as numpy's
+    does), so that a share landing exactly on ``percentile / 100`` is decided as there."""
     if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or \
             not 0 < percentile <= 100:
         raise CalibrationError(f"percentile must be in (0, 100], got {percentile!r}")
     lengths = _check_histograms(counts, names)
+    target = percentile / 100.0
 
     def search(rows: torch.Tensor, sub: list[int]) -> torch.Tensor:
-        cum = torch.cumsum(rows, 1).to(torch.float64)
-        need = cum[:, -1:] * (percentile / 100.0)
-        return torch.searchsorted(cum, need).reshape(-1)
+        c = rows.to(torch.float64)
+        share = torch.cumsum(c / c.sum(1, keepdim=True), 1)
+        found = torch.searchsorted(share, torch.full_like(share[:, :1], target))
+        return torch.minimum(found.reshape(-1), torch.tensor(sub))
 
-    return _in_groups(counts, lengths, search)
+    device = counts[0].device
+    on_cpu = [c.cpu() for c in counts]         # the same additions on every device
+    return _in_groups(on_cpu, lengths, search).to(device)
 
 
 # ------------------------------------------------------------------------- amax

@@ -6,12 +6,12 @@ exact int64.
 
 CPU (:func:`count_cpu`): ``x * scale`` in float32, truncated to int16/int32 *with its
 sign* (``trunc`` is odd, so ``|trunc(x s)| = trunc(|x| s)`` and no ``abs`` pass is
-needed), then one ``bincount`` over ``2 * num_bins + 1`` signed slots folded in half.
-Consecutive values count into four interleaved copies of those slots (``lanes``): after a
-ReLU half of a tensor falls into bin 0, and ``bincount``'s single counter per bin makes
-every such increment wait for the previous one; four counters run four times faster.
-Buffers are reused between calls (first-touch page faults of fresh activation-sized
-tensors cost as much as the counting).
+needed), then one ``bincount`` over signed slots folded in half. Consecutive values count
+into four interleaved copies of the slots (``lanes``, one contiguous add of a cached
+offset pattern): after a ReLU half of a tensor falls into bin 0, and ``bincount``'s single
+counter per bin makes every such increment wait for the previous one. Buffers are reused
+between calls (first-touch page faults of fresh activation-sized tensors cost as much as
+the counting). Four passes over the data in all: max, scale, convert, count.
 
 GPU (:func:`count_device`): ``index_add_`` into a fixed-size counts tensor, with the bin
 count as a device tensor, so a batch is counted without a host sync.
@@ -37,22 +37,39 @@ def count_cpu(flat: torch.Tensor, scale: float, num_bins: int) -> torch.Tensor:
     at most ``num_bins`` (the caller grows the histogram first)."""
     n = flat.numel()
     lanes = LANES if n >= _LANE_MIN else 1
-    slots = 2 * num_bins + 1                    # trunc(x * scale) in [-num_bins, num_bins]
-    dtype = torch.int16 if lanes * slots <= _INT16_SLOTS else torch.int32
-    scaled = _scratch(n, torch.float32, 0)
+    # Each lane has `width` slots, trunc(x * scale) in [-num_bins, num_bins] landing
+    # around its middle; a power-of-two width keeps the offset pattern reusable.
+    width = 1 << (2 * num_bins + 1).bit_length()
+    dtype = torch.int16 if lanes * width <= _INT16_SLOTS else torch.int32
+    scaled = _scratch(n, torch.float32, "scaled")
     torch.mul(flat, scale, out=scaled)
-    index = _scratch(n, dtype, 1)
+    index = _scratch(n, dtype, "index")
     index.copy_(scaled)                          # truncation toward zero
-    main = n - n % lanes
-    offsets = num_bins + slots * torch.arange(lanes, dtype=dtype)
-    index[:main].view(-1, lanes).add_(offsets)
-    if main < n:
-        index[main:].add_(num_bins)
-    signed = torch.bincount(index, minlength=lanes * slots).view(lanes, slots).sum(0)
-    counts = signed[num_bins:].clone()           # bins 0 .. num_bins from x >= 0
-    counts[1:] += signed[:num_bins].flip(0)      # and from x < 0
+    if lanes == 1:
+        index.add_(width // 2)
+    else:
+        index.add_(_lane_offsets(n, lanes, width, dtype))
+    signed = torch.bincount(index, minlength=lanes * width).view(lanes, width).sum(0)
+    middle = width // 2
+    counts = signed[middle:middle + num_bins + 1].clone()      # from x >= 0
+    counts[1:] += signed[middle - num_bins:middle].flip(0)     # and from x < 0
     counts[num_bins - 1] += counts[num_bins]     # the top edge belongs to the last bin
     return counts[:num_bins]
+
+
+def _lane_offsets(n: int, lanes: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """``lane * width + width / 2`` for lane ``k % lanes`` of value ``k``, kept between
+    calls."""
+    key = ("lanes", lanes, width, dtype)
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    pattern = buffers.get(key)
+    if pattern is None or pattern.numel() < n:
+        size = max(n, 1 << 16)
+        base = torch.arange(lanes, dtype=dtype) * width + width // 2
+        pattern = base.repeat(-(-size // lanes))[:size]
+        if size <= _SCRATCH_MAX:
+            buffers[key] = pattern
+    return pattern[:n]
 
 
 def count_device(counts: torch.Tensor, xf: torch.Tensor, scale: torch.Tensor,
@@ -73,7 +90,7 @@ _SCRATCH = threading.local()
 _SCRATCH_MAX = 1 << 26
 
 
-def _scratch(numel: int, dtype: torch.dtype, slot: int) -> torch.Tensor:
+def _scratch(numel: int, dtype: torch.dtype, slot: str) -> torch.Tensor:
     """A reusable 1-D CPU buffer, one per thread and slot, grown to the largest batch."""
     if numel > _SCRATCH_MAX:
         return torch.empty(numel, dtype=dtype)

@@ -147,10 +147,12 @@ class HistogramCalibrator(Calibrator):
         self._shift: torch.Tensor | None = None        # bins merged 2^shift to 1
         self._max: torch.Tensor | None = None
 
-    def _init_state(self, device: torch.device) -> None:
-        # CPU histograms hold exactly the bins in use; device ones the whole cap, so that
-        # growing never changes a shape (no host sync).
-        size = self._num_bins if device.type == "cpu" else self._max_bins
+    def _init_state(self, device: torch.device, host_sized: bool | None = None) -> None:
+        # CPU histograms hold exactly the bins in use (host_sized: sizes are read back,
+        # free on a CPU); GPU ones the whole cap, so that growing never changes a shape and
+        # a batch is counted without a host sync.
+        self._host_sized = device.type == "cpu" if host_sized is None else host_sized
+        size = self._num_bins if self._host_sized else self._max_bins
         self._counts = torch.zeros(size, dtype=torch.int64, device=device)
         self._nb = torch.full((), self._num_bins, dtype=torch.int64, device=device)
         self._first_max = torch.zeros((), dtype=torch.float32, device=device)
@@ -194,7 +196,7 @@ class HistogramCalibrator(Calibrator):
         flat = x.reshape(-1)
         if flat.dtype != torch.float32:
             flat = flat.float()     # pytorch-quantization bins x.float() as well
-        if x.device.type == "cpu":
+        if self._host_sized:
             self._collect_cpu(flat, x)
         else:
             self._collect_device(flat)
@@ -310,7 +312,7 @@ class HistogramCalibrator(Calibrator):
         self._merge_to(int(shift))
         nb = self._nb.clone()
         dist.all_reduce(nb, op=dist.ReduceOp.MAX, group=group)
-        if device.type == "cpu":
+        if self._host_sized:
             self._counts = torch.nn.functional.pad(self._counts,
                                                    (0, int(nb) - self._counts.numel()))
         self._nb = nb.to(device)
@@ -325,8 +327,7 @@ class HistogramCalibrator(Calibrator):
             return
         size, nb = self._counts.numel(), int(self._nb)
         merged = -(-size // (1 << step))
-        self._counts = _merged(self._counts, step, merged if self._counts.device.type == "cpu"
-                               else size)
+        self._counts = _merged(self._counts, step, merged if self._host_sized else size)
         self._scale = self._scale * 2.0 ** -step
         self._shift = self._shift + step
         self._nb = torch.full_like(self._nb, -(-nb // (1 << step)))

@@ -12,7 +12,8 @@ tests and ``scripts/bench_calib.py`` compare the fast, vectorised code against i
   to bin ``i - 1``; bin ``b < i`` belongs to level ``floor(b * L / i)``; Q gives every bin
   that is non-empty in the histogram its level's count over the level's non-empty bins;
   KL(P || Q) normalised; the last candidate within ``KL_TIES`` of the minimum.
-- percentile: the first bin whose cumulative count reaches ``(p / 100) * total``.
+- percentile: the first bin whose running share of the total (float sum of
+  ``count / total``, left to right) reaches ``p / 100``.
 - mse: candidate centres ``i``; error = sum over centres of ``count * (fq(centre) -
   centre)^2`` with ``fq`` fake quantization to ``qmax`` steps of ``amax / qmax``, round half
   to even, clipped at amax; exact integer arithmetic; the first minimum.
@@ -119,15 +120,17 @@ def entropy_bin(counts, num_bits: int = 8, unsigned: bool = False, start_bin: in
 
 
 def percentile_bin(counts, percentile: float) -> int:
-    """The bin whose left edge is the amax."""
+    """The bin whose left edge is the amax: the first whose running share of the total
+    (a float sum of ``count / total``, left to right) reaches ``percentile / 100``; the top
+    edge ``len(counts)`` if the rounded share never does."""
     total = sum(int(c) for c in counts)
-    need = (percentile / 100.0) * total
-    running = 0
+    target = percentile / 100.0
+    share = 0.0
     for b, c in enumerate(counts):
-        running += int(c)
-        if running >= need:
+        share += int(c) / total
+        if share >= target:
             return b
-    raise AssertionError("the cumulative count never reached the total")
+    return len(counts)
 
 
 def mse_bin(counts, num_bits: int = 8, unsigned: bool = False, start_bin: int = 128,

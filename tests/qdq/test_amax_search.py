@@ -154,6 +154,17 @@ def test_percentile_is_the_left_edge_of_the_bin_that_reaches_it():
     assert float(amax[0]) == 1.0      # bin 2 reaches 50 %: its left edge, 2 * 0.5
 
 
+def test_percentile_rounds_the_running_share_as_pytorch_quantization_does():
+    """99.99 % of 100,000 is reached exactly at bin 1688, but the running float sum of
+    count / total stays a hair below 0.9999 there: pytorch-quantization picks bin 1696."""
+    x = np.abs(np.random.default_rng(0).normal(size=100_000))
+    counts = torch.from_numpy(np.histogram(x, 2048)[0])
+    exact = int(np.searchsorted(np.cumsum(counts.numpy()), 99_990))
+    assert exact == 1688
+    assert int(percentile_bins([counts], percentile=99.99)[0]) == \
+        ref.percentile_bin(counts.tolist(), 99.99) == 1696
+
+
 @pytest.mark.parametrize("bad", [0, -1, 100.5, float("nan"), "99", True])
 def test_percentile_rejects_bad_values(bad):
     with pytest.raises(CalibrationError, match="percentile"):

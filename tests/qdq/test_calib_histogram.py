@@ -99,6 +99,34 @@ def test_growth_past_the_cap_merges_neighbours():
     assert calib.bin_width == pytest.approx(float(data[0].abs().max()) / 128 * 8)
 
 
+def test_large_batches_count_in_lanes_like_the_reference():
+    """From 16384 values on, the CPU count interleaves four counter lanes; an odd size
+    leaves a tail outside the lanes."""
+    g = torch.Generator().manual_seed(8)
+    data = [torch.relu(torch.randn(4 * 8191 + 3, generator=g)) * s for s in (1.0, 1.7)]
+    data.append(torch.randn(20_000, generator=g))
+    calib = _collect(data)
+    _same_as_reference(calib, data)
+
+
+@pytest.mark.parametrize("kw", [{}, {"skip_zeros": True}, {"num_bins": 64, "max_bins": 256}])
+def test_the_no_sync_device_path_counts_like_the_cpu_path(kw):
+    """The GPU path (fixed-size counts, range and growth as device tensors) run on CPU
+    tensors gives the CPU path's histogram."""
+    g = torch.Generator().manual_seed(9)
+    data = [torch.zeros(50)] + [torch.relu(torch.randn(3000, generator=g)) * s
+                                for s in (1.0, 3.5, 0.5, 30.0)]
+    device_path = HistogramCalibrator(**kw)
+    device_path._init_state(torch.device("cpu"), host_sized=False)
+    for d in data:
+        device_path.collect(d)
+    cpu_path = _collect(data, **kw)
+    assert torch.equal(device_path.counts, cpu_path.counts)
+    assert device_path.bin_width == cpu_path.bin_width
+    assert float(device_path.max) == float(cpu_path.max)
+    assert torch.equal(device_path.compute_amax("entropy"), cpu_path.compute_amax("entropy"))
+
+
 def test_half_precision_and_float64_are_binned_as_float32():
     x = torch.randn(4096, generator=torch.Generator().manual_seed(3))
     for dtype in (torch.float16, torch.bfloat16, torch.float64):
