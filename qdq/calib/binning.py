@@ -49,10 +49,11 @@ def count_cpu(flat: torch.Tensor, scale: float, num_bins: int) -> torch.Tensor:
         index.add_(width // 2)
     else:
         index.add_(_lane_offsets(n, lanes, width, dtype))
-    signed = torch.bincount(index, minlength=lanes * width).view(lanes, width).sum(0)
     middle = width // 2
-    counts = signed[middle:middle + num_bins + 1].clone()      # from x >= 0
-    counts[1:] += signed[middle - num_bins:middle].flip(0)     # and from x < 0
+    per_lane = torch.bincount(index, minlength=lanes * width).view(lanes, width)
+    signed = per_lane[:, middle - num_bins:middle + num_bins + 1].sum(0)   # 2 nb + 1 slots
+    counts = signed[num_bins:].clone()                         # from x >= 0
+    counts[1:] += signed[:num_bins].flip(0)                    # and from x < 0
     counts[num_bins - 1] += counts[num_bins]     # the top edge belongs to the last bin
     return counts[:num_bins]
 
