@@ -122,6 +122,11 @@ def _reference_bins(job):
             ref.mse_bin(counts)[0])
 
 
+def _whole(bins: float) -> str:
+    """A difference in bins as a whole number (it is one up to float32 rounding)."""
+    return f"{round(bins) + 0:d}" if abs(bins - round(bins)) < 1e-3 else f"{bins:.3f}"
+
+
 def _bins_of(amax: torch.Tensor, width: float, method: str) -> float:
     value = float(amax) / width
     return value - 0.5 if method == "mse" else value
@@ -209,9 +214,10 @@ def main() -> None:
         for method, ref_bin in zip(("entropy", "percentile", "mse"), ref_bins, strict=True):
             diffs[method] = _bins_of(found[method][k], width, method) - ref_bin
             worst[method] = max(worst[method], abs(diffs[method]))
-        print(f"    {name:<42}{calib.counts.numel():>6}{diffs['entropy']:>9.2f}"
-              f"{diffs['percentile']:>12.2f}{diffs['mse']:>6.2f}")
-    print("    max |difference| in bins: " + ", ".join(f"{m} {worst[m]:.2f}" for m in METHODS))
+        print(f"    {name:<42}{calib.counts.numel():>6}{_whole(diffs['entropy']):>9}"
+              f"{_whole(diffs['percentile']):>12}{_whole(diffs['mse']):>6}")
+    print("    max |difference| in bins: " + ", ".join(f"{m} {worst[m]:.3g}" for m in METHODS)
+          + " (float32 amax over the bin width: 0 up to rounding)")
 
     if not args.no_modelopt:
         _modelopt_side(args, inputs, calibs, found)

@@ -285,8 +285,9 @@ def _entropy_kl(block: torch.Tensor, lengths: list[int], levels: int, start_bin:
     bounds = torch.div(k[None, :] * cand[:, None] + levels - 1, levels, rounding_mode="floor")
 
     def level_sum(lo: int, hi: int, m: torch.Tensor, nz: torch.Tensor) -> torch.Tensor:
-        # sum_k M_k log(M_k / nz_k), with 0 log 0 = 0 (xlogy is 10x slower than this)
-        ratio = _log_(torch.div(m, nz.clamp_min(1)).clamp_min_(1e-300))
+        # sum_k M_k log(M_k / nz_k) with 0 log 0 = 0 (xlogy is 10x slower): a level is
+        # empty exactly when it has no non-empty bin, so 0 / 0 marks the empty levels
+        ratio = _log_(torch.nan_to_num_(torch.div(m, nz), nan=1.0))
         return ratio.mul_(m).sum(1)
 
     head = _gather_blocks((mass, nonzero), bounds, level_sum, differences=True)

@@ -4,14 +4,13 @@ A value ``v`` goes to bin ``min(trunc(fl32(|v| * scale)), num_bins - 1)``: the p
 rounded to float32 and truncated, and the top edge belongs to the last bin. Counts are
 exact int64.
 
-CPU (:func:`count_cpu`): ``x * scale`` in float32, truncated to int16/int32 *with its
-sign* (``trunc`` is odd, so ``|trunc(x s)| = trunc(|x| s)`` and no ``abs`` pass is
-needed), then one ``bincount`` over signed slots folded in half. Consecutive values count
-into four interleaved copies of the slots (``lanes``, one contiguous add of a cached
-offset pattern): after a ReLU half of a tensor falls into bin 0, and ``bincount``'s single
-counter per bin makes every such increment wait for the previous one. Buffers are reused
-between calls (first-touch page faults of fresh activation-sized tensors cost as much as
-the counting). Four passes over the data in all: max, scale, convert, count.
+CPU (:func:`count_cpu`): ``x * scale`` in float32 into a reused buffer, truncated to
+int16 (``trunc`` is odd, so an ``abs`` of the small integers gives ``trunc(|x| s)``), then
+``bincount``. Its counting loop is serial, so large inputs are counted in parts on
+``torch.get_num_threads()`` threads (a small pool of worker threads, created on first use)
+and summed. Buffers are reused between calls: first-touch page faults of fresh
+activation-sized tensors cost as much as the counting. With the batch max, five passes
+over the data: max, scale, convert, abs (int16), count.
 
 GPU (:func:`count_device`): ``index_add_`` into a fixed-size counts tensor, with the bin
 count as a device tensor, so a batch is counted without a host sync.
@@ -20,57 +19,61 @@ count as a device tensor, so a batch is counted without a host sync.
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-__all__ = ["count_cpu", "count_device", "LANES"]
+__all__ = ["count_cpu", "count_device"]
 
-#: Interleaved counter copies of the CPU count (see the module docstring).
-LANES = 4
-#: Below this many values a single lane is used (the fold costs more than it saves).
-_LANE_MIN = 1 << 14
+#: int16 indices up to this many bins.
 _INT16_SLOTS = 1 << 15
+#: Values per thread below which the count is not split.
+_SPLIT_MIN = 1 << 19
 
 
 def count_cpu(flat: torch.Tensor, scale: float, num_bins: int) -> torch.Tensor:
     """int64 counts ``[num_bins]`` of a 1-D float32 CPU tensor whose ``|x| * scale`` is
     at most ``num_bins`` (the caller grows the histogram first)."""
     n = flat.numel()
-    lanes = LANES if n >= _LANE_MIN else 1
-    # Each lane has `width` slots, trunc(x * scale) in [-num_bins, num_bins] landing
-    # around its middle; a power-of-two width keeps the offset pattern reusable.
-    width = 1 << (2 * num_bins + 1).bit_length()
-    dtype = torch.int16 if lanes * width <= _INT16_SLOTS else torch.int32
+    dtype = torch.int16 if num_bins < _INT16_SLOTS else torch.int32
     scaled = _scratch(n, torch.float32, "scaled")
     torch.mul(flat, scale, out=scaled)
     index = _scratch(n, dtype, "index")
     index.copy_(scaled)                          # truncation toward zero
-    if lanes == 1:
-        index.add_(width // 2)
-    else:
-        index.add_(_lane_offsets(n, lanes, width, dtype))
-    middle = width // 2
-    per_lane = torch.bincount(index, minlength=lanes * width).view(lanes, width)
-    signed = per_lane[:, middle - num_bins:middle + num_bins + 1].sum(0)   # 2 nb + 1 slots
-    counts = signed[num_bins:].clone()                         # from x >= 0
-    counts[1:] += signed[:num_bins].flip(0)                    # and from x < 0
+    index.abs_()                                 # = trunc(|x| * scale): trunc is odd
+    counts = _bincount(index, num_bins + 1)
     counts[num_bins - 1] += counts[num_bins]     # the top edge belongs to the last bin
     return counts[:num_bins]
 
 
-def _lane_offsets(n: int, lanes: int, width: int, dtype: torch.dtype) -> torch.Tensor:
-    """``lane * width + width / 2`` for lane ``k % lanes`` of value ``k``, kept between
-    calls."""
-    key = ("lanes", lanes, width, dtype)
-    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
-    pattern = buffers.get(key)
-    if pattern is None or pattern.numel() < n:
-        size = max(n, 1 << 16)
-        base = torch.arange(lanes, dtype=dtype) * width + width // 2
-        pattern = base.repeat(-(-size // lanes))[:size]
-        if size <= _SCRATCH_MAX:
-            buffers[key] = pattern
-    return pattern[:n]
+def _bincount(index: torch.Tensor, size: int) -> torch.Tensor:
+    """``torch.bincount(index, minlength=size)``, split over ``torch.get_num_threads()``
+    threads for large inputs: its counting loop is serial (the other passes already run
+    on every thread)."""
+    parts = min(torch.get_num_threads(), index.numel() // _SPLIT_MIN)
+    if parts < 2:
+        return torch.bincount(index, minlength=size)
+    bounds = [index.numel() * k // parts for k in range(parts + 1)]
+    chunks = [index[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    pending = [_pool(parts - 1).submit(torch.bincount, c, None, size) for c in chunks[1:]]
+    counts = torch.bincount(chunks[0], minlength=size)
+    for done in pending:
+        counts += done.result()
+    return counts
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """Worker threads for ``_bincount``, created on first use and replaced by a larger pool
+    when more are asked for: a few idle threads, no change to torch's settings."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < workers:  # noqa: SLF001 - our own pool
+            _POOL = ThreadPoolExecutor(workers, thread_name_prefix="qdq-bincount")
+        return _POOL
 
 
 def count_device(counts: torch.Tensor, xf: torch.Tensor, scale: torch.Tensor,

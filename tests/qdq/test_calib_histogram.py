@@ -99,14 +99,21 @@ def test_growth_past_the_cap_merges_neighbours():
     assert calib.bin_width == pytest.approx(float(data[0].abs().max()) / 128 * 8)
 
 
-def test_large_batches_count_in_lanes_like_the_reference():
-    """From 16384 values on, the CPU count interleaves four counter lanes; an odd size
-    leaves a tail outside the lanes."""
+def test_large_batches_count_in_parts_like_one_count():
+    """From 2^20 values on and with two torch threads, the CPU count runs in parts on two
+    threads; an odd size splits unevenly. numpy bins the same way on its own."""
     g = torch.Generator().manual_seed(8)
-    data = [torch.relu(torch.randn(4 * 8191 + 3, generator=g)) * s for s in (1.0, 1.7)]
-    data.append(torch.randn(20_000, generator=g))
-    calib = _collect(data)
-    _same_as_reference(calib, data)
+    x = torch.relu(torch.randn(2 ** 20 + 3, generator=g)) * 3.0
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        calib = _collect([x])
+    finally:
+        torch.set_num_threads(old)
+    a = np.abs(x.numpy())
+    scale = np.float32(2048) / np.float32(a.max())
+    index = np.minimum(np.trunc(a * scale).astype(np.int64), 2047)
+    assert calib.counts.tolist() == np.bincount(index, minlength=2048).tolist()
 
 
 @pytest.mark.parametrize("kw", [{}, {"skip_zeros": True}, {"num_bins": 64, "max_bins": 256}])
