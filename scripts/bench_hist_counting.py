@@ -1,6 +1,7 @@
 """Histogram counting on the CPU, side by side in one run: ``count_cpu`` (what
-HistogramCalibrator uses: signed int16 indices, four interleaved counter lanes, one
-``bincount``) against one lane (``abs`` then ``bincount``) and ``index_add_``.
+HistogramCalibrator uses: int16 indices, ``bincount`` in parts on
+``torch.get_num_threads()`` threads) against one ``bincount`` on one thread and
+``index_add_``.
 
 Whole-model histogram collection on torchvision ResNet-50 (random weights, 4 batches of
 8 smooth random 224x224 images, every input quantizer a HistogramCalibrator), each way
@@ -25,7 +26,7 @@ from qdq.calib.binning import count_cpu
 from sensitivity.calibrate import collected_statistics
 
 
-def one_lane(flat: torch.Tensor, scale: float, num_bins: int) -> torch.Tensor:
+def one_bincount(flat: torch.Tensor, scale: float, num_bins: int) -> torch.Tensor:
     index = (flat * scale).to(torch.int16 if num_bins < 1 << 15 else torch.int32).abs_()
     counts = torch.bincount(index, minlength=num_bins + 1)
     counts[num_bins - 1] += counts[num_bins]
@@ -55,7 +56,7 @@ def main() -> None:
     data = [torch.nn.functional.interpolate(torch.randn(8, 3, 28, 28, generator=g), size=224,
                                             mode="bilinear").clamp(-2.5, 2.5)
             for _ in range(4)]
-    ways = {"count_cpu (4 lanes)": count_cpu, "one lane": one_lane, "index_add_": index_add}
+    ways = {"count_cpu": count_cpu, "one bincount": one_bincount, "index_add_": index_add}
 
     def plain() -> None:
         with torch.no_grad():

@@ -5,7 +5,8 @@ insertion, histogram calibration on training batches): the share of its input in
 (the exact zeros of a ReLU, and values below one bin width), and amax from max, from the
 entropy search on the histogram as counted and from the entropy search as
 pytorch-quantization runs it (bin 0 levelled to bin 1). Then test top-1 of the whole model
-for each way, next to the other methods.
+for each way, next to the other methods, and with entropy everywhere but the model's
+input (left at max), or on the input alone.
 
     PYTHONPATH=. python scripts/entropy_zeros.py --threads 2
 """
@@ -73,14 +74,17 @@ def main(argv=None) -> int:
     for name, q in inputs:
         c = q.calibrator
         maxed[name] = c.compute_amax("max")
-        counted[name] = torch.minimum(entropy_as_counted(c.counts, c.bin_width), maxed[name])
+        counted[name] = entropy_as_counted(c.counts, c.bin_width)
         share = float(c.counts[0]) / float(c.counts.sum())
         print(f"{name:<38} {share:>6.0%} {float(maxed[name]):>7.3f} "
               f"{float(counted[name]):>17.3f} {float(levelled[name]):>8.3f}")
 
+    first = inputs[0][0]                     # the model's input (the image)
     print("\nwhole model, test top-1:")
     for label, amax in [("entropy, bin 0 as counted", counted),
-                        ("entropy (bin 0 levelled)", levelled)]:
+                        ("entropy (bin 0 levelled)", levelled),
+                        ("entropy, input at max", {**levelled, first: maxed[first]}),
+                        ("entropy on the input only", {**maxed, first: levelled[first]})]:
         for name, q in inputs:
             q.amax = amax[name]
         print(f"  {label:<28} {top1(model, test):.2f}")

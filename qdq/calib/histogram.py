@@ -219,9 +219,9 @@ class HistogramCalibrator(Calibrator):
             self._counts[0] += flat.numel()
             return
         if float(self._first_max) == 0:
-            self._set_first_max(torch.tensor(batch_max))
+            self._set_first_max(torch.tensor(batch_max, dtype=torch.float32))
         elif batch_max > float(self._first_max):
-            scaled = float(torch.tensor(batch_max) * self._scale)
+            scaled = float(torch.tensor(batch_max, dtype=torch.float32) * self._scale)
             if not math.isfinite(scaled):
                 raise CalibrationError(
                     f"{self.owner}: a batch's largest |x| ({batch_max:g}) is beyond float32 "
@@ -230,7 +230,7 @@ class HistogramCalibrator(Calibrator):
             need = math.ceil(scaled)
             if need > int(self._nb):
                 self._grow_cpu(need)
-        self._max = torch.maximum(self._max, torch.tensor(batch_max))
+        self._max = torch.maximum(self._max, torch.tensor(batch_max, dtype=torch.float32))
         nb = int(self._nb)
         self._counts += count_cpu(flat, float(self._scale), nb)
         if zeros:
