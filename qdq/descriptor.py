@@ -19,11 +19,13 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from qdq.calib.registry import CALIBRATORS
 from qdq.fp8 import check_fp8_bits, is_fp8
 
 __all__ = ["QuantDescriptor", "ScaledQuantDescriptor", "CALIB_METHODS"]
 
-CALIB_METHODS = ("max", "histogram")
+#: Calibrator names (``qdq.calib.registry.CALIBRATORS``).
+CALIB_METHODS = tuple(CALIBRATORS)
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,8 @@ class QuantDescriptor:
         fake_quant: quantize-dequantize (True) or return integer values (False).
         axis: ``None`` for per-tensor; an int or a tuple of ints for the axes that keep
             their own amax (per-channel). Weights of Conv/Linear use 0, ConvTranspose 1.
-        amax: a fixed amax (float, or a list for per-channel) instead of calibration.
+        amax: a fixed amax instead of calibration: a float, or with one ``axis`` a list of
+            one value per channel along that axis.
         learn_amax: make amax a trainable parameter (QAT).
         unsigned: quantize to [0, 2^b - 1]; inputs must be non-negative.
         narrow_range: use [-(2^(b-1)-1), 2^(b-1)-1] instead of [-2^(b-1), 2^(b-1)-1].

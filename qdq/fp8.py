@@ -100,14 +100,17 @@ def fp8_mse_amax(counts: torch.Tensor, bin_width, *, start_bin: int = 128, strid
     ``err_i = sum_b c_b (x_b - s_i fp8(x_b / s_i))^2`` with ``s_i = i w / 448``.
     The smallest edge wins ties. Returns a 0-dim float32 tensor on the counts' device.
     """
-    from qdq.calib.amax_search import candidate_bins
-
+    if start_bin < 1 or stride < 1:
+        raise ValueError(f"start_bin and stride must be >= 1, got {start_bin}, {stride}")
     if counts.dim() != 1 or counts.numel() == 0:
         raise ValueError(f"counts must be a non-empty 1-D tensor, got {tuple(counts.shape)}")
     if int(counts.sum()) == 0:
         raise ValueError("the histogram is empty (all counts are 0)")
     n = counts.numel()
-    cand = candidate_bins(n, start_bin, stride, counts.device)
+    # every bin kept (i = n) is always a candidate, whatever the stride
+    cand = torch.arange(min(start_bin, n), n + 1, stride, device=counts.device)
+    if int(cand[-1]) != n:
+        cand = torch.cat([cand, cand.new_tensor([n])])
     kept = torch.nonzero(counts).reshape(-1)
     c = counts[kept].to(torch.float64)
     x = kept.to(torch.float64) + 0.5                        # centres, in bin widths

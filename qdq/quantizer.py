@@ -21,19 +21,21 @@ float8e4m3fn zero point.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 
-from qdq.calib import HistogramCalibrator, MaxCalibrator
+from qdq.calib import HistogramCalibrator, build_calibrator, compute_amaxes
 from qdq.calib.base import CalibrationError
 from qdq.descriptor import QuantDescriptor
 from qdq.fp8 import fp8_histogram_amax, fp8_qdq_for_export
 from qdq.kernels import default_backend, resolve_backend
 from qdq.tensor_quant import fake_tensor_quant, quant_bounds, scale_from_amax, tensor_quant
 
-__all__ = ["TensorQuantizer", "QuantizerError"]
+__all__ = ["TensorQuantizer", "QuantizerError", "load_calib_amaxes"]
 
 
 class QuantizerError(ValueError):
@@ -47,6 +49,9 @@ class TensorQuantizer(nn.Module):
         quant_desc: the configuration; defaults to 8-bit per-tensor max calibration.
         disabled: start switched off.
         if_quant: fake-quantize when enabled.
+        if_clip: must be False. pytorch-quantization's clip stage learns a range before
+            quantization; here ``QuantDescriptor(learn_amax=True, amax=...)`` learns amax
+            through fake quantization, which clips to ``[-amax, amax]`` itself.
         if_calib: collect calibration statistics when enabled.
 
     Example::
@@ -77,6 +82,10 @@ class TensorQuantizer(nn.Module):
     ) -> None:
         super().__init__()
         desc = quant_desc if quant_desc is not None else QuantDescriptor()
+        if if_clip:
+            raise QuantizerError(
+                f"{desc.name or 'TensorQuantizer'}: if_clip=True is not available; use "
+                "QuantDescriptor(learn_amax=True, amax=...) to learn the clipping range")
         self._descriptor = desc
         self._num_bits = desc.num_bits
         self._fp8 = desc.is_fp8
@@ -92,19 +101,11 @@ class TensorQuantizer(nn.Module):
         self.placed_by: str | None = None  # which rule put this quantizer here (summary)
         self.register_buffer("_amax", torch.empty(0))
         if desc.amax is not None:
-            self.amax = torch.tensor(desc.amax, dtype=torch.float32)
-        if desc.calib_method == "histogram":
-            if desc.axis is not None:
-                raise QuantizerError(
-                    f"{self.name}: the histogram calibrator is per tensor; got axis={desc.axis}"
-                )
-            self._calibrator = HistogramCalibrator(
-                desc.num_bits, None, desc.unsigned, num_bins=desc.num_bins,
-                skip_zeros=desc.skip_zeros,
-            )
-        else:
-            self._calibrator = MaxCalibrator(desc.num_bits, desc.axis, desc.unsigned)
-        self._calibrator.owner = self.name
+            self.amax = _descriptor_amax(desc, self.name)
+        try:
+            self._calibrator = build_calibrator(desc, self.name)
+        except CalibrationError as err:
+            raise QuantizerError(str(err)) from None
         if desc.learn_amax:
             if desc.amax is None:
                 raise QuantizerError(f"{self.name}: learn_amax needs an initial amax")
@@ -158,6 +159,25 @@ class TensorQuantizer(nn.Module):
     @property
     def calibrator(self):
         return self._calibrator
+
+    @contextlib.contextmanager
+    def calibrating_with(self, calib_method: str) -> Iterator[None]:
+        """Inside the block, collect with the calibrator ``calib_method`` names (``"max"``,
+        ``"histogram"``): the descriptor and the calibrator switch together, so
+        ``descriptor.calib_method`` always names the calibrator in use, and both come back
+        on exit, also after an exception. amax loaded inside the block stays."""
+        saved = self._descriptor, self._calibrator
+        if calib_method != self._descriptor.calib_method:
+            desc = self._descriptor.replace(calib_method=calib_method)
+            try:
+                calib = build_calibrator(desc, self.name)
+            except CalibrationError as err:
+                raise QuantizerError(str(err)) from None
+            self._descriptor, self._calibrator = desc, calib
+        try:
+            yield
+        finally:
+            self._descriptor, self._calibrator = saved
 
     # ------------------------------------------------------------------- state
     @property
@@ -274,29 +294,37 @@ class TensorQuantizer(nn.Module):
     def load_calib_amax(self, method: str | None = None, strict: bool = True, **kwargs) -> None:
         """Compute amax with the calibrator and store it.
 
-        ``method`` is for the histogram calibrator: ``"entropy"``, ``"percentile"``
-        (``percentile=99.99``), ``"mse"`` or ``"max"``; FP8 quantizers take ``"mse"``
-        (their default, on the E4M3 grid), ``"percentile"`` or ``"max"``. With
-        ``strict=False`` a quantizer that saw no data keeps its amax instead of raising.
+        ``method`` is for the histogram calibrator: ``"entropy"`` (default),
+        ``"percentile"`` (``percentile=99.99``), ``"mse"`` (``start_bin``, ``stride``) or
+        ``"max"``; FP8 quantizers take ``"mse"`` (their default, on the E4M3 grid),
+        ``"percentile"`` or ``"max"``; the max calibrator takes none. With ``strict=False``
+        a quantizer that saw no data keeps its amax instead of raising.
+        :func:`load_calib_amaxes` does this for many quantizers with one search.
         """
+        self._check_calib_request(method, kwargs)
+        if isinstance(self._calibrator, HistogramCalibrator) and self._fp8:
+            amax = fp8_histogram_amax(self._calibrator, method or "mse", **kwargs)
+        elif isinstance(self._calibrator, HistogramCalibrator):
+            amax = self._calibrator.compute_amax(method or "entropy", **kwargs)
+        else:
+            amax = self._calibrator.compute_amax()
+        self._store_calib_amax(amax, strict)
+
+    def _check_calib_request(self, method: str | None, kwargs: dict) -> None:
         if self._calibrator is None:
             raise QuantizerError(f"{self.name}: has no calibrator")
-        try:
-            if isinstance(self._calibrator, HistogramCalibrator) and self._fp8:
-                amax = fp8_histogram_amax(self._calibrator, method or "mse", **kwargs)
-            elif isinstance(self._calibrator, HistogramCalibrator):
-                amax = self._calibrator.compute_amax(method or "entropy", **kwargs)
-            else:
-                if method not in (None, "max"):
-                    raise QuantizerError(
-                        f"{self.name}: the max calibrator has no method {method!r} "
-                        "(use calib_method='histogram' for entropy/percentile/mse)"
-                    )
-                amax = self._calibrator.compute_amax()
-        except CalibrationError as err:
-            if not strict and "no data" in str(err):
-                return
-            raise
+        if isinstance(self._calibrator, HistogramCalibrator):
+            return
+        if method not in (None, "max") or kwargs:
+            asked = repr(method) if method not in (None, "max") else ", ".join(kwargs)
+            raise QuantizerError(
+                f"{self.name}: load_calib_amax({asked}) needs a histogram calibrator, but "
+                f"this quantizer collects with {type(self._calibrator).__name__} "
+                f"(calib_method={self._descriptor.calib_method!r}), which only gives max. "
+                "Build it with QuantDescriptor(calib_method='histogram') and calibrate "
+                "again, or call load_calib_amax() for max")
+
+    def _store_calib_amax(self, amax: torch.Tensor | None, strict: bool) -> None:
         if amax is None:
             if strict:
                 raise QuantizerError(
@@ -310,7 +338,7 @@ class TensorQuantizer(nn.Module):
         if self._axis is None and float(amax) <= 0:
             warnings.warn(
                 f"{self.name}: every calibration value was 0; amax is 0 and exports the "
-                "smallest positive scale", stacklevel=2)
+                "smallest positive scale", stacklevel=3)
         self._set_amax(amax, allow_zero=True)
 
     def init_learn_amax(self) -> None:
@@ -354,6 +382,8 @@ class TensorQuantizer(nn.Module):
             )
         if amax.device != x.device:
             amax = amax.to(x.device)
+        if amax.dim() == 1 and amax.numel() > 1 and self._axis is not None:
+            amax = self._along_axis(amax, x)
         if not self._fake_quant:
             q, _ = tensor_quant(x, amax, self._num_bits, self._unsigned, self._narrow_range)
             return q
@@ -363,6 +393,15 @@ class TensorQuantizer(nn.Module):
             return fake_tensor_quant(x, amax, self._num_bits)
         fake_quant = resolve_backend(self.backend, x)
         return fake_quant(x, amax, self._num_bits, self._unsigned, self._narrow_range)
+
+    def _along_axis(self, amax: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A flat per-channel amax (``QuantDescriptor(axis=0, amax=[...])``) shaped to
+        broadcast along ``axis`` of ``x`` (calibrated amax already keeps that shape)."""
+        axis = (self._axis if isinstance(self._axis, int) else self._axis[0]) % x.dim()
+        if x.shape[axis] != amax.numel():
+            raise QuantizerError(f"{self.name}: amax has {amax.numel()} values but axis "
+                                 f"{axis} of the input has {x.shape[axis]}")
+        return _channel_view(amax, x, axis)
 
     def _torch_fake_quant(self, x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
         """torch's own fake-quant ops, which the ONNX exporter maps to Q/DQ (opset 13)."""
@@ -426,3 +465,44 @@ def _channel_view(t: torch.Tensor, x: torch.Tensor, axis) -> torch.Tensor:
     shape = [1] * x.dim()
     shape[axis] = -1
     return t.reshape(shape)
+
+
+def _descriptor_amax(desc: QuantDescriptor, name: str) -> torch.Tensor:
+    """A descriptor's fixed amax as a tensor: a scalar, or one value per channel of a
+    single axis (shaped to that axis when the first input arrives)."""
+    amax = torch.tensor(desc.amax, dtype=torch.float32)
+    if amax.dim() == 1 and amax.numel() > 1:
+        axes = desc.axis if isinstance(desc.axis, tuple) else (desc.axis,)
+        if desc.axis is None or len(axes) != 1:
+            raise QuantizerError(f"{name}: a list of {amax.numel()} amax values needs one "
+                                 f"quantization axis, got axis={desc.axis}")
+    return amax
+
+
+def load_calib_amaxes(quantizers: Iterable[TensorQuantizer], method: str | None = None,
+                      strict: bool = True, **kwargs) -> None:
+    """``q.load_calib_amax(method, strict, **kwargs)`` for many quantizers, with one
+    batched amax search for all their histogram calibrators (max calibrators give their
+    max; ``method`` and ``kwargs`` apply to the histograms). Every request is checked before
+    any amax changes."""
+    quantizers = list(quantizers)
+    for q in quantizers:
+        if q.calibrator is None:
+            raise QuantizerError(f"{q.name}: has no calibrator")
+    hist = [q for q in quantizers
+            if isinstance(q.calibrator, HistogramCalibrator) and not q._fp8]  # noqa: SLF001
+    fp8 = [q for q in quantizers
+           if isinstance(q.calibrator, HistogramCalibrator) and q._fp8]  # noqa: SLF001
+    if not hist and not fp8 and (method not in (None, "max") or kwargs):
+        asked = repr(method) if method not in (None, "max") else ", ".join(kwargs)
+        raise QuantizerError(f"load_calib_amaxes({asked}): none of the quantizers has a "
+                             "histogram calibrator (QuantDescriptor(calib_method='histogram'))")
+    found = dict(zip(map(id, hist), compute_amaxes([q.calibrator for q in hist],
+                                                   method or "entropy", **kwargs),
+                     strict=True)) if hist else {}
+    # FP8 searches the E4M3 grid, one quantizer at a time (its default method is mse)
+    found.update({id(q): fp8_histogram_amax(q.calibrator, method or "mse", **kwargs)
+                  for q in fp8})
+    for q in quantizers:
+        amax = found[id(q)] if id(q) in found else q.calibrator.compute_amax()
+        q._store_calib_amax(amax, strict)  # noqa: SLF001 - same module

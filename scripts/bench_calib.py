@@ -1,129 +1,43 @@
-"""Histogram calibration speed on torchvision ResNet-50, measured side by side in one run.
+"""Histogram calibration on torchvision ResNet-50, measured side by side in one run.
 
 (a) Collection: the FP32 forward pass of the float model against the same batches through
     the quantized model with every quantizer calibrating (inputs: HistogramCalibrator,
     weights: MaxCalibrator), runs interleaved, best of ``--repeats``.
-(b) amax search: qdq's vectorised ``compute_amax`` for entropy, mse and percentile over all
-    input quantizers, against a search that loops over candidate thresholds one at a time
-    (written below the way pytorch-quantization and modelopt do it), on the same
-    histograms; it also reports how far apart the two amaxes are, in bins.
+(b) amax searches: entropy, mse and percentile over all input quantizers, each one batched
+    call (``qdq.calib.compute_amaxes``), best of three.
+(c) Parity: for every quantizer, how many bins qdq's amax lies from the plain reference of
+    pytorch-quantization's algorithm (tests/qdq/calib_reference.py, Python loops) on the
+    same histogram, for entropy, percentile and mse.
+(d) modelopt 0.47 (``--modelopt-python``, run as a subprocess in its own environment): its
+    collection ratio on the same model and batches, its search times, and, on qdq's
+    histograms, the bins between its entropy/percentile amax (pytorch-quantization's code,
+    copied into modelopt) and qdq's.
 
 Usage::
 
     PYTHONPATH=. python scripts/bench_calib.py                  # CPU, 2 threads
-    PYTHONPATH=. python scripts/bench_calib.py --device cuda
+    PYTHONPATH=. python scripts/bench_calib.py --no-modelopt --reference-limit 8
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import math
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
 
 import numpy as np
 import torch
 import torchvision
-from tqdm import tqdm
 
-from qdq import quant_modules
-from qdq.calib import HistogramCalibrator
-from qdq.calib.amax_search import entropy_amax, mse_amax
-from qdq.descriptor import QuantDescriptor
-from qdq.nn.registry import QUANT_TWINS
-from qdq.replace import name_quantizers, quantizers
-from qdq.tensor_quant import fake_tensor_quant
-
-# --------------------------------------------------------------------------- slow searches
-# One candidate threshold per Python iteration, as in pytorch-quantization's
-# calib/histogram.py and modelopt's: the baseline the vectorised searches replace.
-
-
-def _kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
-    p = p / p.sum()
-    q_total = q.sum()
-    if q_total == 0:
-        return math.inf
-    q = q / q_total
-    mask = p > 0
-    if (q[mask] == 0).any():
-        return math.inf
-    return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
-
-
-def loop_entropy(counts: np.ndarray, edges: np.ndarray, num_bits: int = 8,
-                 start_bin: int = 128, stride: int = 1) -> float:
-    levels = 1 << (num_bits - 1)
-    n = counts.size
-    counts = counts.copy()
-    if n > 1 and counts[1:].sum() > 0:
-        counts[0] = counts[1]   # the zero bin levelled, as pytorch-quantization does
-    divergences = []
-    candidates = list(range(start_bin, n + 1, stride))
-    for i in candidates:
-        p = counts[:i].astype(np.float64)
-        p[i - 1] += counts[i:].sum()
-        nonzero = p != 0
-        merge = i // levels
-        level_mass = np.zeros(levels)
-        for j in range(levels):
-            hi = i if j == levels - 1 else (j + 1) * merge
-            level_mass[j] = counts[j * merge:hi].sum()
-        q = np.zeros(i)
-        for j in range(levels):
-            lo, hi = j * merge, (i if j == levels - 1 else (j + 1) * merge)
-            k = nonzero[lo:hi].sum()
-            if k:
-                q[lo:hi] = level_mass[j] / k
-        q[~nonzero] = 0
-        divergences.append(_kl_divergence(p, q))
-    divergences = np.array(divergences)
-    last = len(divergences) - 1 - int(np.argmin(divergences[::-1]))
-    return float(edges[candidates[last]])
-
-
-def loop_mse(counts: np.ndarray, edges: np.ndarray, num_bits: int = 8,
-             start_bin: int = 128, stride: int = 1) -> float:
-    centres = torch.from_numpy((edges[:-1] + edges[1:]) / 2)
-    weights = torch.from_numpy(counts.astype(np.float64))
-    best, best_amax = math.inf, float(edges[-1])
-    for i in range(start_bin, counts.size + 1, stride):
-        amax = torch.tensor(float(edges[i]), dtype=torch.float64)
-        err = float((weights * (centres - fake_tensor_quant(centres, amax, num_bits)) ** 2).sum())
-        if err < best:
-            best, best_amax = err, float(edges[i])
-    return best_amax
-
-
-def loop_percentile(counts: np.ndarray, edges: np.ndarray, percentile: float = 99.99) -> float:
-    cdf = np.cumsum(counts) / counts.sum()
-    return float(edges[int(np.searchsorted(cdf, percentile / 100.0)) + 1])
-
-
-LOOP_SEARCHES = {"entropy": loop_entropy, "mse": loop_mse, "percentile": loop_percentile}
-FAST_SEARCHES = {"entropy": entropy_amax, "mse": mse_amax}
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@contextlib.contextmanager
-def _histogram_inputs(desc: QuantDescriptor):
-    """Every quant twin's default input descriptor is ``desc`` inside the block."""
-    saved = {}
-    try:
-        for cls in QUANT_TWINS.values():
-            if hasattr(cls, "set_default_quant_desc_input"):
-                saved[cls] = cls.default_quant_desc_input
-                cls.set_default_quant_desc_input(desc)
-        yield
-    finally:
-        for cls, old in saved.items():
-            cls.default_quant_desc_input = old
+METHODS = ("entropy", "mse", "percentile")
+PERCENTILE = 99.99
 
 
 def _batches(num: int, size: int, device: torch.device, seed: int = 0) -> list[torch.Tensor]:
@@ -138,6 +52,11 @@ def _batches(num: int, size: int, device: torch.device, seed: int = 0) -> list[t
     return out
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _timed(fn, device: torch.device) -> float:
     _sync(device)
     start = time.perf_counter()
@@ -146,7 +65,71 @@ def _timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-# --------------------------------------------------------------------------- main
+def _interleaved(plain, calibrate, repeats: int, device: torch.device):
+    plain()
+    calibrate()                        # warm-up (allocator, kernels, scratch buffers)
+    fp32, calib = [], []
+    for _ in range(repeats):
+        fp32.append(_timed(plain, device))
+        calib.append(_timed(calibrate, device))
+    return fp32, calib
+
+
+def _forward_all(model, data) -> None:
+    with torch.no_grad():
+        for x in data:
+            model(x)
+
+
+def _runs(values) -> str:
+    return ", ".join(f"{t:.2f}" for t in values)
+
+
+# --------------------------------------------------------------------------- qdq
+
+
+def _qdq_model(device: torch.device):
+    from qdq import quant_modules
+    from qdq.descriptor import QuantDescriptor
+    from qdq.nn.registry import QUANT_TWINS
+    from qdq.replace import name_quantizers
+
+    torch.manual_seed(0)
+    float_model = torchvision.models.resnet50().eval().to(device)
+    saved = {}
+    try:
+        for cls in QUANT_TWINS.values():
+            if hasattr(cls, "set_default_quant_desc_input"):
+                saved[cls] = cls.default_quant_desc_input
+                cls.set_default_quant_desc_input(QuantDescriptor(calib_method="histogram"))
+        with quant_modules.initialize():
+            quant_model = torchvision.models.resnet50()
+    finally:
+        for cls, old in saved.items():
+            cls.default_quant_desc_input = old
+    quant_model.load_state_dict(float_model.state_dict(), strict=False)
+    quant_model.eval().to(device)
+    name_quantizers(quant_model)
+    return float_model, quant_model
+
+
+def _reference_bins(job):
+    """One quantizer's reference bins: (entropy edge, percentile bin, mse centre)."""
+    from tests.qdq import calib_reference as ref
+
+    counts = job
+    return (ref.entropy_bin(counts)[0], ref.percentile_bin(counts, PERCENTILE),
+            ref.mse_bin(counts)[0])
+
+
+def _whole(bins: float) -> str:
+    """A difference in bins as a whole number (it is one up to float32 rounding)."""
+    return f"{round(bins) + 0:d}" if abs(bins - round(bins)) < 1e-3 else f"{bins:.3f}"
+
+
+def _bins_of(amax: torch.Tensor, width: float, method: str) -> float:
+    value = float(amax) / width
+    return value - 0.5 if method == "mse" else value
 
 
 def main() -> None:
@@ -156,87 +139,201 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--slow-limit", type=int, default=None,
-                    help="run the loop searches on only this many quantizers (and scale up)")
+    ap.add_argument("--reference-limit", type=int, default=None,
+                    help="compare only the first N quantizers with the plain reference")
+    ap.add_argument("--reference-jobs", type=int, default=2)
+    ap.add_argument("--modelopt-python", default=".venv-modelopt/bin/python")
+    ap.add_argument("--no-modelopt", action="store_true")
+    ap.add_argument("--modelopt-worker", choices=["collect", "search"], help=argparse.SUPPRESS)
+    ap.add_argument("--histograms", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.modelopt_worker:
+        _modelopt_worker(args)
+        return
+
+    from qdq.calib import HistogramCalibrator, compute_amaxes
+    from qdq.replace import quantizers
+
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, device {device}, {args.threads} threads, "
-          f"{args.batches} batches of {args.batch_size}x3x224x224")
-
-    torch.manual_seed(0)
-    float_model = torchvision.models.resnet50().eval().to(device)
-    with _histogram_inputs(QuantDescriptor(calib_method="histogram")), \
-            quant_modules.initialize():
-        quant_model = torchvision.models.resnet50()
-    quant_model.load_state_dict(float_model.state_dict(), strict=False)
-    quant_model.eval().to(device)
-    name_quantizers(quant_model)
+          f"{args.batches} batches of {args.batch_size}x3x224x224, load average at start "
+          f"{os.getloadavg()[0]:.2f}")
+    float_model, quant_model = _qdq_model(device)
     all_q = [q for _, q in quantizers(quant_model)]
     inputs = [(n, q) for n, q in quantizers(quant_model)
               if isinstance(q.calibrator, HistogramCalibrator)]
     data = _batches(args.batches, args.batch_size, device)
-
-    def plain() -> None:
-        with torch.no_grad():
-            for x in data:
-                float_model(x)
 
     def calibrate() -> None:
         for q in all_q:
             q.calibrator.reset()
             q.disable_quant()
             q.enable_calib()
-        with torch.no_grad():
-            for x in data:
-                quant_model(x)
+        _forward_all(quant_model, data)
 
-    plain()   # warm-up (allocator, kernels)
-    fp32, calib = [], []
-    for _ in tqdm(range(args.repeats), desc="collection", leave=False):
-        fp32.append(_timed(plain, device))
-        calib.append(_timed(calibrate, device))
-    fp32_s, calib_s = min(fp32), min(calib)
+    fp32, calib = _interleaved(lambda: _forward_all(float_model, data), calibrate,
+                               args.repeats, device)
+    ratio = min(calib) / min(fp32)
     print(f"\n(a) collection, {len(inputs)} histogram + {len(all_q) - len(inputs)} max "
           f"quantizers, best of {args.repeats}")
-    print(f"    FP32 forward          {fp32_s:8.3f} s   (runs: "
-          f"{', '.join(f'{t:.2f}' for t in fp32)})")
-    print(f"    histogram collection  {calib_s:8.3f} s   (runs: "
-          f"{', '.join(f'{t:.2f}' for t in calib)})")
-    print(f"    ratio collection / FP32 = {calib_s / fp32_s:.2f}")
+    print(f"    FP32 forward          {min(fp32):8.3f} s   (runs: {_runs(fp32)})")
+    print(f"    histogram collection  {min(calib):8.3f} s   (runs: {_runs(calib)})")
+    print(f"    ratio collection / FP32 = {ratio:.2f}")
 
-    # (b) amax searches on the histograms just collected.
-    print(f"\n(b) amax search over {len(inputs)} input quantizers")
-    hists = []
-    for _, q in inputs:
-        c = q.calibrator
-        hists.append((c.counts.cpu().numpy(), c.bin_edges().cpu().numpy(), c))
-    limit = len(hists) if args.slow_limit is None else min(args.slow_limit, len(hists))
-    print(f"    {'method':<11}{'vectorised':>12}{'loop':>12}{'loop/vectorised':>17}"
-          f"{'max |diff| (bins)':>19}")
-    for method in ("entropy", "mse", "percentile"):
-        def fast_all(method=method):
-            return [float(c.compute_amax(method, percentile=99.99)) for _, _, c in hists]
+    calibs = [q.calibrator for _, q in inputs]
+    bins = [c.counts.numel() for c in calibs]
+    print(f"\n(b) amax search, one batched call over {len(inputs)} histograms of "
+          f"{min(bins)}-{max(bins)} bins, best of 3")
+    found = {}
+    for method in METHODS:
+        opts = {"percentile": PERCENTILE} if method == "percentile" else {}
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            found[method] = compute_amaxes(calibs, method, **opts)
+            times.append(time.perf_counter() - start)
+        print(f"    {method:<11} {min(times):7.3f} s   (runs: "
+              f"{', '.join(f'{t:.3f}' for t in times)})")
 
-        fast_all()   # warm-up
-        fast_s = _timed(fast_all, device)
-        start = time.perf_counter()
-        loop_amax = [LOOP_SEARCHES[method](counts, edges)
-                     for counts, edges, _ in tqdm(hists[:limit], desc=method, leave=False)]
-        loop_s = (time.perf_counter() - start) * len(hists) / limit
-        diffs = []
-        for (_counts, edges, c), slow in zip(hists[:limit], loop_amax, strict=True):
-            width = float(edges[1])
-            if method in FAST_SEARCHES:
-                fast = float(FAST_SEARCHES[method](c.counts, width))
-            else:
-                fast = float(c.compute_amax(method, percentile=99.99))
-                slow = min(slow, float(c.max))
-            diffs.append(abs(fast - slow) / width)
-        note = "" if limit == len(hists) else f" (x{len(hists) / limit:.1f} from {limit})"
-        print(f"    {method:<11}{fast_s:>11.3f}s{loop_s:>11.3f}s{loop_s / fast_s:>16.3g}x"
-              f"{max(diffs):>19.1f}{note}")
+    limit = len(inputs) if args.reference_limit is None else args.reference_limit
+    print(f"\n(c) amax - plain reference of pytorch-quantization's algorithm, in bins "
+          f"({limit} quantizers)")
+    jobs = [c.counts.cpu().tolist() for c in calibs[:limit]]
+    start = time.perf_counter()
+    with ProcessPoolExecutor(args.reference_jobs, mp_context=get_context("spawn")) as pool:
+        reference = list(pool.map(_reference_bins, jobs))
+    print(f"    (reference searches took {time.perf_counter() - start:.0f} s on "
+          f"{args.reference_jobs} processes)")
+    print(f"    {'quantizer':<42}{'bins':>6}{'entropy':>9}{'percentile':>12}{'mse':>6}")
+    worst = dict.fromkeys(METHODS, 0.0)
+    for k, ((name, _), calib, ref_bins) in enumerate(zip(inputs, calibs, reference,
+                                                         strict=False)):
+        width = calib.bin_width
+        diffs = {}
+        for method, ref_bin in zip(("entropy", "percentile", "mse"), ref_bins, strict=True):
+            diffs[method] = _bins_of(found[method][k], width, method) - ref_bin
+            worst[method] = max(worst[method], abs(diffs[method]))
+        print(f"    {name:<42}{calib.counts.numel():>6}{_whole(diffs['entropy']):>9}"
+              f"{_whole(diffs['percentile']):>12}{_whole(diffs['mse']):>6}")
+    print("    max |difference| in bins: " + ", ".join(f"{m} {worst[m]:.3g}" for m in METHODS)
+          + " (float32 amax over the bin width: 0 up to rounding)")
+
+    if not args.no_modelopt:
+        _modelopt_side(args, inputs, calibs, found)
+    print(f"\nload average at end {os.getloadavg()[0]:.2f}")
+
+
+# --------------------------------------------------------------------------- modelopt
+
+
+def _modelopt_side(args, inputs, calibs, found) -> None:
+    python = Path(args.modelopt_python)
+    print(f"\n(d) modelopt ({python})")
+    if not python.exists():
+        print("    not found: pass --modelopt-python, or --no-modelopt")
+        return
+    common = [str(python), __file__, "--threads", str(args.threads), "--batches",
+              str(args.batches), "--batch-size", str(args.batch_size), "--repeats",
+              str(args.repeats)]
+    env = {**os.environ, "PYTHONPATH": ""}
+    out = subprocess.run(common + ["--modelopt-worker", "collect"], capture_output=True,
+                         text=True, env=env, check=False)
+    result = _last_json(out)
+    if result is None:
+        print("    collection run failed:\n" + out.stderr[-2000:])
+    else:
+        print(f"    FP32 forward {result['fp32']:.3f} s, collection {result['calib']:.3f} s, "
+              f"ratio collection / FP32 = {result['calib'] / result['fp32']:.2f} "
+              f"({result['histograms']} histogram quantizers)")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "histograms.npz"
+        arrays = {}
+        for k, c in enumerate(calibs):
+            arrays[f"counts{k}"] = c.counts.cpu().numpy()
+            arrays[f"edges{k}"] = c.bin_edges().cpu().numpy()
+        np.savez(path, **arrays)
+        out = subprocess.run(common + ["--modelopt-worker", "search", "--histograms", str(path)],
+                             capture_output=True, text=True, env=env, check=False)
+    result = _last_json(out)
+    if result is None:
+        print("    search run failed:\n" + out.stderr[-2000:])
+        return
+    print(f"    searches over the same {len(calibs)} histograms (one compute_amax per "
+          "quantizer):")
+    for method in METHODS:
+        print(f"      {method:<11} {result['seconds'][method]:8.2f} s")
+    for method in ("entropy", "percentile"):
+        diffs = [float(ours) / c.bin_width - theirs / c.bin_width
+                 for ours, theirs, c in zip(found[method], result["amax"][method], calibs,
+                                            strict=True)]
+        print(f"    qdq - modelopt {method} amax, in bins: max |diff| "
+              f"{max(abs(d) for d in diffs):.3f} over {len(diffs)} quantizers")
+
+
+def _last_json(out: subprocess.CompletedProcess):
+    for line in reversed(out.stdout.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return None
+
+
+def _modelopt_worker(args) -> None:
+    """Runs in modelopt's environment (no qdq); prints one JSON line."""
+    import copy
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    if args.modelopt_worker == "search":
+        from modelopt.torch.quantization.calib import histogram as mo_hist
+
+        data = np.load(args.histograms)
+        count = len([k for k in data.files if k.startswith("counts")])
+        seconds, amax = {}, {m: [] for m in METHODS}
+        for method in METHODS:
+            start = time.perf_counter()
+            for k in range(count):
+                counts, edges = data[f"counts{k}"].copy(), data[f"edges{k}"]
+                if method == "entropy":
+                    value = mo_hist._compute_amax_entropy(counts, edges, 8, False)
+                elif method == "mse":
+                    value = mo_hist._compute_amax_mse(counts, edges, 8, False)
+                else:
+                    value = mo_hist._compute_amax_percentile(counts, edges, PERCENTILE)
+                amax[method].append(float(value))
+            seconds[method] = time.perf_counter() - start
+        print(json.dumps({"seconds": seconds, "amax": amax}))
+        return
+
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.quantization.model_calib import enable_stats_collection
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    torch.manual_seed(0)
+    float_model = torchvision.models.resnet50().eval()
+    model = copy.deepcopy(float_model)
+    cfg = copy.deepcopy(mtq.INT8_DEFAULT_CFG)
+    for entry in cfg["quant_cfg"]:
+        if entry.get("quantizer_name") == "*input_quantizer":
+            entry["cfg"] = {**entry["cfg"], "calibrator": "histogram"}
+    cfg["algorithm"] = None
+    model = mtq.quantize(model, cfg)
+    data = _batches(args.batches, args.batch_size, torch.device("cpu"))
+    quantizers = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
+
+    def calibrate() -> None:
+        for q in quantizers:
+            if q._calibrator is not None:
+                q._calibrator.reset()
+        enable_stats_collection(model)
+        _forward_all(model, data)
+
+    fp32, calib = _interleaved(lambda: _forward_all(float_model, data), calibrate,
+                               args.repeats, torch.device("cpu"))
+    histograms = sum(type(q._calibrator).__name__ == "HistogramCalibrator" and not q._disabled
+                     for q in quantizers)
+    print(json.dumps({"fp32": min(fp32), "calib": min(calib), "histograms": histograms}))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,8 +3,10 @@
 For every activation quantizer of the Fashion-MNIST reference model (module-level
 insertion, histogram calibration on training batches): the share of its input in bin 0
 (the exact zeros of a ReLU, and values below one bin width), and amax from max, from the
-entropy search on the histogram as counted and from ``entropy_amax`` (bin 0 levelled to
-bin 1). Then test top-1 of the whole model for each way, next to the other methods.
+entropy search on the histogram as counted and from the entropy search as
+pytorch-quantization runs it (bin 0 levelled to bin 1). Then test top-1 of the whole model
+for each way, next to the other methods, and with entropy everywhere but the model's
+input (left at max), or on the input alone.
 
     PYTHONPATH=. python scripts/entropy_zeros.py --threads 2
 """
@@ -45,7 +47,7 @@ def calibrated(checkpoint, calib, batches: int, amax_method: str, skip_zeros: bo
 
 def entropy_as_counted(counts: torch.Tensor, width: float) -> torch.Tensor:
     """The KL search on the histogram as collected, zero spike included (last argmin)."""
-    cand, kl = entropy_divergences(counts)
+    cand, kl = entropy_divergences(counts, level_zero=False)
     ties = (kl <= kl.min() + KL_TIE_TOL).nonzero()
     return torch.tensor(float(cand[int(ties.max())]) * width)
 
@@ -72,14 +74,17 @@ def main(argv=None) -> int:
     for name, q in inputs:
         c = q.calibrator
         maxed[name] = c.compute_amax("max")
-        counted[name] = torch.minimum(entropy_as_counted(c.counts, c.bin_width), maxed[name])
+        counted[name] = entropy_as_counted(c.counts, c.bin_width)
         share = float(c.counts[0]) / float(c.counts.sum())
         print(f"{name:<38} {share:>6.0%} {float(maxed[name]):>7.3f} "
               f"{float(counted[name]):>17.3f} {float(levelled[name]):>8.3f}")
 
+    first = inputs[0][0]                     # the model's input (the image)
     print("\nwhole model, test top-1:")
     for label, amax in [("entropy, bin 0 as counted", counted),
-                        ("entropy (bin 0 levelled)", levelled)]:
+                        ("entropy (bin 0 levelled)", levelled),
+                        ("entropy, input at max", {**levelled, first: maxed[first]}),
+                        ("entropy on the input only", {**maxed, first: levelled[first]})]:
         for name, q in inputs:
             q.amax = amax[name]
         print(f"  {label:<28} {top1(model, test):.2f}")

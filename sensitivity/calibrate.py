@@ -1,11 +1,18 @@
 """``calibrate``: run data through a model and give every enabled quantizer its amax.
 
-Activations (per-tensor quantizers) use the calibrator named by ``method``; weights
-(per-channel quantizers) always use the running max per channel, which is exact for a
-tensor that never changes. Statistics are merged across ``torch.distributed`` ranks
-before amax is computed, so every rank ends with identical amax even when each saw
-different data. The model's train/eval mode and every quantizer's switches are restored
-afterwards, also when an exception interrupts the run.
+Every quantizer collects with the calibrator its descriptor names (``calib_method``):
+the descriptor is the one source of truth. ``method="max"`` or ``"histogram"`` overrides
+it for the activation (per-tensor) quantizers *for this call only*: each quantizer's
+descriptor and calibrator switch together and come back on exit, also after an exception
+(the amax found stays). Per-channel weight quantizers keep their running max per channel,
+which is exact for a tensor that never changes.
+
+All histogram calibrators are searched in one batched call (``qdq.load_calib_amaxes``).
+Statistics are merged across ``torch.distributed`` ranks before amax is computed, so every
+rank ends with identical amax even when each saw different data; for histograms the ranks
+first agree on the range (the largest ``|x|`` of everyone's first batch), which costs one
+extra forward pass of the first batch. The model's train/eval mode and every quantizer's
+switches are restored afterwards, also when an exception interrupts the run.
 
 Example::
 
@@ -20,16 +27,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
+from itertools import chain
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qdq.calib import HistogramCalibrator, MaxCalibrator
-from qdq.quantizer import TensorQuantizer
+from qdq.calib import AMAX_METHODS, CALIBRATORS, HistogramCalibrator, calib_method_of
+from qdq.calib.base import CalibrationError
+from qdq.quantizer import TensorQuantizer, load_calib_amaxes
 from sensitivity.batches import (
     ForwardFn,
     batch_size,
@@ -41,18 +50,10 @@ from sensitivity.batches import (
 from sensitivity.errors import SensitivityError
 from sensitivity.layers import enabled_quantizers, saved_states
 
-__all__ = ["calibrate", "CalibrationSummary", "collect_statistics", "load_amax",
-           "CALIBRATORS", "AMAX_METHODS"]
+__all__ = ["calibrate", "CalibrationSummary", "Statistics", "collected_statistics",
+           "load_amax", "QuantizerAmax"]
 
 log = logging.getLogger(__name__)
-
-#: Calibrator kinds by name; a quantizer's calibrator is swapped for the kind asked for.
-CALIBRATORS: dict[str, type] = {"max": MaxCalibrator, "histogram": HistogramCalibrator}
-#: amax searches each calibrator kind offers (the first is its default).
-AMAX_METHODS: dict[str, tuple[str, ...]] = {
-    "max": ("max",),
-    "histogram": ("entropy", "percentile", "mse", "max"),
-}
 
 
 @dataclass
@@ -66,7 +67,10 @@ class QuantizerAmax:
 
 @dataclass
 class CalibrationSummary:
-    """What ``calibrate`` did: data seen, method, amax range of every quantizer."""
+    """What ``calibrate`` did: data seen, calibrators, amax range of every quantizer.
+
+    ``method`` names the calibrators used (``"max"``, ``"histogram"`` or
+    ``"histogram+max"``), ``amax_method`` the search of the histogram calibrators."""
 
     method: str
     amax_method: str
@@ -104,31 +108,35 @@ class CalibrationSummary:
         return "\n".join(lines)
 
 
-def _check_method(method: str, amax_method: str | None) -> str:
-    if method not in CALIBRATORS:
+@dataclass
+class Statistics:
+    """What :func:`collected_statistics` collected: the quantizers that saw data (their
+    calibrators hold the statistics), every enabled quantizer, batches and samples."""
+
+    named: list[tuple[str, TensorQuantizer]]
+    everyone: list[tuple[str, TensorQuantizer]]
+    num_batches: int
+    num_samples: int
+
+    @property
+    def calib_methods(self) -> list[str]:
+        """The calibrator kinds in use, sorted (``["histogram", "max"]``)."""
+        return sorted({calib_method_of(q.calibrator) for _, q in self.named})
+
+
+def _check_request(method: str | None, amax_method: str | None) -> None:
+    """Fail on an unknown calibrator or amax method before any data runs."""
+    if method is not None and method not in CALIBRATORS:
         raise SensitivityError(f"calibration method {method!r} is unknown; "
                                f"choose one of {sorted(CALIBRATORS)}")
-    allowed = AMAX_METHODS[method]
-    amax_method = amax_method or allowed[0]
-    if amax_method not in allowed:
+    if amax_method is not None and not any(amax_method in m for m in AMAX_METHODS.values()):
+        raise SensitivityError(f"amax method {amax_method!r} is unknown; choose one of "
+                               f"{sorted(set(chain(*AMAX_METHODS.values())))}")
+    if method is not None and amax_method is not None and \
+            amax_method not in AMAX_METHODS[method]:
         raise SensitivityError(f"amax method {amax_method!r} does not exist for the "
-                               f"{method} calibrator; choose one of {list(allowed)}")
-    return amax_method
-
-
-def _calibrator_for(q: TensorQuantizer, method: str):
-    """The calibrator ``q`` should use: weights per channel keep max; others ``method``."""
-    kind = CALIBRATORS["max"] if q.axis is not None else CALIBRATORS[method]
-    if type(q.calibrator) is kind:
-        return q.calibrator
-    desc = q.descriptor
-    if kind is HistogramCalibrator:
-        calib = HistogramCalibrator(q.num_bits, None, q.unsigned, num_bins=desc.num_bins,
-                                    skip_zeros=desc.skip_zeros)
-    else:
-        calib = MaxCalibrator(q.num_bits, q.axis, q.unsigned)
-    calib.owner = q.name
-    return calib
+                               f"{method} calibrator; choose one of "
+                               f"{list(AMAX_METHODS[method])}")
 
 
 def _distributed_world(group=None) -> int:
@@ -154,17 +162,20 @@ def _calibration_mode(model: nn.Module, quantizers: list[TensorQuantizer]) -> It
             model.train(was_training)
 
 
-def collect_statistics(model: nn.Module, data: Iterable, num_batches: int | None = None,
-                       method: str = "max", device: torch.device | str | None = None,
-                       progress: bool = True, forward_fn: ForwardFn | None = None,
-                       group=None) -> tuple[list[tuple[str, TensorQuantizer]], int, int]:
-    """Feed ``data`` through ``model`` with every enabled quantizer collecting statistics.
+@contextmanager
+def collected_statistics(model: nn.Module, data: Iterable, num_batches: int | None = None,
+                         method: str | None = None,
+                         device: torch.device | str | None = None, progress: bool = True,
+                         forward_fn: ForwardFn | None = None,
+                         group=None) -> Iterator[Statistics]:
+    """Feed ``data`` through ``model`` with every enabled quantizer collecting statistics;
+    inside the block the calibrators hold them (merged across ranks), so several amax
+    searches can follow without running the data again.
 
-    Returns ``(quantizers that saw data, batches, samples)``. Statistics stay in the
-    calibrators (merged across ranks), so several amax searches can follow without
-    running the data again.
-    """
-    _check_method(method, None)
+    ``method`` (``"max"``, ``"histogram"``) overrides the descriptors of the per-tensor
+    quantizers inside the block; on exit every quantizer has its own descriptor and
+    calibrator back (the amax loaded inside stays)."""
+    _check_request(method, None)
     named = enabled_quantizers(model)
     if not named:
         raise SensitivityError(
@@ -174,19 +185,40 @@ def collect_statistics(model: nn.Module, data: Iterable, num_batches: int | None
     if device is not None:
         model.to(device)
     target = torch.device(device) if device is not None else model_device(model)
-    forward = forward_fn or default_forward
     quantizers = [q for _, q in named]
-    for q in quantizers:
-        calib = _calibrator_for(q, method)
-        calib.reset()
-        q._calibrator = calib  # noqa: SLF001 - the quantizer exposes no setter for this
+    with ExitStack() as swaps:
+        if method is not None:
+            for q in quantizers:
+                if q.axis is None:
+                    swaps.enter_context(q.calibrating_with(method))
+        for q in quantizers:
+            q.calibrator.reset()
+        seen, batches, samples = _run(model, data, num_batches, target,
+                                      forward_fn or default_forward, quantizers, progress,
+                                      group)
+        if _distributed_world(group) > 1:
+            seen, batches, samples = _merge_across_ranks(named, seen, batches, samples,
+                                                         target, group)
+        yield Statistics(
+            named=[(n, q) for (n, q), count in zip(named, seen.tolist(), strict=True)
+                   if count],
+            everyone=named, num_batches=batches, num_samples=samples)
+
+
+def _run(model: nn.Module, data: Iterable, num_batches: int | None, target: torch.device,
+         forward: ForwardFn, quantizers: list[TensorQuantizer], progress: bool,
+         group) -> tuple[torch.Tensor, int, int]:
+    """The data through the model: ``(batches seen per quantizer, batches, samples)``."""
     seen = torch.zeros(len(quantizers), dtype=torch.int64)
     hooks = [q.register_forward_pre_hook(_counter(seen, i)) for i, q in enumerate(quantizers)]
     batches = samples = 0
     try:
         with _calibration_mode(model, quantizers), torch.no_grad():
-            bar = tqdm(take(data, num_batches), total=num_batches, desc="calibrate",
-                       unit="batch", disable=not progress, leave=False)
+            stream = iter(take(data, num_batches))
+            if _distributed_world(group) > 1:
+                stream = _agree_on_ranges(model, stream, target, forward, quantizers, group)
+            bar = tqdm(stream, total=num_batches, desc="calibrate", unit="batch",
+                       disable=not progress, leave=False)
             for batch in bar:
                 batch = to_device(batch, target)
                 forward(model, batch)
@@ -197,11 +229,36 @@ def collect_statistics(model: nn.Module, data: Iterable, num_batches: int | None
             hook.remove()
     if batches == 0:
         raise SensitivityError("calibration data is empty: the iterable gave no batch")
-    if _distributed_world(group) > 1:
-        seen, batches, samples = _merge_across_ranks(named, seen, batches, samples, target,
-                                                     group)
-    return [(n, q) for (n, q), count in zip(named, seen.tolist(), strict=True) if count], \
-        batches, samples
+    return seen, batches, samples
+
+
+def _agree_on_ranges(model: nn.Module, stream: Iterator, target: torch.device,
+                     forward: ForwardFn, quantizers: list[TensorQuantizer], group
+                     ) -> Iterator:
+    """Fix every histogram's range to the largest ``|x|`` of all ranks' first batches, so
+    the histograms can be summed exactly; returns the stream with the first batch put back.
+
+    The first batch runs once with max calibrators in place of the histograms; every rank
+    takes part in the reduction, with or without a batch of its own."""
+    import torch.distributed as dist
+
+    first = next(stream, None)
+    hist = [q for q in quantizers if isinstance(q.calibrator, HistogramCalibrator)]
+    if hist:
+        with ExitStack() as probes:
+            for q in hist:
+                probes.enter_context(q.calibrating_with("max"))
+            if first is not None:
+                forward(model, to_device(first, target))
+            found = [q.calibrator.compute_amax() for q in hist]
+        device = target if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        ranges = torch.stack([torch.zeros((), device=device) if a is None
+                              else a.detach().float().reshape(()).to(device) for a in found])
+        dist.all_reduce(ranges, op=dist.ReduceOp.MAX, group=group)
+        for q, value in zip(hist, ranges.tolist(), strict=True):
+            if value > 0:
+                q.calibrator.fix_range(torch.tensor(value, device=target))
+    return stream if first is None else chain([first], stream)
 
 
 def _counter(seen: torch.Tensor, i: int):
@@ -241,21 +298,23 @@ def _merge_across_ranks(named: list[tuple[str, TensorQuantizer]], seen: torch.Te
     return total[:-2], int(total[-2]), int(total[-1])
 
 
-def load_amax(named: list[tuple[str, TensorQuantizer]], amax_method: str = "max",
-              percentile: float = 99.99) -> list[QuantizerAmax]:
-    """Compute and store amax from the statistics collected by ``collect_statistics``."""
+def load_amax(named: list[tuple[str, TensorQuantizer]], amax_method: str | None = None,
+              percentile: float | None = None) -> list[QuantizerAmax]:
+    """Compute and store amax from the statistics collected by ``collected_statistics``:
+    one batched search over all histogram calibrators (``amax_method``, default entropy;
+    ``percentile`` for the percentile search), the max of the others."""
+    options = {} if percentile is None else {"percentile": percentile}
+    try:
+        load_calib_amaxes([q for _, q in named], amax_method, **options)
+    except CalibrationError as err:
+        raise SensitivityError(str(err)) from None
     rows = []
     for name, q in named:
-        if isinstance(q.calibrator, HistogramCalibrator):
-            kwargs = {"percentile": percentile} if amax_method == "percentile" else {}
-            q.load_calib_amax(amax_method, **kwargs)
-        else:
-            q.load_calib_amax()
         amax = q.amax
         rows.append(QuantizerAmax(
             name=name,
             axis="tensor" if q.axis is None else str(q.axis),
-            calibrator=type(q.calibrator).__name__.replace("Calibrator", "").lower(),
+            calibrator=calib_method_of(q.calibrator),
             amax_min=None if amax is None else float(amax.min()),
             amax_max=None if amax is None else float(amax.max()),
         ))
@@ -263,7 +322,7 @@ def load_amax(named: list[tuple[str, TensorQuantizer]], amax_method: str = "max"
 
 
 def calibrate(model: nn.Module, data: Iterable, num_batches: int | None = None,
-              method: str = "max", amax_method: str | None = None,
+              method: str | None = None, amax_method: str | None = None,
               percentile: float = 99.99, device: torch.device | str | None = None,
               progress: bool = True, forward_fn: ForwardFn | None = None,
               group=None) -> CalibrationSummary:
@@ -273,9 +332,10 @@ def calibrate(model: nn.Module, data: Iterable, num_batches: int | None = None,
         model: a model with quantizers (``qdq.replace_modules`` or ``quant_modules``).
         data: any iterable of batches: tensors, ``(inputs, labels)`` tuples or dicts.
         num_batches: stop after this many batches (all of them for None).
-        method: ``"max"`` or ``"histogram"``, the activation calibrator.
-        amax_method: the amax search; ``"max"`` for the max calibrator, ``"entropy"``
-            (default), ``"percentile"``, ``"mse"`` or ``"max"`` for histograms.
+        method: None (each quantizer's descriptor decides), or ``"max"`` / ``"histogram"``
+            for every activation quantizer during this call.
+        amax_method: the search of the histogram calibrators: ``"entropy"`` (default),
+            ``"percentile"``, ``"mse"`` or ``"max"``; max calibrators always give max.
         percentile: for ``amax_method="percentile"``.
         device: move the model and batches there (default: where the model is).
         progress: show a tqdm bar.
@@ -284,19 +344,30 @@ def calibrate(model: nn.Module, data: Iterable, num_batches: int | None = None,
 
     Returns a :class:`CalibrationSummary`.
     """
-    amax_method = _check_method(method, amax_method)
+    _check_request(method, amax_method)
+    planned = {method if method is not None and q.axis is None else q.descriptor.calib_method
+               for _, q in enabled_quantizers(model)}
+    if "histogram" not in planned and amax_method not in (None, "max"):
+        raise SensitivityError(f"amax method {amax_method!r} does not exist for the max "
+                               "calibrator, the only one in use; pass method='histogram' or "
+                               "build the quantizers with calib_method='histogram'")
     start = time.perf_counter()
-    everyone = [name for name, _ in enabled_quantizers(model)]
-    named, batches, samples = collect_statistics(
-        model, data, num_batches, method, device, progress, forward_fn, group)
-    rows = load_amax(named, amax_method, percentile)
-    calibrated = {name for name, _ in named}
-    missing = [name for name in everyone if name not in calibrated]
+    with collected_statistics(model, data, num_batches, method, device, progress,
+                              forward_fn, group) as stats:
+        kinds = stats.calib_methods
+        searched = amax_method or AMAX_METHODS["histogram"][0]
+        rows = load_amax(stats.named, searched if "histogram" in kinds else None,
+                         percentile if searched == "percentile" and "histogram" in kinds
+                         else None)
+    calibrated = {name for name, _ in stats.named}
+    missing = [name for name, _ in stats.everyone if name not in calibrated]
     if missing:
         log.warning("quantizers that saw no calibration data: %s", ", ".join(missing))
+    uses_hist = "histogram" in kinds
     return CalibrationSummary(
-        method=method, amax_method=amax_method,
-        percentile=percentile if amax_method == "percentile" else None,
-        num_batches=batches, num_samples=samples, seconds=time.perf_counter() - start,
-        world_size=_distributed_world(group), quantizers=rows, uncalibrated=missing,
+        method="+".join(kinds), amax_method=searched if uses_hist else "max",
+        percentile=percentile if uses_hist and searched == "percentile" else None,
+        num_batches=stats.num_batches, num_samples=stats.num_samples,
+        seconds=time.perf_counter() - start, world_size=_distributed_world(group),
+        quantizers=rows, uncalibrated=missing,
     )

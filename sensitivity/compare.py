@@ -4,8 +4,10 @@ Histograms of every activation are collected once; each method then only recompu
 amax from them (weights keep their per-channel max) and the model is evaluated. The
 best method's amax stays loaded, so the model is ready for a sweep or export.
 
-Methods by name: ``max``, ``entropy``, ``mse`` and ``percentile-P`` for any P in
-(0, 100], e.g. ``percentile-99.99``.
+Methods by name (``qdq.calib.parse_choice``): ``max``, ``entropy``, ``mse`` and
+``percentile-P`` for any P in (0, 100], e.g. ``percentile-99.99``. The activation
+quantizers collect histograms for the comparison whatever their descriptors say, and get
+their own descriptors and calibrators back afterwards.
 
 Example::
 
@@ -25,35 +27,27 @@ from typing import Any
 import torch
 from torch import nn
 
+from qdq.calib import DEFAULT_CHOICES, CalibrationError, parse_choice
 from qdq.fileio import atomic_write
 from qdq.replace import disable_quantization
 from sensitivity.batches import ForwardFn
-from sensitivity.calibrate import collect_statistics, load_amax
+from sensitivity.calibrate import collected_statistics, load_amax
 from sensitivity.errors import SensitivityError
 from sensitivity.sweep import measure
 
 __all__ = ["compare_calibrators", "CalibratorComparison", "MethodRow", "DEFAULT_METHODS",
            "parse_method"]
 
-#: What the comparison runs unless told otherwise.
-DEFAULT_METHODS = ("max", "entropy", "percentile-99.9", "percentile-99.99",
-                   "percentile-99.999", "mse")
-_PLAIN = ("max", "entropy", "mse")
+#: What the comparison runs unless told otherwise (``qdq.calib.DEFAULT_CHOICES``).
+DEFAULT_METHODS = DEFAULT_CHOICES
 
 
 def parse_method(name: str) -> tuple[str, dict[str, float]]:
     """``"percentile-99.9"`` -> ``("percentile", {"percentile": 99.9})``."""
-    if name in _PLAIN:
-        return name, {}
-    if name.startswith("percentile-"):
-        try:
-            p = float(name.split("-", 1)[1])
-        except ValueError:
-            p = float("nan")
-        if 0 < p <= 100:
-            return "percentile", {"percentile": p}
-    raise SensitivityError(f"calibration method {name!r} is unknown; use one of "
-                           f"{list(_PLAIN)} or percentile-P with 0 < P <= 100")
+    try:
+        return parse_choice(name)
+    except CalibrationError as err:
+        raise SensitivityError(str(err)) from None
 
 
 @dataclass
@@ -125,27 +119,28 @@ def compare_calibrators(model: nn.Module, calib_data: Iterable,
         raise SensitivityError("compare_calibrators needs at least one method")
     parsed = [(m, *parse_method(m)) for m in methods]
     start = time.perf_counter()
-    named, _, _ = collect_statistics(model, calib_data, num_batches, "histogram", device,
-                                     progress, forward_fn, group)
-    collect_seconds = time.perf_counter() - start
-    fp32 = None
-    with disable_quantization(model):
-        fp32, _, _ = measure(eval_fn, model)
     rows: list[MethodRow] = []
     snapshots: dict[str, dict[str, torch.Tensor]] = {}
-    for name, amax_method, kwargs in parsed:
-        t0 = time.perf_counter()
-        try:
-            load_amax(named, amax_method, **kwargs)
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as err:  # noqa: BLE001 - one failing search must not end the run
-            rows.append(MethodRow(name, None, f"{type(err).__name__}: {err}",
-                                  time.perf_counter() - t0))
-            continue
-        snapshots[name] = {n: q.amax.detach().clone() for n, q in named if q.amax is not None}
-        metric, error, _ = measure(eval_fn, model)
-        rows.append(MethodRow(name, metric, error, time.perf_counter() - t0))
+    with collected_statistics(model, calib_data, num_batches, "histogram", device, progress,
+                              forward_fn, group) as stats:
+        named = stats.named
+        collect_seconds = time.perf_counter() - start
+        with disable_quantization(model):
+            fp32, _, _ = measure(eval_fn, model)
+        for name, amax_method, kwargs in parsed:
+            t0 = time.perf_counter()
+            try:
+                load_amax(named, amax_method, **kwargs)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as err:  # noqa: BLE001 - one failing search must not end the run
+                rows.append(MethodRow(name, None, f"{type(err).__name__}: {err}",
+                                      time.perf_counter() - t0))
+                continue
+            snapshots[name] = {n: q.amax.detach().clone() for n, q in named
+                               if q.amax is not None}
+            metric, error, _ = measure(eval_fn, model)
+            rows.append(MethodRow(name, metric, error, time.perf_counter() - t0))
     good = [r for r in rows if r.metric is not None]
     if not good:
         raise SensitivityError("every calibration method failed: "

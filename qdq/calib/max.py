@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from qdq.calib.base import CalibrationError, Calibrator, reduce_axes
@@ -15,7 +17,14 @@ class MaxCalibrator(Calibrator):
     With ``axis`` set, one max per index along those axes; the result keeps the reduced
     dims as size 1 so it broadcasts against the tensor (e.g. ``[C, 1, 1, 1]``).
     ``track_amax`` keeps each batch's amax in ``amaxs`` for inspection.
+
+    A weight reaches its quantizer as the same tensor, unchanged, in every calibration
+    batch; such a repeat (same tensor object, same version counter, so the same values)
+    is not reduced again, which saves a pass over every weight per batch.
     """
+
+    #: amax methods of ``compute_amax``.
+    amax_methods = ("max",)
 
     def __init__(self, num_bits: int = 8, axis=None, unsigned: bool = False,
                  track_amax: bool = False) -> None:
@@ -23,15 +32,23 @@ class MaxCalibrator(Calibrator):
         self._track_amax = track_amax
         self._calib_amax: torch.Tensor | None = None
         self._amaxs: list[torch.Tensor] = []
+        self._last: tuple[weakref.ref, int] | None = None
 
     @property
     def amaxs(self) -> list[torch.Tensor]:
         return self._amaxs
 
     def collect(self, x: torch.Tensor) -> None:
-        x = x.detach()
         if x.numel() == 0:
             return
+        version = _version(x)
+        if self._last is not None and self._last[0]() is x and self._last[1] == version \
+                and version is not None:
+            if self._track_amax:
+                self._amaxs.append(self._amaxs[-1])
+            return
+        source = x
+        x = x.detach()
         kept, reduced = reduce_axes(x.dim(), self._axis, self.owner)
         lo, hi = _min_max(x, kept, reduced)
         if x.device.type == "cpu":
@@ -58,10 +75,12 @@ class MaxCalibrator(Calibrator):
             self._calib_amax = torch.maximum(self._calib_amax, batch_amax)
         if self._track_amax:
             self._amaxs.append(batch_amax.cpu())
+        self._last = (weakref.ref(source), version)
 
     def reset(self) -> None:
         self._calib_amax = None
         self._amaxs = []
+        self._last = None
 
     def compute_amax(self) -> torch.Tensor | None:
         amax = self._calib_amax
@@ -75,6 +94,15 @@ class MaxCalibrator(Calibrator):
         if self._calib_amax is None:
             raise CalibrationError(f"{self.owner}: nothing collected on this rank to reduce")
         dist.all_reduce(self._calib_amax, op=dist.ReduceOp.MAX, group=group)
+
+
+def _version(x: torch.Tensor) -> int | None:
+    """The tensor's version counter (bumped by every in-place change), or None for an
+    inference-mode tensor, which has none."""
+    try:
+        return x._version
+    except RuntimeError:
+        return None
 
 
 def _min_max(x: torch.Tensor, kept: tuple[int, ...], reduced: tuple[int, ...]

@@ -58,6 +58,16 @@ def test_histogram_calibration_equals_the_comparison_row(eval_fn):
         assert eval_fn(model) == next(r.metric for r in table.rows if r.method == method)
 
 
+def test_the_comparison_leaves_every_calibrator_as_it_was(eval_fn):
+    model = _fresh()
+    before = [(n, q.descriptor, id(q.calibrator)) for n, q in qdq.quantizers(model)]
+    compare_calibrators(model, make_data(64, seed=5), eval_fn, methods=["entropy", "max"],
+                        progress=False)
+    assert [(n, q.descriptor, id(q.calibrator)) for n, q in qdq.quantizers(model)] == before
+    assert parse_method("percentile-99.9") == ("percentile", {"percentile": 99.9})
+    assert DEFAULT_METHODS == qdq.calib.DEFAULT_CHOICES
+
+
 def test_bad_input(eval_fn):
     with pytest.raises(SensitivityError, match="calibration method 'percentile-101'"):
         compare_calibrators(_fresh(), make_data(32, seed=5), eval_fn, methods=["percentile-101"])

@@ -78,11 +78,15 @@ def test_calibration_gives_identical_amax_on_every_rank(tmp_path):
     assert single.keys() == ranks[0]["amax"].keys()
     for name, values in single.items():
         assert ranks[0]["amax"][name] == pytest.approx(values, rel=1e-6), name
-    # histograms are summed: percentile amax as if one process saw all the data
+    # histograms are summed: percentile amax as if one process saw all the data, the
+    # ranks' first batches together as its first batch (which fixes the bin width)
     assert ranks[0]["hist"] == ranks[1]["hist"]
     hist = float_model()
     qdq.replace_modules(hist)
-    calibrate(hist, make_data(64, seed=10) + make_data(64, seed=11), method="histogram",
+    (x0, y0), rest0 = make_data(64, seed=10)[0], make_data(64, seed=10)[1:]
+    (x1, y1), rest1 = make_data(64, seed=11)[0], make_data(64, seed=11)[1:]
+    first = (torch.cat([x0, x1]), torch.cat([y0, y1]))
+    calibrate(hist, [first, *rest0, *rest1], method="histogram",
               amax_method="percentile", percentile=99.9, progress=False)
     for name, q in qdq.quantizers(hist):
         assert ranks[0]["hist"][name] == pytest.approx(q.amax.flatten().tolist(), rel=1e-6), \
