@@ -269,3 +269,34 @@ def test_fp8_quantizer_on_cuda_equals_cpu(rng):
 
     qw = QuantizedWeight.from_weight(w, 4, 128)
     assert torch.equal(qw.cuda()().cpu(), qw.cpu()())
+
+
+def test_batched_load_calib_amaxes_sends_fp8_quantizers_to_the_e4m3_search():
+    from qdq.quantizer import load_calib_amaxes
+
+    torch.manual_seed(0)
+    data = [torch.randn(4000) * 2, torch.randn(4000).exp()]
+
+    def quantizers():
+        made = [TensorQuantizer(QuantDescriptor(num_bits=bits, calib_method="histogram",
+                                                name=f"q{i}"))
+                for i, bits in enumerate((FP8, 8))]
+        for q, x in zip(made, data, strict=True):
+            q.disable_quant()
+            q.enable_calib()
+            q(x)
+        return made
+
+    one_by_one = quantizers()
+    for q in one_by_one:
+        q.load_calib_amax("mse")
+    batched = quantizers()
+    load_calib_amaxes(batched, "mse")
+    for a, b in zip(one_by_one, batched, strict=True):
+        assert torch.equal(a.amax, b.amax)
+    # the FP8 quantizer's amax is the E4M3-grid search, not INT8's
+    calib = batched[0].calibrator
+    assert torch.equal(batched[0].amax, torch.minimum(
+        fp8_mse_amax(calib.counts, calib.bin_width), calib.max))
+    with pytest.raises(CalibrationError, match="q0.*mse, percentile, max"):
+        load_calib_amaxes(quantizers(), "entropy")
