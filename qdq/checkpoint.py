@@ -60,7 +60,7 @@ from qdq.quantizer import TensorQuantizer
 from qdq.replace import name_quantizers, quantizer_paths
 
 __all__ = ["save", "restore", "read", "load_plain", "is_quantized_model_file", "RestoreError",
-           "FORMAT", "VERSION"]
+           "recorded_format", "FORMAT", "VERSION"]
 
 FORMAT = "qdq.quantized_model"
 #: version 2 added ``weight_only`` and ``format``; version 1 files (Q/DQ quantizers
@@ -246,6 +246,18 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
         raise RestoreError(f"{path}: quantized-model file version {blob.get('version')!r}; "
                            f"this qdq reads versions {', '.join(map(str, _READABLE))}")
     return blob
+
+
+def recorded_format(blob: dict[str, Any]) -> str:
+    """The format (:func:`qdq.formats.format_of`) of the model in a file :func:`read`
+    returned, without rebuilding it. Version 1 files did not record it; their enabled
+    quantizers tell (``fp8`` or ``int8``)."""
+    recipe = blob["recipe"]
+    if "format" in recipe:
+        return recipe["format"]
+    kinds = {"fp8" if isinstance(e["descriptor"]["num_bits"], (list, tuple)) else "int8"
+             for e in recipe["quantizers"] if not e["switches"][0]}
+    return kinds.pop() if len(kinds) == 1 else "mixed" if kinds else "float"
 
 
 def is_quantized_model_file(path: str | os.PathLike) -> bool:
