@@ -39,7 +39,7 @@ from qdqapp.errors import CliError
 
 __all__ = ["FormatChoice", "format_choice", "check_format_options", "check_calibrators",
            "default_calibrators", "apply_format_step", "weight_only_rows",
-           "weight_only_table", "DEFAULT_FORMAT"]
+           "weight_only_table", "size_text", "DEFAULT_FORMAT"]
 
 DEFAULT_FORMAT = "int8"
 _NAMES = ", ".join(FORMATS)
@@ -230,3 +230,13 @@ def weight_only_table(model: nn.Module) -> str:
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in table]
     return "\n".join(line.rstrip() for line in lines)
+
+
+def size_text(size: int, fp32_size: int) -> str:
+    """``0.10 MB, 7.0x smaller than with FP32 weights`` for an ONNX file of ``size`` bytes
+    that would take ``fp32_size`` with its quantized weights in fp32."""
+    text = f"{size / 1e6:.2f} MB"
+    compression = fp32_size / size if size else 1.0
+    if compression > 1.005:
+        return f"{text}, {compression:.1f}x smaller than with FP32 weights"
+    return f"{text}, weights stored in FP32 (--int8-weights stores them quantized)"

@@ -19,7 +19,7 @@ from qdqapp.cli.options import (
     model_options,
 )
 from qdqapp.flow import Session, calibrate_model, check_model_options
-from qdqapp.formats import format_choice
+from qdqapp.formats import format_choice, size_text
 from qdqapp.outputs import NewFiles, check_output_file
 
 log = logging.getLogger("qdqapp")
@@ -142,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
         except ExportError as err:
             raise CliError(str(err)) from err
         print(f"wrote {result}")
+        print(f"format: {session.choice.title}; "
+              f"{size_text(result.bytes, result.fp32_bytes)}")
         if fp16 is not None:
             print(f"wrote {to_fp16(result.path, fp16)} (fp16, Q/DQ in fp32)")
     if args.lint:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from qdqapp.formats import FormatChoice
+from qdqapp.formats import FormatChoice, size_text
 from qdqapp.pipeline.config import RunConfig
 from qdqapp.pipeline.folder import RunFolder
 
@@ -56,12 +56,8 @@ def _metric(folder: RunFolder, stage: str) -> Any:
 
 
 def _onnx_size(exp: dict[str, Any]) -> str:
-    """``0.10 MB, 7.0x smaller than with FP32 weights`` from the export stage's result."""
-    size = f"{exp['bytes'] / 1e6:.2f} MB"
-    compression = exp.get("compression") or 1.0
-    if compression > 1.005:
-        return f"{size}, {compression:.1f}x smaller than with FP32 weights"
-    return f"{size}, weights stored in FP32 (--int8-weights stores them quantized)"
+    """The export stage's file size and compression, in words."""
+    return size_text(exp["bytes"], exp.get("fp32_bytes") or exp["bytes"])
 
 
 def summary(folder: RunFolder, choice: FormatChoice | None = None) -> dict[str, Any]:

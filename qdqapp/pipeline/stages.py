@@ -365,6 +365,13 @@ def tensorrt(run: Run) -> dict[str, Any]:
         raise Skip("disabled (tensorrt: false)")
     if not export.tensorrt_available():
         raise Skip("TensorRT is not installed (pip install tensorrt polygraphy)")
+    if run.choice.name == "fp8":
+        from export.tensorrt import fp8_device_problem
+
+        capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+        problem = fp8_device_problem(capability)
+        if problem:
+            raise Skip(problem)
     onnx_path = run.folder.path("model.onnx")
     sample = tuple(run.example.shape[1:])
     batch = run.config.batch_size
@@ -381,7 +388,7 @@ def tensorrt(run: Run) -> dict[str, Any]:
                                       timing_cache=cache, **profile)
     inspection = export.inspect_engine(int8_engine)
     fp16_bench = export.benchmark_engine(fp16_engine, (batch, *sample), name="FP16")
-    int8_bench = export.benchmark_engine(int8_engine, (batch, *sample), name="INT8")
+    int8_bench = export.benchmark_engine(int8_engine, (batch, *sample), name=run.choice.short)
     text = "\n".join([inspection.table(), "", fp16_bench.line(), int8_bench.line()])
     run.folder.write_text("engine.txt", text + "\n")
     return {"engine": "model.engine", "int8_fraction": inspection.int8_fraction,

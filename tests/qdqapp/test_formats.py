@@ -79,12 +79,14 @@ def test_one_file_per_format_through_the_commands(tmp_path, fmt):
     out = cli("export", TINY, "--checkpoint", quantized, "--out", onnx_path, "--quiet")
     assert out.code == 0, out.err
     assert f"({title}, opset {opset}," in out.out and " MB" in out.out
+    size = onnx_path.stat().st_size
+    assert f"format: {title}" in out.out and f"; {size / 1e6:.2f} MB, " in out.out
     model = onnx.load(str(onnx_path))
     ops = [n.op_type for n in model.graph.node]
     assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == opset
     if weight_only:
         assert "QuantizeLinear" not in ops and ops.count("DequantizeLinear") == len(layers)
-        assert "smaller than FP32" in out.out
+        assert "x smaller than with FP32 weights" in out.out
         codes = {_initializer_types(model)[n.input[0]] for n in model.graph.node
                  if n.op_type == "DequantizeLinear"}
         assert codes == {TensorProto.INT4 if fmt == "w4" else TensorProto.INT8}
