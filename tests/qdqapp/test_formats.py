@@ -250,3 +250,13 @@ def test_run_takes_a_weight_only_file_and_keeps_its_format(tmp_path):
                   tmp_path / "r2")
     assert refused.code == 2 and "holds a model in format w4" in refused.err
     assert "r2" not in listing(tmp_path)
+
+
+def test_default_calibrators_suit_the_format():
+    from qdqapp.calibrators import DEFAULT_COMPARISON
+    from qdqapp.formats import FormatChoice, default_calibrators
+
+    assert default_calibrators(FormatChoice("int8")) == list(DEFAULT_COMPARISON)
+    assert default_calibrators(FormatChoice("fp8")) == [
+        n for n in DEFAULT_COMPARISON if n != "entropy"]
+    assert default_calibrators(FormatChoice("w4", 32)) == []
