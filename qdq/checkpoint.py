@@ -14,13 +14,20 @@ the state (weights and amax), the *recipe* that rebuilds that structure:
                 shapes/dtypes (positional or keyword), the quantizers already off,
                 the traced parts kept module-level; ``folded`` BatchNorms
 ``quantizers``  one entry per quantizer object: every path it sits at (shared
-                quantizers have several), its ``QuantDescriptor``, calibrator kind,
-                switches, ``learn_amax`` and the rule that placed it
+                quantizers have several), its ``QuantDescriptor`` (``num_bits``
+                ``[4, 3]`` for FP8 E4M3), calibrator kind, switches,
+                ``learn_amax`` and the rule that placed it
+``weight_only`` every weight-only layer (:mod:`qdq.nn.weight_only`): its path, class,
+                float class, ``bits`` (8 or 4), ``block_size`` and the dtype of
+                each quantized weight; the int8 codes (4-bit ones one per byte)
+                and fp32 scales are state
+``format``      :func:`qdq.formats.format_of` of the saved model (int8, fp8, w8,
+                w4, float or mixed)
 ==============  ================================================================
 
-:func:`restore` replays it on the float model: quant twins at the recorded paths,
-BatchNorm -> Identity where it was folded, the placement rules with inputs of the
-recorded shapes, then one quantizer per recorded entry at all of its paths. It checks
+:func:`restore` replays it on the float model: quant twins and weight-only layers at the
+recorded paths, BatchNorm -> Identity where it was folded, the placement rules with
+inputs of the recorded shapes, then one quantizer per recorded entry at all of its paths. It checks
 that the structure equals the recorded one and loads the state strictly, so the outputs
 are bit-identical to the saved model's. The file holds only tensors and plain Python
 values and is read with ``torch.load(weights_only=True)``.
@@ -47,15 +54,20 @@ from torch import fx, nn
 from qdq.calib import HistogramCalibrator, MaxCalibrator
 from qdq.descriptor import QuantDescriptor
 from qdq.fileio import atomic_write
+from qdq.formats import format_of
 from qdq.nn.mixin import QuantInputMixin
+from qdq.nn.weight_only import WEIGHT_ONLY_TWINS, QuantizedWeight, WeightOnlyLayer
 from qdq.quantizer import TensorQuantizer
 from qdq.replace import name_quantizers, quantizer_paths
 
 __all__ = ["save", "restore", "read", "load_plain", "is_quantized_model_file", "RestoreError",
-           "FORMAT", "VERSION"]
+           "recorded_format", "FORMAT", "VERSION"]
 
 FORMAT = "qdq.quantized_model"
-VERSION = 1
+#: version 2 added ``weight_only`` and ``format``; version 1 files (Q/DQ quantizers
+#: only) are still read
+VERSION = 2
+_READABLE = (1, 2)
 
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CALIBRATORS = {"MaxCalibrator": MaxCalibrator, "HistogramCalibrator": HistogramCalibrator}
@@ -119,6 +131,26 @@ def _quantizer_entries(model: nn.Module) -> list[dict[str, Any]]:
     return entries
 
 
+def _weight_only_entries(model: nn.Module) -> list[dict[str, Any]]:
+    out = []
+    for path, layer in model.named_modules():
+        if not isinstance(layer, WeightOnlyLayer):
+            continue
+        weights = {name: w for name, w in layer.named_modules()
+                   if isinstance(w, QuantizedWeight)}
+        kinds = {(w.bits, w.block_size) for w in weights.values()}
+        if len(kinds) != 1:
+            raise ValueError(f"save: weight-only layer '{path}' holds weights of several "
+                             f"bit widths or block sizes {sorted(kinds, key=str)}")
+        bits, block_size = kinds.pop()
+        out.append({"path": path, "layer": _type_name(type(layer)),
+                    "float": _type_name(layer._float_cls), "bits": bits,
+                    "block_size": block_size,
+                    "dtypes": {name: str(w.dtype).removeprefix("torch.")
+                               for name, w in weights.items()}})
+    return out
+
+
 def _rules_entries(model: nn.Module) -> list[dict[str, Any]]:
     out = []
     for path, module in model.named_modules():
@@ -152,6 +184,7 @@ def recipe_of(model: nn.Module) -> dict[str, Any]:
             kept_float.append(path)
     return {"modules": modules, "twins": twins, "kept_float": kept_float,
             "rules": _rules_entries(model), "quantizers": _quantizer_entries(model),
+            "weight_only": _weight_only_entries(model), "format": format_of(model),
             "training": model.training}
 
 
@@ -212,10 +245,22 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise RestoreError(f"{path}: not a qdq quantized-model file (written by qdq.save); "
                            "a plain state_dict is loaded with model.load_state_dict")
-    if blob.get("version") != VERSION:
+    if blob.get("version") not in _READABLE:
         raise RestoreError(f"{path}: quantized-model file version {blob.get('version')!r}; "
-                           f"this qdq reads version {VERSION}")
+                           f"this qdq reads versions {', '.join(map(str, _READABLE))}")
     return blob
+
+
+def recorded_format(blob: dict[str, Any]) -> str:
+    """The format (:func:`qdq.formats.format_of`) of the model in a file :func:`read`
+    returned, without rebuilding it. Version 1 files did not record it; their enabled
+    quantizers tell (``fp8`` or ``int8``)."""
+    recipe = blob["recipe"]
+    if "format" in recipe:
+        return recipe["format"]
+    kinds = {"fp8" if isinstance(e["descriptor"]["num_bits"], (list, tuple)) else "int8"
+             for e in recipe["quantizers"] if not e["switches"][0]}
+    return kinds.pop() if len(kinds) == 1 else "mixed" if kinds else "float"
 
 
 def is_quantized_model_file(path: str | os.PathLike) -> bool:
@@ -267,6 +312,39 @@ def _swap_twins(model: nn.Module, twins: list[list], classes: dict[str, type]) -
         if not path:
             raise _Misfit("the root module itself is a quant twin in the file; wrap it")
         _set(model, path, quant_cls.from_float(current))
+
+
+def _swap_weight_only(model: nn.Module, entries: list[dict],
+                      state: dict[str, torch.Tensor]) -> None:
+    """Weight-only layers at the recorded paths, their codes and scales shaped as saved
+    (the values come with the state)."""
+    classes = {_type_name(cls): cls for cls in WEIGHT_ONLY_TWINS.values()}
+    for entry in entries:
+        path = entry["path"]
+        current = _get(model, path)
+        if current is not None and _type_name(type(current)) == entry["layer"]:
+            continue
+        if current is None or _type_name(type(current)) != entry["float"]:
+            have = "no module" if current is None else f"a {_type_name(type(current))}"
+            raise _Misfit(f"'{path or '(root)'}' is a {_short(entry['layer'])} made from a "
+                          f"{_short(entry['float'])} in the file, {have} in the model")
+        cls = classes.get(entry["layer"])
+        if cls is None:
+            raise _Misfit(f"'{path}' is a {entry['layer']} in the file, a class this process "
+                          "has not registered (qdq.nn.weight_only.register_weight_only)")
+        if not path:
+            raise _Misfit("the root module itself is a weight-only layer in the file; wrap it")
+        bias = f"{path}.bias"
+        if bias in state and "bias" in current._parameters and current.bias is None:
+            current.bias = nn.Parameter(torch.zeros_like(state[bias]))  # a folded BatchNorm's
+        try:
+            layer = cls.from_float(current, entry["bits"], entry["block_size"])
+        except ValueError as err:
+            raise _Misfit(f"'{path}': {err}") from None
+        for name, dtype in entry["dtypes"].items():
+            weight = layer.get_submodule(name)
+            weight.dtype = getattr(torch, dtype)
+        _set(model, path, layer)
 
 
 def _fold_structure(model: nn.Module, modules: dict[str, str]) -> None:
@@ -408,6 +486,7 @@ def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     try:
         model.eval()
         _swap_twins(model, recipe["twins"], _quant_classes())
+        _swap_weight_only(model, recipe.get("weight_only", []), state)
         _fold_structure(model, dict(map(tuple, modules)))
         model = _replay_rules(model, recipe["rules"])
         made = _install_quantizers(model, recipe["quantizers"])

@@ -7,21 +7,27 @@
         float state_dict:      loaded strictly
     -> the model runs once on an example input (a bad shape fails here, in one line)
     -> --ignore names checked (close matches suggested)
-    -> quant twins (qdq.replace_modules, --ignore kept float)
-    -> placement rules (qdq.rules.apply_rules; on unless --no-rules)
-    -> calibrate (--calibrator), modules never called left in float, by name
+    -> int8, fp8:  quant twins (qdq.replace_modules, --ignore kept float)
+                   -> placement rules (qdq.rules.apply_rules; on unless --no-rules)
+    -> --format (qdqapp.formats.apply_format_step): fp8 re-describes every quantizer;
+       w8/w4 turn the float model's Linear/Conv/LSTM weights into integer codes
+    -> calibrate (--calibrator), modules never called left in float, by name; nothing
+       for w8/w4
 
-:func:`prepare_model` does everything up to calibration, before any output is written;
-:func:`calibrate_model` does the last step. ``run``, ``calibrate``, ``sensitivity``,
-``export``, ``verify`` and ``summary`` all go through here, so the same flags build the
-same model everywhere.
+:func:`check_model_options` refuses bad flags (a format, its options, calibrators that do
+not suit it) before anything is built; :func:`prepare_model` does everything up to
+calibration, before any output is written; :func:`calibrate_model` does the last step.
+``run``, ``calibrate``, ``sensitivity``, ``export``, ``verify`` and ``summary`` all go
+through here, so the same flags build the same model everywhere.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +37,7 @@ from torch import nn
 import qdq
 from qdqapp.calibrators import calibrator_settings
 from qdqapp.errors import CliError, first_line
+from qdqapp.formats import FormatChoice, apply_format_step, check_calibrators, format_choice
 from qdqapp.models import (
     Checkpoint,
     build_model,
@@ -57,6 +64,11 @@ class ModelOptions:
     ignore: list[str] = field(default_factory=list)
     seed: int = 0
     device: str | None = None
+    #: --format (None: int8, or the format of a quantized-model --checkpoint), and the
+    #: weight-only formats' --block-size and --weight-amax (None: per channel, max)
+    format: str | None = None
+    block_size: int | None = None
+    weight_amax: str | None = None
 
 
 @dataclass
@@ -65,6 +77,9 @@ class Prepared:
     device: torch.device
     checkpoint: Checkpoint | None
     example: torch.Tensor | None
+    choice: FormatChoice = field(default_factory=FormatChoice)
+    #: the float model before its weights were quantized (weight-only formats made here)
+    float_model: nn.Module | None = None
 
     @property
     def restored(self) -> bool:
@@ -92,16 +107,18 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def check_model_options(opts: ModelOptions) -> Checkpoint | None:
-    """The cheap checks (spec, checkpoint file, flags that contradict it), before work."""
+def check_model_options(opts: ModelOptions, calibrators: Sequence[str] = (),
+                        calibrator_flag: str = "--calibrator") -> Checkpoint | None:
+    """The cheap checks (spec, format, checkpoint file, flags that contradict them, the
+    ``calibrators`` the command will use), before work."""
     check_model_spec(opts.spec)
+    format_choice(opts)  # the flags alone, before the file is read
     resolve_device(opts.device)
-    if opts.checkpoint is None:
-        return None
-    ckpt = read_checkpoint(opts.checkpoint)
-    if ckpt.quantized and opts.ignore:
+    ckpt = read_checkpoint(opts.checkpoint) if opts.checkpoint is not None else None
+    if ckpt is not None and ckpt.quantized and opts.ignore:
         raise CliError(f"--ignore: {ckpt.path} is a quantized-model file, whose layers are "
                        "already chosen; --ignore applies when quantizing a float model")
+    check_calibrators(format_choice(opts, ckpt), calibrators, calibrator_flag)
     return ckpt
 
 
@@ -151,6 +168,7 @@ def prepare_model(opts: ModelOptions, example: torch.Tensor | None = None,
     device = resolve_device(opts.device)
     if checkpoint is None and opts.checkpoint is not None:
         checkpoint = check_model_options(opts)
+    choice = format_choice(opts, checkpoint)
     model = build_model(opts.spec, opts.seed)
     if example is None:
         shape = ((checkpoint.metadata or {}).get("input_shape") if checkpoint else None) \
@@ -163,22 +181,29 @@ def prepare_model(opts: ModelOptions, example: torch.Tensor | None = None,
             raise CliError(f"checkpoint {err}") from err
         if example is not None:
             _dry_run(model, example, opts.spec, data)
-        return Prepared(model.to(device).eval(), device, checkpoint, example)
+        return Prepared(model.to(device).eval(), device, checkpoint, example, choice)
     if checkpoint is not None:
         load_float_weights(model, checkpoint, opts.spec)
     if example is not None:
         _dry_run(model, example, opts.spec, data)
     check_names(model, opts.ignore, "--ignore")
-    qdq.replace_modules(model, ignore=list(opts.ignore) or None)
-    if opts.rules:
-        from qdq.rules import apply_rules
+    float_model = None
+    if choice.weight_only:
+        float_model = copy.deepcopy(model)  # the FP32 reference; the step changes weights
+    else:
+        qdq.replace_modules(model, ignore=list(opts.ignore) or None)
+        if opts.rules:
+            from qdq.rules import apply_rules
 
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            model = apply_rules(model, (example,) if example is not None else None)
-        for w in caught:
-            log.info("%s", w.message)
-    return Prepared(model.to(device).eval(), device, checkpoint, example)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                model = apply_rules(model, (example,) if example is not None else None)
+            for w in caught:
+                log.info("%s", w.message)
+    apply_format_step(model, choice, opts.ignore)
+    if float_model is not None:
+        float_model.to(device).eval()
+    return Prepared(model.to(device).eval(), device, checkpoint, example, choice, float_model)
 
 
 def leave_uncalibrated_in_float(model: nn.Module) -> list[str]:
@@ -203,8 +228,13 @@ def calibrate_model(prepared: Prepared, batches, num_batches: int, calibrator: s
                     progress: bool = True):
     """Calibrate with ``calibrator`` (a name, see :mod:`qdqapp.calibrators`); quantizers
     that saw no data are left in float. Returns the ``CalibrationSummary`` and the names
-    of the modules left in float."""
+    of the modules left in float; ``(None, [])`` for a weight-only format, which has
+    nothing to calibrate."""
     import sensitivity
+
+    if prepared.choice.weight_only:
+        log.info("%s is weight-only: nothing to calibrate", prepared.choice.name)
+        return None, []
 
     settings = calibrator_settings(calibrator)
     summary = sensitivity.calibrate(prepared.model, batches, num_batches=num_batches,
@@ -222,10 +252,14 @@ class Session:
     data_spec: str | None
     source: Any
     prepared: Prepared
+    #: what built the float model first, when ``opts`` now restores it from a file (a
+    #: resumed run): the float baseline of a weight-only model is built from it
+    origin: ModelOptions | None = None
 
     @classmethod
     def open(cls, opts: ModelOptions, data_spec: str | None, data_opts=None,
-             checkpoint: Checkpoint | None = None) -> Session:
+             checkpoint: Checkpoint | None = None,
+             origin: ModelOptions | None = None) -> Session:
         from qdqapp.sources import check_data_spec, open_data
 
         if data_spec is not None:
@@ -235,11 +269,34 @@ class Session:
         source = open_data(data_spec, data_opts) if data_spec is not None else None
         example = source.example() if source is not None else None
         prepared = prepare_model(opts, example, data_spec, checkpoint)
-        return cls(opts, data_spec, source, prepared)
+        return cls(opts, data_spec, source, prepared, origin)
 
     @property
     def model(self) -> nn.Module:
         return self.prepared.model
+
+    @property
+    def choice(self) -> FormatChoice:
+        return self.prepared.choice
+
+    def float_model(self) -> nn.Module | None:
+        """The float model the quantized one was made from, for FP32 baselines: the same
+        model with its quantizers off (enter ``qdq.disable_quantization`` on it) for Q/DQ
+        formats; for weight-only formats the copy kept before the weights were quantized,
+        or the float model built again from ``origin`` (a resumed run); None when the
+        model came from a weight-only quantized-model file."""
+        prepared = self.prepared
+        if not prepared.choice.weight_only:
+            return prepared.model
+        if prepared.float_model is None and self.origin is not None:
+            origin = self.origin
+            checkpoint = read_checkpoint(origin.checkpoint) if origin.checkpoint else None
+            if checkpoint is None or not checkpoint.quantized:
+                model = build_model(origin.spec, origin.seed)
+                if checkpoint is not None:
+                    load_float_weights(model, checkpoint, origin.spec)
+                prepared.float_model = model.to(prepared.device).eval()
+        return prepared.float_model
 
     def metadata(self, **extra: Any) -> dict[str, Any]:
         """What the quantized-model file records about how it was made."""
@@ -249,6 +306,8 @@ class Session:
                      "rules": self.opts.rules if not self.prepared.restored
                      else meta.get("rules"),
                      "input_shape": list(example.shape) if example is not None else None})
+        if not self.prepared.restored:
+            meta.update(self.prepared.choice.as_dict())
         if self.data_spec is not None:
             meta["data"] = self.data_spec
         meta.update(extra)

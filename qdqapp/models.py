@@ -191,12 +191,14 @@ class Checkpoint:
     quantized: bool
     state_dict: dict[str, torch.Tensor] | None = None
     metadata: dict[str, Any] | None = None
+    #: a quantized-model file's format (int8, fp8, w8, w4, mixed or float)
+    format: str | None = None
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read ``path`` once (``weights_only``); a missing, unreadable or foreign file is one
     CliError naming it."""
-    from qdq.checkpoint import FORMAT, RestoreError, load_plain, read
+    from qdq.checkpoint import FORMAT, RestoreError, load_plain, read, recorded_format
 
     path = Path(path)
     try:
@@ -206,7 +208,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     except RestoreError as err:
         raise CliError(f"checkpoint {err}") from err
     if isinstance(blob, dict) and blob.get("format") == FORMAT:
-        return Checkpoint(path, True, metadata=blob.get("metadata") or {})
+        return Checkpoint(path, True, metadata=blob.get("metadata") or {},
+                          format=recorded_format(blob))
     if isinstance(blob, dict) and isinstance(blob.get("state_dict"), dict):
         blob = blob["state_dict"]
     if not isinstance(blob, dict) or not all(isinstance(v, torch.Tensor)

@@ -1,5 +1,6 @@
 """``qdq calibrate``: build the quantized model, calibrate it on data, write the
-quantized-model file every other command reads."""
+quantized-model file every other command reads (for w8/w4 nothing is calibrated: the file
+holds the integer weights)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import json
 import logging
 
 from qdq.fileio import atomic_write
-from qdqapp.calibrators import DEFAULT_COMPARISON, check_calibrator, parse_calibrators
-from qdqapp.cli import register
+from qdqapp.calibrators import check_calibrator, parse_calibrators
+from qdqapp.cli import CliError, register
 from qdqapp.cli.options import (
     add_calibrator_option,
     add_data_options,
@@ -18,6 +19,13 @@ from qdqapp.cli.options import (
     model_options,
 )
 from qdqapp.flow import Session, calibrate_model, check_model_options, leave_uncalibrated_in_float
+from qdqapp.formats import (
+    check_calibrators,
+    default_calibrators,
+    format_choice,
+    weight_only_rows,
+    weight_only_table,
+)
 from qdqapp.outputs import OutputFolder, check_output_folder
 
 log = logging.getLogger("qdqapp")
@@ -31,6 +39,8 @@ EPILOG = f"""examples:
   qdq calibrate reference --data fashion-mnist --compare --out runs/calib
   qdq calibrate mypkg.models:build_net --checkpoint net.pt --data images/ --image-size 224 \\
       --ignore head.fc --out runs/calib
+  qdq calibrate reference --data fashion-mnist --format fp8 --calibrator mse --out runs/fp8
+  qdq calibrate reference --data fashion-mnist --format w8 --out runs/w8
 
 writes into --out:
   {QUANTIZED}       the quantized model (quantizers, placement rules, amax, weights):
@@ -39,6 +49,10 @@ writes into --out:
   calibration.txt   the same as a table
   with --compare also calibrators.md and calibrators.json: each calibrator evaluated on
   --data (accuracy, or top-1 agreement with FP32 without labels); the best is kept.
+
+--format fp8 calibrates with max, mse or percentile-P (mse searches the E4M3 grid); w8/w4
+quantize the weights only, so nothing is calibrated: calibration.json and .txt then list
+the integer weights (bits, block size, scales).
 """
 
 
@@ -49,8 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_calibrator_option(p)
     p.add_argument("--compare", action="store_true",
                    help="evaluate several calibrators on --data and keep the best")
-    p.add_argument("--calibrators", default=",".join(DEFAULT_COMPARISON), metavar="LIST",
-                   help="comma-separated calibrators for --compare")
+    p.add_argument("--calibrators", metavar="LIST",
+                   help="comma-separated calibrators for --compare (default: max, entropy, "
+                        "percentile-99.9/99.99/99.999, mse; fp8 without entropy)")
 
 
 def calibration_record(session: Session, calibrator: str, summary=None,
@@ -59,11 +74,13 @@ def calibration_record(session: Session, calibrator: str, summary=None,
     import qdq
 
     record = {"calibrator": calibrator, "data": session.data_spec,
-              "left_in_float": left_float or []}
+              "left_in_float": left_float or [], **session.choice.as_dict()}
     if summary is not None:
         record.update(num_batches=summary.num_batches, num_samples=summary.num_samples,
                       seconds=round(summary.seconds, 2))
     record["quantizers"] = [r.as_dict() for r in qdq.summary_rows(session.model)]
+    if session.choice.weight_only:
+        record["weights"] = weight_only_rows(session.model)
     return record
 
 
@@ -72,10 +89,19 @@ def run(args: argparse.Namespace) -> int:
     import sensitivity
 
     out = check_output_folder(args.out)
-    names = parse_calibrators(args.calibrators) if args.compare else \
-        [check_calibrator(args.calibrator)]
     opts = model_options(args)
-    session = Session.open(opts, args.data, data_options(args), check_model_options(opts))
+    checkpoint = check_model_options(opts)
+    choice = format_choice(opts, checkpoint)
+    if args.compare and choice.weight_only:
+        raise CliError(f"--compare: {choice.name} is weight-only, nothing is calibrated")
+    if args.compare:
+        names = parse_calibrators(args.calibrators) if args.calibrators \
+            else default_calibrators(choice)
+        check_calibrators(choice, names, "--calibrators")
+    else:
+        names = [check_calibrator(args.calibrator)]
+        check_calibrators(choice, names)
+    session = Session.open(opts, args.data, data_options(args), checkpoint)
     prepared, source = session.prepared, session.source
     with OutputFolder(out):
         if args.compare:
@@ -92,12 +118,13 @@ def run(args: argparse.Namespace) -> int:
             chosen, summary = table.best, None
             print(table.markdown())
         else:
-            chosen = names[0]
+            chosen = None if choice.weight_only else names[0]
             summary, left = calibrate_model(prepared, source.calib(), args.calib_batches,
                                             chosen, progress=not args.quiet)
         record = calibration_record(session, chosen, summary, left)
         atomic_write(out / "calibration.json", json.dumps(record, indent=1) + "\n")
-        text = qdq.summary(prepared.model)
+        text = weight_only_table(prepared.model) if choice.weight_only \
+            else qdq.summary(prepared.model)
         atomic_write(out / "calibration.txt", text + "\n")
         session.save(out / QUANTIZED, calibrator=chosen)
         print(text)

@@ -1,5 +1,5 @@
 """``qdq export``: the quantized model (from a quantized-model file, or calibrated on
---data) to an opset-13 Q/DQ ONNX file."""
+--data) to a Q/DQ ONNX file in its format (INT8 and W8 opset 13, FP8 19, W4 21)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from qdqapp.cli.options import (
     model_options,
 )
 from qdqapp.flow import Session, calibrate_model, check_model_options
+from qdqapp.formats import format_choice, size_text
 from qdqapp.outputs import NewFiles, check_output_file
 
 log = logging.getLogger("qdqapp")
@@ -30,11 +31,16 @@ EPILOG = """examples:
   qdq export torchvision:mobilenet_v2 --data random:8x3x224x224 --int8-weights --out mnv2.onnx
   qdq export reference --checkpoint runs/calib/quantized.pt --fp16-out ref_fp16.onnx \\
       --lint --out ref.onnx
+  qdq export torchvision:resnet18 --data random:8x3x224x224 --format fp8 --out r18_fp8.onnx
+  qdq export reference --format w4 --block-size 32 --ignore stem.0.0 --out ref_w4.onnx
 
 The model comes from --checkpoint when it is a quantized-model file (qdq calibrate, qdq run
 or qdq.save wrote it: quantizers, placement rules and amax included). Otherwise it is built
-here (rules on unless --no-rules) and calibrated on --data with --calibrator. The input
-shape traced is one sample of --data, or the one recorded in the quantized-model file.
+here (rules on unless --no-rules) in --format and calibrated on --data with --calibrator
+(w8/w4 need no calibration: --data only gives the input shape, which the model may know).
+The input shape traced is one sample of --data, or the one recorded in the quantized-model
+file. The opset is the lowest the format allows unless --opset says otherwise; the line
+printed names the format, the file size and how much smaller than FP32 weights it is.
 """
 
 
@@ -52,8 +58,14 @@ def build_quantized(args: argparse.Namespace) -> Session:
     """The model both export and verify use: restored, or prepared and calibrated."""
     check_calibrator(args.calibrator)
     opts = model_options(args)
-    checkpoint = check_model_options(opts)
-    if args.data is None and not (checkpoint is not None and checkpoint.quantized):
+    checkpoint = check_model_options(opts, [args.calibrator])
+    choice = format_choice(opts, checkpoint)
+    opset = getattr(args, "opset", None)
+    if opset is not None and opset < choice.min_opset:
+        raise CliError(f"--opset {opset}: {choice.title} needs opset {choice.min_opset} or "
+                       "newer (leave --opset out for the lowest it allows)")
+    if args.data is None and not (checkpoint is not None and checkpoint.quantized) \
+            and not choice.weight_only:
         raise CliError("the model has no amax yet: pass --checkpoint QUANTIZED.pt (from "
                        "qdq calibrate) or --data SPEC to calibrate on")
     session = Session.open(opts, args.data, data_options(args), checkpoint)
@@ -72,10 +84,13 @@ def build_quantized(args: argparse.Namespace) -> Session:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_shared_arguments(p)
     p.add_argument("--out", required=True, help="ONNX file to write")
-    p.add_argument("--opset", type=int, default=13, help="ONNX opset (default 13)")
+    p.add_argument("--opset", type=int,
+                   help="ONNX opset (default: the lowest the format allows: INT8 and W8 13, "
+                        "FP8 19, W4 and blocks 21)")
     p.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm unfolded")
     p.add_argument("--int8-weights", action="store_true",
-                   help="store weights as int8 initializers -> DQ (about 4x smaller)")
+                   help="store weights as int8 (FP8: float8e4m3fn) initializers -> DQ "
+                        "(about 4x smaller; w8/w4 always store integer weights)")
     p.add_argument("--static-batch", action="store_true", help="do not mark dim 0 dynamic")
     p.add_argument("--dynamo", action="store_true",
                    help="use torch's dynamo exporter (static shapes, opset 18+); its "
@@ -113,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = check_output_file(args.out)
     fp16 = check_output_file(args.fp16_out, "--fp16-out") if args.fp16_out else None
-    if args.opset < 13:
+    if args.opset is not None and args.opset < 13:
         raise CliError(f"--opset {args.opset}: Q/DQ export needs 13 or newer")
     session = build_quantized(args)
     example = session.prepared.example.to(session.prepared.device)
@@ -127,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
         except ExportError as err:
             raise CliError(str(err)) from err
         print(f"wrote {result}")
+        print(f"format: {session.choice.title}; "
+              f"{size_text(result.bytes, result.fp32_bytes)}")
         if fp16 is not None:
             print(f"wrote {to_fp16(result.path, fp16)} (fp16, Q/DQ in fp32)")
     if args.lint:
@@ -134,5 +151,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-register("export", "write the quantized model as an opset-13 Q/DQ ONNX file", add_arguments,
+register("export", "write the quantized model as a Q/DQ ONNX file", add_arguments,
          run, EPILOG)

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 
 from qdqapp.cli import CliError, register
-from qdqapp.cli.options import CHECKPOINT_HELP, DATA_HELP, MODEL_HELP
+from qdqapp.cli.options import CHECKPOINT_HELP, DATA_HELP, MODEL_HELP, add_format_options
 
 EPILOG = """examples:
   qdq run                                    # the Fashion-MNIST reference demo
@@ -15,9 +15,14 @@ EPILOG = """examples:
   qdq run --model mypkg.nets:build --checkpoint net.pt --data imagefolder:/data/imagenet \\
           --eval mypkg.nets:evaluate --qat-epochs 1
   qdq run --model reference --checkpoint runs/calib/quantized.pt --calibrator max
+  qdq run --format fp8 --out runs/fp8        # FP8 E4M3 (entropy is not compared)
+  qdq run --format w4 --block-size 32 --ignore stem.0.0 --out runs/w4
 
 --checkpoint takes a float state_dict or a quantized-model file (qdq calibrate writes
 one); the run keeps its model as quantized.pt after every stage that changes it.
+--format w8/w4 quantize weights only: calibration, the per-layer SQNR, the sweep, partial
+quantization and QAT are skipped (the report says why); the summary names the format, the
+ONNX file's size and how much smaller it is than with FP32 weights.
 
 A re-run with the same --out skips the stages that finished; --restart starts over
 and deletes only the files the earlier run wrote.
@@ -30,6 +35,7 @@ Config files (YAML or TOML) use the same keys as the flags, e.g.:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from qdqapp.calibrators import DEFAULT_COMPARISON
     from qdqapp.pipeline import RunConfig
 
     defaults = RunConfig()
@@ -45,8 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batches", type=int, help="evaluate on this many batches only")
     p.add_argument("--image-size", type=int, help="image folders: centre crop size "
                    f"(default {defaults.image_size})")
+    add_format_options(p)
     p.add_argument("--calibrators", help="comma-separated list to compare (default "
-                   f"{','.join(defaults.calibrators)})")
+                   f"{','.join(DEFAULT_COMPARISON)}; fp8 without entropy)")
     p.add_argument("--calibrator", help="use this calibrator, skip the comparison")
     p.add_argument("--rules", action=argparse.BooleanOptionalAction, default=None,
                    help="TensorRT placement rules (default on; --no-rules to skip)")
@@ -60,7 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--qat-steps", type=int, help="at most this many training steps per QAT "
                    "epoch (default: the whole training split)")
     p.add_argument("--int8-weights", action="store_const", const=True,
-                   help="store weights as int8 initializers in the ONNX file")
+                   help="store weights as int8 (FP8: float8e4m3fn) initializers in the "
+                        "ONNX file (w8/w4 always store integer weights)")
     p.add_argument("--no-tensorrt", dest="tensorrt", action="store_const", const=False,
                    help="skip the TensorRT stage even when TensorRT is installed")
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")

@@ -18,6 +18,7 @@ from qdqapp.cli.options import (
     model_options,
 )
 from qdqapp.flow import Session, calibrate_model, check_layer_names, check_model_options
+from qdqapp.formats import format_choice
 from qdqapp.outputs import OutputFolder, check_output_folder
 
 EPILOG = f"""examples:
@@ -36,6 +37,7 @@ Measurements stream into rows.jsonl as they finish: run the same command again a
 interruption and it resumes; sweep.json records what built the model and the data, and a
 resume with other options is refused (--fresh starts over).
 With random data (no labels) the metric is top-1 agreement with the FP32 model.
+--format fp8 sweeps FP8 quantizers; w8/w4 have no quantizers to sweep and are refused.
 """
 
 
@@ -61,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 _RESUME_KEYS = ("model", "checkpoint", "rules", "ignore", "seed", "data", "batch_size",
                 "calib_batches", "image_size", "eval_batches", "calibrator", "agreement",
-                "mode")
+                "mode", "format")
 
 
 def _check_resume(out, args: argparse.Namespace) -> dict:
@@ -90,9 +92,15 @@ def run(args: argparse.Namespace) -> int:
         layers = [n.strip() for n in args.layers.split(",") if n.strip()]
         if not layers:
             raise CliError("--layers is empty")
-    setup = _check_resume(out, args) if out.is_dir() else None
     opts = model_options(args)
-    session = Session.open(opts, args.data, data_options(args), check_model_options(opts))
+    checkpoint = check_model_options(opts, [args.calibrator])
+    choice = format_choice(opts, checkpoint)
+    if choice.weight_only:
+        raise CliError(f"--format {choice.name}: the sweep switches quantizers off one "
+                       "layer at a time, and weight-only layers have none; sweep the int8 "
+                       "or fp8 model")
+    setup = _check_resume(out, args) if out.is_dir() else None
+    session = Session.open(opts, args.data, data_options(args), checkpoint)
     prepared, source = session.prepared, session.source
     check_layer_names(prepared.model, layers)  # before any work: names only
     with OutputFolder(out, keep=("rows.jsonl", "sweep.json")):

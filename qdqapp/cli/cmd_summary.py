@@ -14,18 +14,22 @@ from qdqapp.cli.options import (
     model_options,
 )
 from qdqapp.flow import Session, calibrate_model, check_model_options
+from qdqapp.formats import format_choice, weight_only_rows, weight_only_table
 
 EPILOG = """examples:
   qdq summary torchvision:resnet18
   qdq summary torchvision:resnet18 --rules --ignore fc
   qdq summary torchvision:mobilenet_v2 --no-rules --calibrate --data random:4x3x224x224
   qdq summary reference --checkpoint runs/calib/quantized.pt --json
+  qdq summary torchvision:resnet18 --format fp8
+  qdq summary reference --format w4 --block-size 32 --ignore stem.0.0
 
 The placement rules are on by default, as everywhere: the 'shared' column lists the
 module paths that share one quantizer (concat, max-pool, same tensor) and 'rule' the rule
 that placed it. A quantized-model --checkpoint shows that model, amax included.
 --calibrate calibrates on --data first (random data of the model's usual input shape
-when --data is not given).
+when --data is not given). With --format w8/w4 the table lists the integer weights
+(bits, block size, shape, scales, code range) instead of quantizers.
 """
 
 
@@ -45,7 +49,12 @@ def run(args: argparse.Namespace) -> int:
     from qdqapp.models import example_shape
 
     opts = model_options(args)
-    checkpoint = check_model_options(opts)
+    checkpoint = check_model_options(opts, [args.calibrator])
+    choice = format_choice(opts, checkpoint)
+    if args.calibrate and choice.weight_only:
+        from qdqapp.cli import CliError
+
+        raise CliError(f"--calibrate: {choice.name} is weight-only, nothing is calibrated")
     data = args.data
     if data is None and args.calibrate:
         shape = example_shape(opts.spec)
@@ -60,7 +69,12 @@ def run(args: argparse.Namespace) -> int:
         calibrate_model(session.prepared, session.source.calib(), args.calib_batches,
                         args.calibrator, progress=not args.quiet)
     if args.json:
-        print(json.dumps([r.as_dict() for r in qdq.summary_rows(session.model)], indent=1))
+        rows = weight_only_rows(session.model) if choice.weight_only else \
+            [r.as_dict() for r in qdq.summary_rows(session.model)]
+        print(json.dumps(rows, indent=1))
+        return 0
+    if choice.weight_only:
+        print(weight_only_table(session.model))
     else:
         print(qdq.summary(session.model))
         report = getattr(session.model, "qdq_rules_report", None)
@@ -69,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
                                                    report.changes.items() if v)
                                          or "nothing to change")
                   + f"; {len(report.folded)} BatchNorm folded")
+    print(f"format: {choice.title}")
     return 0
 
 

@@ -1,6 +1,7 @@
 """The options every command spells the same way, and their conversion to the flow's
-objects: the model (``MODEL``, ``--checkpoint``, ``--no-rules``, ``--ignore``,
-``--seed``, ``--device``), the data (``--data`` and how much of it) and the calibrator."""
+objects: the model (``MODEL``, ``--checkpoint``, ``--format`` with ``--block-size`` and
+``--weight-amax``, ``--no-rules``, ``--ignore``, ``--seed``, ``--device``), the data
+(``--data`` and how much of it) and the calibrator."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from qdqapp.calibrators import DEFAULT_COMPARISON
 from qdqapp.flow import ModelOptions
 from qdqapp.sources import DataOptions
 
-__all__ = ["add_model_options", "add_data_options", "add_calibrator_option",
-           "model_options", "data_options", "MODEL_HELP", "DATA_HELP", "CHECKPOINT_HELP"]
+__all__ = ["add_model_options", "add_format_options", "add_data_options",
+           "add_calibrator_option", "model_options", "data_options", "MODEL_HELP",
+           "DATA_HELP", "CHECKPOINT_HELP"]
 
 MODEL_HELP = "reference, torchvision:NAME or package.module:factory"
 DATA_HELP = ("fashion-mnist[:ROOT], imagefolder:DIR (or DIR), or random:NxCxHxW "
@@ -33,6 +35,23 @@ def add_model_options(p: argparse.ArgumentParser, positional: bool = True) -> No
     p.add_argument("--seed", type=int, default=0,
                    help="seed for random weights and random data (default 0)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    add_format_options(p)
+
+
+def add_format_options(p: argparse.ArgumentParser) -> None:
+    """``--format`` and the weight-only formats' options (``run`` and every model command)."""
+    p.add_argument("--format", metavar="NAME",
+                   help="int8 (Q/DQ, default), fp8 (FP8 E4M3 Q/DQ, TensorRT on compute "
+                        "capability >= 8.9), w8 or w4 (INT8/INT4 weight-only, activations "
+                        "float, nothing calibrated); a quantized-model --checkpoint keeps "
+                        "its own")
+    p.add_argument("--block-size", type=int, metavar="B",
+                   help="w8/w4: one scale per B inputs of each output channel (B must "
+                        "divide every quantized layer's input dimension; default: one "
+                        "scale per output channel)")
+    p.add_argument("--weight-amax", metavar="METHOD",
+                   help="w8/w4: each channel's or block's amax, max (default) or mse (the "
+                        "best of 11 clip ratios of the max)")
 
 
 def add_data_options(p: argparse.ArgumentParser, required: bool = True,
@@ -62,7 +81,8 @@ def add_calibrator_option(p: argparse.ArgumentParser) -> None:
 def model_options(args: argparse.Namespace, spec: str | None = None) -> ModelOptions:
     return ModelOptions(spec=spec or args.model, checkpoint=args.checkpoint,
                         rules=args.rules, ignore=list(args.ignore or []), seed=args.seed,
-                        device=args.device)
+                        device=args.device, format=args.format, block_size=args.block_size,
+                        weight_amax=args.weight_amax)
 
 
 def data_options(args: argparse.Namespace) -> DataOptions:

@@ -7,11 +7,14 @@ The pipeline uses the same data specs and model-preparation flow as every other 
     from qdqapp.pipeline import RunConfig, run_pipeline
     result = run_pipeline(RunConfig(model="torchvision:resnet18", data="random:8x3x224x224"))
 
-Stages (see ``stages.py``): FP32 baseline, calibrator comparison and calibration, INT8
-accuracy, per-layer SQNR, sensitivity sweep, partial quantization, optional QAT, ONNX
-export, Q/DQ lint, ONNX Runtime check, TensorRT. The model after each stage that changes
-it is kept as ``quantized.pt`` (``qdq.save``); a re-run restores it from there and skips
-the finished stages. Everything is checked before the folder is touched.
+Stages (see ``stages.py``): FP32 baseline, calibrator comparison and calibration, accuracy
+in the format (``--format``: int8, fp8, w8, w4), per-layer SQNR, sensitivity sweep, partial
+quantization, optional QAT, ONNX export, Q/DQ lint, ONNX Runtime check, TensorRT. The
+weight-only formats skip what has no meaning for them (calibrators, calibration, the
+per-layer SQNR, the sweep and partial quantization, QAT), each with its reason. The model
+after each stage that changes it is kept as ``quantized.pt`` (``qdq.save``); a re-run
+restores it from there and skips the finished stages. Everything is checked before the
+folder is touched.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from qdqapp.flow import ModelOptions, Session, check_model_options
+from qdqapp.formats import check_calibrators, default_calibrators, format_choice
 from qdqapp.pipeline.config import ConfigError, RunConfig, load_config
 from qdqapp.pipeline.folder import QUANTIZED, RunFolder
 from qdqapp.pipeline.report import failed_checks, summary_table, write_report
@@ -49,29 +53,46 @@ class RunResult:
 
 def _model_options(config: RunConfig) -> ModelOptions:
     return ModelOptions(spec=config.model, checkpoint=config.checkpoint, rules=config.rules,
-                        ignore=list(config.ignore), seed=config.seed, device=config.device)
+                        ignore=list(config.ignore), seed=config.seed, device=config.device,
+                        format=config.format, block_size=config.block_size,
+                        weight_amax=config.weight_amax)
 
 
-def _open_session(config: RunConfig, folder: RunFolder) -> Session:
+def _calibrators(config: RunConfig, opts: ModelOptions, checkpoint) -> list[str]:
+    """The calibrators the calibrate stage tries, checked against the format."""
+    choice = format_choice(opts, checkpoint)
+    if config.calibrator:
+        names, key = [config.calibrator], "calibrator"
+    else:
+        names, key = config.calibrators or default_calibrators(choice), "calibrators"
+    check_calibrators(choice, names, key, default=None)
+    return names
+
+
+def _open_session(config: RunConfig, folder: RunFolder) -> tuple[Session, list[str]]:
     """The model and data, checked; a resumed run restores the model from the folder."""
     check_data_spec(config.data)
     opts = _model_options(config)
     checkpoint = check_model_options(opts)
+    calibrators = _calibrators(config, opts, checkpoint)
     data = DataOptions(batch_size=config.batch_size, calib_batches=config.calib_batches,
                        eval_batches=config.eval_batches, image_size=config.image_size,
                        seed=config.seed)
     saved = folder.path(QUANTIZED)
+    origin = None
     if folder.resuming and saved.is_file():
-        opts = dataclasses.replace(opts, checkpoint=str(saved), ignore=[])
+        origin = opts
+        opts = dataclasses.replace(opts, checkpoint=str(saved), ignore=[], block_size=None,
+                                   weight_amax=None)
         checkpoint = None
-    return Session.open(opts, config.data, data, checkpoint)
+    return Session.open(opts, config.data, data, checkpoint, origin=origin), calibrators
 
 
 def run_pipeline(config: RunConfig, restart: bool = False,
                  progress: bool = True) -> RunResult:
     """Run every stage that has not finished yet in ``config.out``."""
     folder = RunFolder(config.out, config.fingerprint(), restart=restart)
-    session = _open_session(config, folder)
+    session, calibrators = _open_session(config, folder)
     eval_fn = load_eval(config.eval, session.prepared.device, config.eval_batches)
     if not session.source.labelled:
         eval_fn = None  # no labels: the accuracy stages are skipped, saying why
@@ -80,7 +101,7 @@ def run_pipeline(config: RunConfig, restart: bool = False,
     root = logging.getLogger()
     root.addHandler(handler)
     try:
-        result, table = _run(config, folder, session, eval_fn, progress)
+        result, table = _run(config, folder, session, eval_fn, calibrators, progress)
         print(table)
         handler.emit(logging.makeLogRecord({"msg": table, "levelno": logging.INFO,
                                             "levelname": "INFO"}))
@@ -96,14 +117,15 @@ def run_pipeline(config: RunConfig, restart: bool = False,
 
 
 def _run(config: RunConfig, folder: RunFolder, session: Session, eval_fn,
-         progress: bool) -> tuple[RunResult, str]:
+         calibrators: list[str], progress: bool) -> tuple[RunResult, str]:
     folder.write_text("config.json", config.dumps() + "\n")
     source = session.source
-    log.info("qdq run: %s on %s -> %s", config.model, source.description, folder.root)
+    log.info("qdq run: %s on %s -> %s (%s)", config.model, source.description, folder.root,
+             session.choice.title)
     if session.prepared.restored:
         log.info("resumed: restored %s", session.prepared.checkpoint.path)
     run = Run(config=config, folder=folder, session=session, eval_fn=eval_fn,
-              progress=progress)
+              calibrators=calibrators, progress=progress)
     total = len(STAGES)
     for i, st in enumerate(STAGES, 1):
         if folder.done(st.name):
@@ -118,9 +140,9 @@ def _run(config: RunConfig, folder: RunFolder, session: Session, eval_fn,
             result, status = {"reason": str(why)}, "skipped"
             log.info("    skipped: %s", why)
         folder.mark(st.name, status, result, time.perf_counter() - start)
-    write_report(folder, config, source.description, run.metric_name)
+    write_report(folder, config, source.description, run.metric_name, session.choice)
     folder.save_state()
     result = RunResult(folder=folder.root, results=folder.results(),
                        statuses={s.name: folder.status(s.name) for s in STAGES},
                        failed_checks=failed_checks(folder))
-    return result, summary_table(folder)
+    return result, summary_table(folder, session.choice)

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qdqapp.calibrators import DEFAULT_COMPARISON, check_calibrator
+from qdqapp.calibrators import check_calibrator
 from qdqapp.errors import CliError
+from qdqapp.formats import FormatChoice, check_calibrators, check_format_options
 
 __all__ = ["RunConfig", "ConfigError", "load_config"]
 
@@ -39,7 +40,12 @@ class RunConfig:
     calib_batches: int = 8
     eval_batches: int | None = None
     image_size: int = 224
-    calibrators: list[str] = field(default_factory=lambda: list(DEFAULT_COMPARISON))
+    #: int8, fp8, w8 or w4 (None: int8, or the format of a quantized-model checkpoint)
+    format: str | None = None
+    block_size: int | None = None
+    weight_amax: str | None = None
+    #: compared in the calibrate stage (None: every default the format can use)
+    calibrators: list[str] | None = None
     calibrator: str | None = None
     rules: bool = True
     ignore: list[str] = field(default_factory=list)
@@ -48,7 +54,8 @@ class RunConfig:
     qat_epochs: int = 0
     qat_lr: float = 1e-4
     qat_steps: int | None = None
-    opset: int = 13
+    #: None: the lowest the format allows (INT8 and W8 13, FP8 19, W4 and blocks 21)
+    opset: int | None = None
     int8_weights: bool = False
     tensorrt: bool = True
     device: str | None = None
@@ -58,6 +65,8 @@ class RunConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name in ("calibrators", "ignore"):
+                if value is None and f.name == "calibrators":
+                    continue
                 if isinstance(value, str):
                     value = [v.strip() for v in value.split(",") if v.strip()]
                 if not isinstance(value, (list, tuple)) or not all(
@@ -67,6 +76,8 @@ class RunConfig:
         for name in ("batch_size", "calib_batches", "image_size", "opset", "seed",
                      "qat_epochs"):
             value = getattr(self, name)
+            if value is None and name == "opset":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name}: expected a non-negative integer, got {value!r}")
         if self.batch_size == 0 or self.calib_batches == 0 or self.image_size == 0:
@@ -78,18 +89,41 @@ class RunConfig:
                 raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
         if self.sweep not in SWEEP_MODES:
             raise ConfigError(f"sweep: {self.sweep!r} is not one of {', '.join(SWEEP_MODES)}")
-        for name in [*self.calibrators, *([self.calibrator] if self.calibrator else [])]:
+        for name in [*(self.calibrators or []),
+                     *([self.calibrator] if self.calibrator else [])]:
             try:
                 check_calibrator(name)
             except CliError as err:
                 raise ConfigError(f"calibrator {name!r}: {err}") from None
-        if not self.calibrators and not self.calibrator:
+        if self.calibrators is not None and not self.calibrators and not self.calibrator:
             raise ConfigError("calibrators: the list is empty and no calibrator is set")
+        self._check_format()
         if not isinstance(self.max_drop, (int, float)) or self.max_drop < 0:
             raise ConfigError(f"max_drop: expected a non-negative number, got "
                               f"{self.max_drop!r}")
-        if self.opset < 13:
+        if self.opset is not None and self.opset < 13:
             raise ConfigError(f"opset: {self.opset} is too old; Q/DQ export needs 13 or newer")
+
+    def _check_format(self) -> None:
+        """The format, its options and the flags that must suit it (a quantized-model
+        checkpoint's own format is checked when the file is read)."""
+        try:
+            check_format_options(self.format, self.block_size, self.weight_amax)
+            if self.format is None:
+                return
+            choice = FormatChoice(self.format, self.block_size, self.weight_amax or "max")
+            if self.calibrator:
+                check_calibrators(choice, [self.calibrator], "calibrator", default=None)
+            if self.calibrators:
+                check_calibrators(choice, self.calibrators, "calibrators", default=None)
+        except CliError as err:
+            raise ConfigError(str(err)) from None
+        if choice.weight_only and self.qat_epochs:
+            raise ConfigError(f"qat_epochs: QAT trains fake-quantized float weights; "
+                              f"{choice.name} layers hold integer codes")
+        if self.opset is not None and self.opset < choice.min_opset:
+            raise ConfigError(f"opset: {choice.title} needs opset {choice.min_opset} or "
+                              "newer (leave it out for the lowest it allows)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

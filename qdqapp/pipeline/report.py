@@ -1,8 +1,9 @@
 """``report.md`` (with ``report.html`` rendered from it) and ``summary.json`` of a run.
 
-The report leads with the answer (FP32 vs INT8, what was kept in float, whether the ONNX
-file checks out), then the evidence: calibrators, sensitivity ranking, per-layer SQNR,
-export, lint, ONNX Runtime and TensorRT. A failed check reads FAILED in the printed
+The report leads with the answer (the format, FP32 vs the quantized model, what was kept in
+float, how big the ONNX file is and whether it checks out), then the evidence: calibrators,
+sensitivity ranking, per-layer SQNR, export, lint, ONNX Runtime and TensorRT. Stages a
+format has no use for read "skipped" with the reason. A failed check reads FAILED in the printed
 table, in report.md/html and in summary.json (``"status": "FAILED"`` and the reasons in
 ``"failed_checks"``), and makes ``qdq run`` exit with status 1.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
+from qdqapp.formats import FormatChoice, size_text
 from qdqapp.pipeline.config import RunConfig
 from qdqapp.pipeline.folder import RunFolder
 
@@ -53,8 +55,16 @@ def _metric(folder: RunFolder, stage: str) -> Any:
     return folder.result(stage).get("metric")
 
 
-def summary(folder: RunFolder) -> dict[str, Any]:
-    """The headline numbers, also written as ``summary.json``."""
+def _onnx_size(exp: dict[str, Any]) -> str:
+    """The export stage's file size and compression, in words."""
+    return size_text(exp["bytes"], exp.get("fp32_bytes") or exp["bytes"])
+
+
+def summary(folder: RunFolder, choice: FormatChoice | None = None) -> dict[str, Any]:
+    """The headline numbers, also written as ``summary.json``. ``quantized_metric`` is the
+    model in its format with every layer quantized (``int8_metric``, its older name, is
+    kept beside it)."""
+    choice = choice or FormatChoice()
     r = folder.result
     fp32, int8, partial, qat = r("fp32"), r("int8"), r("partial"), r("qat")
     check, lint = r("onnx_check"), r("lint")
@@ -80,10 +90,13 @@ def summary(folder: RunFolder) -> dict[str, Any]:
                        f"{_fmt(trt.get('speedup_vs_fp16'))}x vs FP16 (engine.txt)")
     else:
         engine_line = _status_line(folder, "tensorrt")
+    exp = r("export") if folder.status("export") == "done" else {}
     return {
         "status": "FAILED" if failed else "ok",
         "failed_checks": failed,
+        **choice.as_dict(),
         "fp32_metric": fp32.get("metric"),
+        "quantized_metric": int8.get("metric"),
         "int8_metric": int8.get("metric"),
         "calibrator": r("calibrate").get("method"),
         "left_in_float": r("calibrate").get("left_in_float", []),
@@ -91,7 +104,11 @@ def summary(folder: RunFolder) -> dict[str, Any]:
         "partial_metric": partial.get("metric"),
         "qat_metric": qat.get("metric"),
         "final_metric": final,
-        "onnx": "model.onnx" if folder.status("export") == "done" else None,
+        "onnx": "model.onnx" if exp else None,
+        "onnx_opset": exp.get("opset"),
+        "onnx_bytes": exp.get("bytes"),
+        "onnx_fp32_bytes": exp.get("fp32_bytes"),
+        "compression": exp.get("compression"),
         "onnx_check": onnx_line,
         "lint": lint_line,
         "engine": engine_line,
@@ -99,17 +116,21 @@ def summary(folder: RunFolder) -> dict[str, Any]:
     }
 
 
-def _summary_rows(s: dict[str, Any], folder: RunFolder) -> list[tuple[str, str]]:
+def _summary_rows(s: dict[str, Any], folder: RunFolder,
+                  choice: FormatChoice) -> list[tuple[str, str]]:
     skip = s["skip_layers"]
     int8 = _fmt(_metric(folder, "int8"))
-    calibrator = s["calibrator"] or "-"
+    how = "not calibrated" if choice.weight_only else s["calibrator"] or "-"
     rows = [
+        ("format", choice.title),
         ("FP32 metric", _fmt(_metric(folder, "fp32"))),
-        ("INT8 metric (all layers)", f"{int8} ({calibrator})" if s["int8_metric"] is not None
-         else f"{int8}; calibrator {calibrator}"),
+        (f"{choice.short} metric (all layers)", f"{int8} ({how})"
+         if s["int8_metric"] is not None else f"{int8}; calibrator {how}"),
         ("layers kept in float", f"{len(skip)}" + (f": {', '.join(skip)}" if skip else "")),
-        ("final INT8 metric", _fmt(s["final_metric"]) if s["final_metric"] is not None
-         else int8),
+        (f"final {choice.short} metric", _fmt(s["final_metric"])
+         if s["final_metric"] is not None else int8),
+        ("ONNX file", f"model.onnx, opset {s['onnx_opset']}, "
+         + _onnx_size(folder.result("export")) if s["onnx"] else _status_line(folder, "export")),
         ("Q/DQ lint", s["lint"]),
         ("ONNX Runtime check", s["onnx_check"]),
         ("TensorRT engine", s["engine"]),
@@ -119,9 +140,10 @@ def _summary_rows(s: dict[str, Any], folder: RunFolder) -> list[tuple[str, str]]
     return rows
 
 
-def summary_table(folder: RunFolder) -> str:
+def summary_table(folder: RunFolder, choice: FormatChoice | None = None) -> str:
     """The short table ``qdq run`` prints at the end."""
-    rows = _summary_rows(summary(folder), folder)
+    choice = choice or FormatChoice()
+    rows = _summary_rows(summary(folder, choice), folder, choice)
     width = max(len(k) for k, _ in rows)
     lines = [f"qdq run: {folder.root}"]
     lines += [f"  {k:<{width}}  {v}" for k, v in rows]
@@ -135,8 +157,9 @@ def _md_table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def write_report(folder: RunFolder, config: RunConfig, data: str,
-                 metric_name: str | None) -> None:
-    s = summary(folder)
+                 metric_name: str | None, choice: FormatChoice | None = None) -> None:
+    choice = choice or FormatChoice()
+    s = summary(folder, choice)
     s["metric"] = metric_name
     folder.write_json("summary.json", s)
     r = folder.result
@@ -146,16 +169,19 @@ def write_report(folder: RunFolder, config: RunConfig, data: str,
     else:
         scoring = (f"Evaluation: {metric_name} (`{config.eval}`). Target: at most "
                    f"{config.max_drop} below FP32.")
-    parts = [f"# qdq run: `{config.model}`", ""]
+    parts = [f"# qdq run: `{config.model}`, {choice.title}", ""]
     if s["failed_checks"]:
         parts += ["**FAILED**: " + "; ".join(s["failed_checks"]) + ".", ""]
     parts += [f"Data: {data}. {scoring}", "",
               "## Summary", "", _md_table(["", ""],
-                                          [list(row) for row in _summary_rows(s, folder)]), ""]
+                                          [list(row) for row in
+                                           _summary_rows(s, folder, choice)]), ""]
     comparison = r("calibrate").get("comparison") or []
     if s["left_in_float"]:
         parts += ["## Left in float", "", "Never called during calibration, so not "
                   "quantized: " + ", ".join(f"`{n}`" for n in s["left_in_float"]) + ".", ""]
+    if folder.status("calibrate") == "skipped":
+        parts += ["## Calibration", "", _status_line(folder, "calibrate") + ".", ""]
     if comparison:
         parts += ["## Calibrators", "",
                   _md_table(["method", "metric", "seconds"],
@@ -172,7 +198,9 @@ def write_report(folder: RunFolder, config: RunConfig, data: str,
     else:
         parts += ["## Sensitivity", "", _status_line(folder, "sweep"), ""]
     partial = r("partial")
-    if partial:
+    if folder.status("partial") == "skipped":
+        parts += ["## Partial quantization", "", _status_line(folder, "partial") + ".", ""]
+    elif partial:
         parts += ["## Partial quantization", "",
                   f"{partial.get('why', '')}: {len(partial.get('skip_layers', []))} layers kept "
                   f"in float (`skip_layers.txt`), measured metric {_fmt(partial.get('metric'))} "
@@ -191,11 +219,15 @@ def write_report(folder: RunFolder, config: RunConfig, data: str,
     exp = r("export")
     if exp:
         parts += ["## Export", "",
-                  f"`model.onnx`: opset {config.opset}, {exp['quantize_nodes']} QuantizeLinear / "
-                  f"{exp['dequantize_nodes']} DequantizeLinear, {exp['bytes'] / 1e6:.2f} MB, "
-                  f"{exp['folded_batchnorms']} BatchNorm folded into the layer before."]
+                  f"`model.onnx` ({choice.title}): opset {exp.get('opset', config.opset)}, "
+                  f"{exp['quantize_nodes']} QuantizeLinear / "
+                  f"{exp['dequantize_nodes']} DequantizeLinear, {_onnx_size(exp)}, "
+                  + ("BatchNorm folded into the layer before when the weights were quantized."
+                     if choice.weight_only else
+                     f"{exp['folded_batchnorms']} BatchNorm folded into the layer before.")]
         rules = exp.get("rules")
-        placed = ("off (`--no-rules`)" if rules is None else
+        placed = ("none: weight-only layers need no Q/DQ placement" if choice.weight_only
+                  else "off (`--no-rules`)" if rules is None else
                   ", ".join(f"{k} {v}" for k, v in rules.items()) or "nothing to change")
         parts += [f"Placement rules: {placed}.", ""]
     lint = r("lint")

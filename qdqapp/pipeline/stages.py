@@ -8,10 +8,15 @@ model.
 
 Evaluation: ``top1`` (top-1 accuracy in percent) or ``package.module:fn`` with
 ``fn(model, loader) -> float`` where higher is better, on the data's labelled split.
+
+The weight-only formats (w8, w4) quantize weights when the model is prepared and have no
+quantizers: calibration, the per-layer SQNR, the sweep, partial quantization and QAT are
+skipped with that reason, and the FP32 baseline runs on the float model kept beside.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import logging
@@ -69,12 +74,37 @@ class Run:
     folder: RunFolder
     session: Session
     eval_fn: Callable[[nn.Module, Iterable], float] | None
+    #: what the calibrate stage tries (checked against the format before the run)
+    calibrators: list[str] = field(default_factory=list)
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model(self) -> nn.Module:
         return self.session.prepared.model
+
+    @property
+    def choice(self):
+        """The format (:class:`qdqapp.formats.FormatChoice`)."""
+        return self.session.choice
+
+    @contextlib.contextmanager
+    def float_model(self):
+        """The FP32 model: the model with its quantizers off, or for a weight-only format
+        the float model it was made from (Skip when there is none at hand)."""
+        model = self.session.float_model()
+        if model is None:
+            raise Skip(f"no float model at hand: the model came from a {self.choice.name} "
+                       "quantized-model file, whose weights are integer codes")
+        if model is self.model:
+            with qdq.disable_quantization(model):
+                yield model
+        else:
+            yield model
+
+    def skip_if_weight_only(self, what: str) -> None:
+        if self.choice.weight_only:
+            raise Skip(f"{self.choice.name} is weight-only: {what}")
 
     @property
     def device(self) -> torch.device:
@@ -136,16 +166,20 @@ def _require_eval(run: Run) -> None:
 @stage("fp32", "FP32 baseline")
 def fp32(run: Run) -> dict[str, Any]:
     _require_eval(run)
-    with qdq.disable_quantization(run.model):
-        return {"metric": run.evaluate()}
+    with run.float_model() as model:
+        return {"metric": run.evaluate(model)}
 
 
 @stage("calibrate", "calibrate (compare calibrators, keep the best)")
 def calibrate(run: Run) -> dict[str, Any]:
     import sensitivity
 
-    cfg = run.config
-    names = [cfg.calibrator] if cfg.calibrator else cfg.calibrators
+    if run.choice.weight_only:
+        run.save_model()
+        raise Skip(f"{run.choice.name} is weight-only: the weights were quantized from the "
+                   f"float model (amax {run.choice.weight_amax or 'max'}), nothing to "
+                   "calibrate")
+    names = run.calibrators
     if len(names) > 1 and run.eval_fn is not None:
         comparison = sensitivity.compare_calibrators(
             run.model, run.calib, run.evaluate, methods=names,
@@ -168,7 +202,7 @@ def calibrate(run: Run) -> dict[str, Any]:
     return result
 
 
-@stage("int8", "INT8 accuracy (all layers quantized)")
+@stage("int8", "accuracy in the format (all layers quantized)")
 def int8(run: Run) -> dict[str, Any]:
     _require_eval(run)
     return {"metric": run.evaluate()}
@@ -178,6 +212,7 @@ def int8(run: Run) -> dict[str, Any]:
 def layers(run: Run) -> dict[str, Any]:
     import sensitivity
 
+    run.skip_if_weight_only("no quantizers to measure layer by layer")
     ranking = sensitivity.proxy_ranking(run.model, run.calib, device=run.device,
                                         progress=run.progress)
     ranking.write(run.folder.root)
@@ -191,6 +226,7 @@ def layers(run: Run) -> dict[str, Any]:
 def sweep(run: Run) -> dict[str, Any]:
     import sensitivity
 
+    run.skip_if_weight_only("no quantizers to switch off layer by layer")
     _require_eval(run)
     if run.config.sweep == "none":
         raise Skip("sweep disabled (sweep: none)")
@@ -210,6 +246,7 @@ def sweep(run: Run) -> dict[str, Any]:
 def partial(run: Run) -> dict[str, Any]:
     import sensitivity
 
+    run.skip_if_weight_only("no sweep to choose layers to keep in float")
     _require_eval(run)
     fp32_metric = run.folder.result("fp32")["metric"]
     int8_metric = run.folder.result("int8")["metric"]
@@ -237,6 +274,7 @@ def partial(run: Run) -> dict[str, Any]:
 def qat(run: Run) -> dict[str, Any]:
     if run.config.qat_epochs <= 0:
         raise Skip("not asked for (qat_epochs: 0)")
+    run.skip_if_weight_only("its layers hold integer codes, QAT trains float weights")
     _require_eval(run)
     from qdq.qat import finetune
 
@@ -256,15 +294,17 @@ def qat(run: Run) -> dict[str, Any]:
             "history": [list(h) for h in result.history]}
 
 
-@stage("export", "export ONNX (opset 13, Q/DQ)")
+@stage("export", "export ONNX (Q/DQ, the lowest opset the format allows)")
 def export_onnx(run: Run) -> dict[str, Any]:
     import export
 
     result = export.to_onnx(run.model, run.example.to(run.device), run.folder.path("model.onnx"),
                             opset=run.config.opset, int8_weights=run.config.int8_weights)
     rules = getattr(run.model, "qdq_rules_report", None)  # BN folded there already
-    return {"file": "model.onnx", "quantize_nodes": result.quantize_nodes,
+    return {"file": "model.onnx", "format": result.format, "opset": result.opset,
+            "quantize_nodes": result.quantize_nodes,
             "dequantize_nodes": result.dequantize_nodes, "bytes": result.bytes,
+            "fp32_bytes": result.fp32_bytes, "compression": round(result.compression, 3),
             "folded_batchnorms": len(result.folded_batchnorms)
             + (len(rules.folded) if rules else 0),
             "rules": {k: v for k, v in rules.changes.items() if v} if rules else None}
@@ -325,6 +365,13 @@ def tensorrt(run: Run) -> dict[str, Any]:
         raise Skip("disabled (tensorrt: false)")
     if not export.tensorrt_available():
         raise Skip("TensorRT is not installed (pip install tensorrt polygraphy)")
+    if run.choice.name == "fp8":
+        from export.tensorrt import fp8_device_problem
+
+        capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+        problem = fp8_device_problem(capability)
+        if problem:
+            raise Skip(problem)
     onnx_path = run.folder.path("model.onnx")
     sample = tuple(run.example.shape[1:])
     batch = run.config.batch_size
@@ -335,13 +382,13 @@ def tensorrt(run: Run) -> dict[str, Any]:
                                       timing_cache=cache, **profile)
     # the FP16 baseline: the same model with every quantizer off
     fp16_onnx = run.folder.path("model_fp32.onnx")
-    with qdq.disable_quantization(run.model):
-        export.to_onnx(run.model, run.example.to(run.device), fp16_onnx, opset=run.config.opset)
+    with run.float_model() as model:
+        export.to_onnx(model, run.example.to(run.device), fp16_onnx)
     fp16_engine = export.build_engine(fp16_onnx, run.folder.path("model_fp16.engine"),
                                       timing_cache=cache, **profile)
     inspection = export.inspect_engine(int8_engine)
     fp16_bench = export.benchmark_engine(fp16_engine, (batch, *sample), name="FP16")
-    int8_bench = export.benchmark_engine(int8_engine, (batch, *sample), name="INT8")
+    int8_bench = export.benchmark_engine(int8_engine, (batch, *sample), name=run.choice.short)
     text = "\n".join([inspection.table(), "", fp16_bench.line(), int8_bench.line()])
     run.folder.write_text("engine.txt", text + "\n")
     return {"engine": "model.engine", "int8_fraction": inspection.int8_fraction,

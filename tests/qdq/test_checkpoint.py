@@ -206,17 +206,159 @@ def test_metadata_must_be_plain(tmp_path):
     assert not (tmp_path / "x.pt").exists()
 
 
+# ---------------------------------------------------------------- every format
+def test_fp8_quantizers_come_back_as_fp8(tmp_path):
+    """FP8 E4M3 descriptors (num_bits (4, 3)), histogram-mse amax and rule-placed shared
+    quantizers: the same outputs, and the file says fp8."""
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    model = _torchvision("resnet18")
+    qdq.replace_modules(model, quant_desc_input=QuantDescriptor(calib_method="histogram"))
+    model = apply_rules(model, x[:1])
+    qdq.set_format(model, "fp8")
+    _calibrate(model, x)
+    restored = _roundtrip(model, torchvision.models.resnet18(), x, tmp_path)
+    recipe = read(tmp_path / "model.qdq.pt")["recipe"]
+    assert recipe["format"] == "fp8" == qdq.format_of(restored)
+    assert {tuple(e["descriptor"]["num_bits"]) for e in recipe["quantizers"]} == {(4, 3)}
+    assert all(q.is_fp8 and q.num_bits == (4, 3) for _, q in qdq.quantizers(restored))
+    pairs = list(zip(qdq.quantizers(model), qdq.quantizers(restored), strict=True))
+    assert all((a.amax is None and b.amax is None) or torch.equal(a.amax, b.amax)
+               for (_, a), (_, b) in pairs)
+    assert sum(a.amax is not None for (_, a), _ in pairs) > 20
+
+
+def _weight_state(model: nn.Module) -> dict[str, tuple]:
+    return {name: (m.bits, m.block_size, m.dtype, m.codes, m.scale)
+            for name, m in model.named_modules()
+            if isinstance(m, qdq.nn.weight_only.QuantizedWeight)}
+
+
+class Seq(nn.Module):
+    """Conv (BatchNorm folded), an LSTM and a Linear: every weight-only kind."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(8, 16, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm1d(16)
+        self.lstm = nn.LSTM(16, 16, batch_first=True)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x))).transpose(1, 2)
+        return self.head(self.lstm(y)[0][:, -1])
+
+
+@pytest.mark.parametrize("build, x, bits, block_size, ignore, fmt", [
+    (lambda: _torchvision("resnet18"), torch.randn(2, 3, 32, 32), 8, None, None, "w8"),
+    (lambda: _torchvision("resnet18"), torch.randn(2, 3, 32, 32), 4, 64, ["conv1"], "w4"),
+    (build_reference_model, torch.randn(4, 1, 28, 28), 4, None, None, "w4"),
+    (Seq, torch.randn(3, 8, 6), 4, 8, None, "w4"),
+    (Seq, torch.randn(3, 8, 6), 8, 4, None, "w8"),
+], ids=["resnet18-w8", "resnet18-w4-block64", "reference-w4-per-channel", "seq-w4-block8",
+        "seq-w8-block4"])
+def test_weight_only_layers_come_back_bit_for_bit(tmp_path, build, x, bits, block_size,
+                                                  ignore, fmt):
+    """int8 and int4 codes, scales, block size and dtype of every quantized weight, the
+    folded BatchNorm's bias and the layers kept float: the same outputs, the same state."""
+    torch.manual_seed(0)
+    model = build().eval()
+    if isinstance(model, Seq):  # BatchNorm statistics worth folding
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+    qdq.weight_only(model, bits=bits, block_size=block_size, ignore=ignore)
+    torch.manual_seed(1)  # another float model: its weights must not matter
+    restored = _roundtrip(model, build().eval(), x, tmp_path)
+    assert qdq.format_of(restored) == fmt == read(tmp_path / "model.qdq.pt")["recipe"]["format"]
+    saved, back = _weight_state(model), _weight_state(restored)
+    assert saved.keys() == back.keys() and saved
+    for name, (b, block, dtype, codes, scale) in saved.items():
+        b2, block2, dtype2, codes2, scale2 = back[name]
+        assert (b2, block2, dtype2) == (b, block, dtype)
+        assert torch.equal(codes2, codes) and torch.equal(scale2, scale)
+        assert codes.dtype == torch.int8
+        if bits == 4:
+            assert -8 <= int(codes.min()) and int(codes.max()) <= 7
+    assert not any(isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d) for m in restored.modules())
+    if ignore:
+        assert type(restored.get_submodule(ignore[0])) is nn.Conv2d
+
+
+def test_a_restored_weight_only_model_saves_the_same_recipe(tmp_path):
+    torch.manual_seed(0)
+    model = Seq().eval()
+    qdq.weight_only(model, bits=4, block_size=8, ignore=["head"])
+    first = qdq.save(model, tmp_path / "a.pt")
+    again = qdq.save(qdq.restore(Seq().eval(), first), tmp_path / "b.pt")
+    assert read(first)["recipe"] == read(again)["recipe"]
+    assert read(first)["recipe"]["weight_only"][0] == {
+        "path": "conv", "layer": "qdq.nn.weight_only.WeightOnlyConv1d",
+        "float": "torch.nn.modules.conv.Conv1d", "bits": 4, "block_size": 8,
+        "dtypes": {"weight_q": "float32"}}
+
+
+def test_weight_only_misfits_are_named(tmp_path):
+    torch.manual_seed(0)
+    model = Seq().eval()
+    qdq.weight_only(model, bits=4, block_size=8)
+    path = qdq.save(model, tmp_path / "seq.pt")
+
+    class Other(Seq):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 16, 3)
+
+    with pytest.raises(RestoreError, match=r"seq.pt does not fit the model: 'conv' is a "
+                                           r"WeightOnlyConv1d made from a Conv1d in the file, "
+                                           r"a torch.nn.modules.conv.Conv2d in the model"):
+        qdq.restore(Other().eval(), path)
+
+    class Narrow(Seq):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(12, 16, 3, padding=1, bias=False)
+
+    with pytest.raises(RestoreError, match=r"'conv': .*block_size 8 does not divide its input "
+                                           r"dimension 12"):
+        qdq.restore(Narrow().eval(), path)
+
+
+def test_version_1_files_are_still_read(tmp_path):
+    """Files written before weight-only layers had a recipe entry (Q/DQ models only)."""
+    model = _torchvision("resnet18")
+    x = torch.randn(1, 3, 32, 32)
+    model = apply_rules(model, x)
+    _calibrate(model, x)
+    path = qdq.save(model, tmp_path / "v1.pt")
+    blob = torch.load(path, weights_only=True)
+    blob["version"] = 1
+    del blob["recipe"]["weight_only"], blob["recipe"]["format"]
+    torch.save(blob, path)
+    restored = qdq.restore(torchvision.models.resnet18(), path)
+    with torch.no_grad():
+        assert torch.equal(restored(x), model(x))
+    blob["version"] = 3
+    torch.save(blob, path)
+    with pytest.raises(RestoreError, match="version 3; this qdq reads versions 1, 2"):
+        qdq.restore(torchvision.models.resnet18(), path)
+
+
 @needs_cuda
-def test_restore_onto_a_model_on_the_gpu(tmp_path):
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "w4"])
+def test_restore_onto_a_model_on_the_gpu(tmp_path, fmt):
     model = _torchvision("resnet18")
     x = torch.randn(2, 3, 32, 32)
-    model = apply_rules(model, x[:1])
-    _calibrate(model, x)
+    if fmt == "w4":
+        qdq.weight_only(model, bits=4, block_size=64, ignore=["conv1"])
+    else:
+        model = apply_rules(model, x[:1])
+        qdq.set_format(model, fmt)
+        _calibrate(model, x)
     path = qdq.save(model.cuda(), tmp_path / "gpu.pt")
     with torch.no_grad():
         before = model(x.cuda())
     restored = qdq.restore(torchvision.models.resnet18().cuda(), path)
-    assert all(q.amax.is_cuda for _, q in qdq.quantizers(restored) if q.amax is not None)
+    assert qdq.format_of(restored) == fmt
+    assert all(t.is_cuda for t in restored.state_dict().values())
     with torch.no_grad():
         assert torch.equal(restored(x.cuda()), before)
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 import torchvision
 
-from export import tensorrt_available
 from tests.qdqapp.cli import listing, qdq
 
 R18 = "torchvision:resnet18"
@@ -98,11 +97,49 @@ CASES = [
     (("run", "--out", "{tmp}/r", "--eval", "nope"), "eval 'nope': expected 'top1'"),
     (("verify", R18, "{tmp}/none.onnx", "--data", SMALL), "no such file"),
     (("lint", "{tmp}/model.onnx"), "no such file"),
+    # formats: an unknown one, options that belong to another, calibrators that do not suit
+    (("export", R18, "--data", SMALL, "--format", "int3", "--out", "{tmp}/a.onnx"),
+     "--format 'int3': unknown format; choose one of int8, fp8, w8, w4"),
+    (("run", "--out", "{tmp}/r", "--format", "int3"), "--format 'int3': unknown format"),
+    (("summary", R18, "--format", "int8", "--block-size", "32"),
+     "--block-size applies to the weight-only formats (--format w8 or w4), not to int8"),
+    (("calibrate", R18, "--data", SMALL, "--format", "w4", "--weight-amax", "entropy",
+      "--out", "{tmp}/o"), "--weight-amax 'entropy': choose one of max, mse"),
+    (("run", "--model", R18, "--data", SMALL, "--format", "fp8", "--calibrator", "entropy",
+      "--out", "{tmp}/r"), "calibrator entropy: FP8 E4M3 calibrates with max, mse or "
+     "percentile-P"),
+    (("calibrate", R18, "--data", SMALL, "--format", "fp8", "--calibrator", "entropy",
+      "--out", "{tmp}/o"), "--calibrator entropy: FP8 E4M3 calibrates with max, mse"),
+    (("calibrate", R18, "--data", SMALL, "--format", "fp8", "--compare", "--calibrators",
+      "max,entropy", "--out", "{tmp}/o"), "--calibrators entropy: FP8 E4M3"),
+    (("calibrate", R18, "--data", SMALL, "--format", "w8", "--compare", "--out", "{tmp}/o"),
+     "--compare: w8 is weight-only, nothing is calibrated"),
+    (("run", "--model", R18, "--data", SMALL, "--format", "w4", "--calibrator", "max",
+      "--out", "{tmp}/r"), "calibrator max: w4 is weight-only, nothing is calibrated"),
+    (("run", "--model", R18, "--data", SMALL, "--format", "w4", "--block-size", "128",
+      "--out", "{tmp}/r"), "--block-size 128 does not divide the input dimension of "
+     "conv1.weight (3), layer1.0.conv1.weight (64)"),
+    (("export", R18, "--format", "w4", "--block-size", "128", "--out", "{tmp}/a.onnx"),
+     "keep those layers in float (--ignore conv1 --ignore layer1.0.conv1"),
+    (("summary", R18, "--format", "w4", "--block-size", "128", "--ignore", "conv1"),
+     "or choose another block size (--block-size 64 divides every layer)"),
+    (("export", R18, "--data", SMALL, "--format", "fp8", "--opset", "17", "--out",
+      "{tmp}/a.onnx"), "--opset 17: FP8 E4M3 Q/DQ needs opset 19 or newer"),
+    (("export", R18, "--checkpoint", "{in}/cal/quantized.pt", "--format", "w4", "--out",
+      "{tmp}/a.onnx"), "--format w4: {in}/cal/quantized.pt holds a model in format int8"),
+    (("summary", R18, "--checkpoint", "{in}/cal/quantized.pt", "--block-size", "8"),
+     "--block-size applies to the weight-only formats"),
+    (("sensitivity", R18, "--data", SMALL, "--format", "w8", "--out", "{tmp}/o"),
+     "weight-only layers have none"),
+    (("summary", R18, "--format", "w4", "--calibrate"),
+     "--calibrate: w4 is weight-only, nothing is calibrated"),
+    (("run", "--model", R18, "--data", SMALL, "--format", "w8", "--qat-epochs", "1",
+      "--out", "{tmp}/r"), "qat_epochs: QAT trains fake-quantized float weights"),
 ]
 if not torch.cuda.is_available():
     CASES.append((("summary", R18, "--device", "cuda"), "--device cuda: no CUDA device here"))
-if not tensorrt_available():
-    CASES.append((("build", "{in}/cal/quantized.pt"), "pip install tensorrt polygraphy"))
+# build reads the graph before TensorRT is loaded (test_cli covers TensorRT missing)
+CASES.append((("build", "{in}/cal/quantized.pt"), "quantized.pt: not a readable ONNX model"))
 
 
 @pytest.mark.parametrize("debug", [False, True], ids=["plain", "debug"])

@@ -118,8 +118,15 @@ def test_build_takes_an_engine_path_or_derives_it(tmp_path):
 
     if tensorrt_available():
         pytest.skip("TensorRT is installed here: the GPU test suite builds engines")
-    onnx_path = tmp_path / "m.onnx"
-    onnx_path.write_bytes(b"")
+    import onnx
+    from onnx import TensorProto, helper
+
+    onnx_path = tmp_path / "m.onnx"  # a real graph: build_engine reads it before TensorRT
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]),
+              str(onnx_path))
     for args in ((onnx_path,), (onnx_path, tmp_path / "x.engine")):
         out = qdq("build", *args)
         assert out.code == 2 and "pip install tensorrt polygraphy" in out.err

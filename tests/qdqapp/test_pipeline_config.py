@@ -35,6 +35,14 @@ def test_flags_override_the_file(tmp_path):
     ("eval_batches: true\n", "eval_batches: expected a positive integer, got True"),
     ("- a list\n", "expected a table"),
     ("model: [unclosed\n", "cannot be parsed"),
+    ("format: int3\n", "--format 'int3': unknown format"),
+    ("format: fp8\ncalibrators: [max, entropy]\n", "calibrators entropy: FP8 E4M3"),
+    ("format: w8\ncalibrator: mse\n", "calibrator mse: w8 is weight-only"),
+    ("format: w4\nopset: 19\n", "opset: INT4 weight-only .* needs opset 21"),
+    ("format: w8\nblock_size: 32\nopset: 13\n", "needs opset 21"),
+    ("block_size: 32\n", "--block-size applies to the weight-only formats"),
+    ("format: w4\nblock_size: 0\n", "--block-size 0: expected a positive integer"),
+    ("format: w4\nqat_epochs: 1\n", "qat_epochs: QAT trains fake-quantized float weights"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, message):
     path = tmp_path / "run.yaml"
@@ -49,6 +57,14 @@ def test_missing_and_unknown_kind_of_file(tmp_path):
     (tmp_path / "run.ini").write_text("x=1")
     with pytest.raises(ConfigError, match=r"\.yaml, \.yml or \.toml"):
         load_config(tmp_path / "run.ini")
+
+
+def test_format_keys_from_a_file(tmp_path):
+    (tmp_path / "run.yaml").write_text("format: w4\nblock-size: 32\nweight_amax: mse\n")
+    cfg = load_config(tmp_path / "run.yaml")
+    assert (cfg.format, cfg.block_size, cfg.weight_amax) == ("w4", 32, "mse")
+    assert cfg.calibrators is None and cfg.opset is None  # the format's defaults, later
+    assert RunConfig(format="fp8", opset=19).opset == 19
 
 
 def test_calibrators_from_a_comma_list():
