@@ -20,12 +20,14 @@ EPILOG = """examples:
   qdq summary torchvision:resnet18 --rules --ignore fc
   qdq summary torchvision:mobilenet_v2 --no-rules --calibrate --data random:4x3x224x224
   qdq summary reference --checkpoint runs/calib/quantized.pt --json
+  qdq summary hf:minilm --data text:sentences.txt --smoothquant
 
 The placement rules are on by default, as everywhere: the 'shared' column lists the
 module paths that share one quantizer (concat, max-pool, same tensor) and 'rule' the rule
 that placed it. A quantized-model --checkpoint shows that model, amax included.
 --calibrate calibrates on --data first (random data of the model's usual input shape
-when --data is not given).
+when --data is not given; text models need --data). --smoothquant prints its per-layer
+report first.
 """
 
 
@@ -49,14 +51,18 @@ def run(args: argparse.Namespace) -> int:
     data = args.data
     if data is None and args.calibrate:
         shape = example_shape(opts.spec)
-        data = "random:" + "x".join(map(str, shape)) if shape else None
-    session = Session.open(opts, data, data_options(args), checkpoint)
+        data = ("random:" + "x".join(map(str, shape))
+                if shape and not isinstance(shape, dict) else None)
+    session = Session.open(opts, data, data_options(args), checkpoint,
+                           progress=not args.quiet)
+    if session.prepared.smoothquant is not None:
+        print(session.prepared.smoothquant)
     if args.calibrate:
         if session.source is None:
             from qdqapp.cli import CliError
 
-            raise CliError(f"--calibrate: model {opts.spec} has no usual input shape; "
-                           "pass --data SPEC")
+            raise CliError(f"--calibrate: model {opts.spec} has no usual input (random "
+                           "data cannot stand in for it); pass --data SPEC")
         calibrate_model(session.prepared, session.source.calib(), args.calib_batches,
                         args.calibrator, progress=not args.quiet)
     if args.json:

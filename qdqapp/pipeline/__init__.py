@@ -9,9 +9,13 @@ The pipeline uses the same data specs and model-preparation flow as every other 
 
 Stages (see ``stages.py``): FP32 baseline, calibrator comparison and calibration, INT8
 accuracy, per-layer SQNR, sensitivity sweep, partial quantization, optional QAT, ONNX
-export, Q/DQ lint, ONNX Runtime check, TensorRT. The model after each stage that changes
-it is kept as ``quantized.pt`` (``qdq.save``); a re-run restores it from there and skips
-the finished stages. Everything is checked before the folder is touched.
+export, Q/DQ lint, ONNX Runtime check, TensorRT. Text models (``hf:DIR`` with
+``text:FILE``) are scored against their FP32 outputs (``eval``: min or mean cosine of
+mean-pooled embeddings, top-1 agreement for classifiers); ``smoothquant`` smooths the
+model before calibration and writes its per-layer report into the folder. The model
+after each stage that changes it is kept as ``quantized.pt`` (``qdq.save``); a re-run
+restores it from there and skips the finished stages. Everything is checked before the
+folder is touched.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qdqapp.errors import CliError
+from qdqapp.evaluate import EVALS, check_eval_for, text_evaluation
 from qdqapp.flow import ModelOptions, Session, check_model_options
 from qdqapp.pipeline.config import ConfigError, RunConfig, load_config
 from qdqapp.pipeline.folder import QUANTIZED, RunFolder
@@ -49,38 +55,50 @@ class RunResult:
 
 def _model_options(config: RunConfig) -> ModelOptions:
     return ModelOptions(spec=config.model, checkpoint=config.checkpoint, rules=config.rules,
-                        ignore=list(config.ignore), seed=config.seed, device=config.device)
+                        ignore=list(config.ignore), seed=config.seed, device=config.device,
+                        smoothquant=config.smoothquant,
+                        smoothquant_alpha=config.smoothquant_alpha)
 
 
-def _open_session(config: RunConfig, folder: RunFolder) -> Session:
+def _open_session(config: RunConfig, folder: RunFolder, progress: bool) -> Session:
     """The model and data, checked; a resumed run restores the model from the folder."""
     check_data_spec(config.data)
+    if config.eval in EVALS:
+        check_eval_for(config.eval, config.model, config.data)
     opts = _model_options(config)
     checkpoint = check_model_options(opts)
     data = DataOptions(batch_size=config.batch_size, calib_batches=config.calib_batches,
                        eval_batches=config.eval_batches, image_size=config.image_size,
                        seed=config.seed)
     saved = folder.path(QUANTIZED)
-    if folder.resuming and saved.is_file():
-        opts = dataclasses.replace(opts, checkpoint=str(saved), ignore=[])
+    if folder.resuming and saved.is_file():  # smoothed and placed already
+        opts = dataclasses.replace(opts, checkpoint=str(saved), ignore=[], smoothquant=False)
         checkpoint = None
-    return Session.open(opts, config.data, data, checkpoint)
+    return Session.open(opts, config.data, data, checkpoint, progress=progress)
 
 
 def run_pipeline(config: RunConfig, restart: bool = False,
                  progress: bool = True) -> RunResult:
     """Run every stage that has not finished yet in ``config.out``."""
     folder = RunFolder(config.out, config.fingerprint(), restart=restart)
-    session = _open_session(config, folder)
-    eval_fn = load_eval(config.eval, session.prepared.device, config.eval_batches)
-    if not session.source.labelled:
-        eval_fn = None  # no labels: the accuracy stages are skipped, saying why
+    session = _open_session(config, folder, progress)
+    scorer = None
+    if session.source.text:  # scored against the model's own FP32 outputs
+        if config.eval not in EVALS:
+            raise CliError(f"eval {config.eval!r}: text data is scored by "
+                           f"{', '.join(EVALS)}")
+        scorer = text_evaluation(session.source, session.prepared.model, config.eval)
+        eval_fn = scorer.of_loader
+    else:
+        eval_fn = load_eval(config.eval, session.prepared.device, config.eval_batches)
+        if not session.source.labelled:
+            eval_fn = None  # no labels: the accuracy stages are skipped, saying why
     folder.open()
     handler = folder.log_handler()
     root = logging.getLogger()
     root.addHandler(handler)
     try:
-        result, table = _run(config, folder, session, eval_fn, progress)
+        result, table = _run(config, folder, session, eval_fn, scorer, progress)
         print(table)
         handler.emit(logging.makeLogRecord({"msg": table, "levelno": logging.INFO,
                                             "levelname": "INFO"}))
@@ -95,15 +113,20 @@ def run_pipeline(config: RunConfig, restart: bool = False,
         handler.close()
 
 
-def _run(config: RunConfig, folder: RunFolder, session: Session, eval_fn,
+def _run(config: RunConfig, folder: RunFolder, session: Session, eval_fn, scorer,
          progress: bool) -> tuple[RunResult, str]:
     folder.write_text("config.json", config.dumps() + "\n")
     source = session.source
     log.info("qdq run: %s on %s -> %s", config.model, source.description, folder.root)
     if session.prepared.restored:
         log.info("resumed: restored %s", session.prepared.checkpoint.path)
+    smoothed = session.prepared.smoothquant
+    if smoothed is not None:
+        smoothed.write(folder.root)
+        log.info("%s (smoothquant.txt)", smoothed.headline())
     run = Run(config=config, folder=folder, session=session, eval_fn=eval_fn,
-              progress=progress)
+              progress=progress, scorer=scorer)
+    folder.state["metric"] = run.metric_info()
     total = len(STAGES)
     for i, st in enumerate(STAGES, 1):
         if folder.done(st.name):
@@ -118,7 +141,7 @@ def _run(config: RunConfig, folder: RunFolder, session: Session, eval_fn,
             result, status = {"reason": str(why)}, "skipped"
             log.info("    skipped: %s", why)
         folder.mark(st.name, status, result, time.perf_counter() - start)
-    write_report(folder, config, source.description, run.metric_name)
+    write_report(folder, config, source.description)
     folder.save_state()
     result = RunResult(folder=folder.root, results=folder.results(),
                        statuses={s.name: folder.status(s.name) for s in STAGES},
