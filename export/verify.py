@@ -669,11 +669,20 @@ def _flip_stats(name, node, quantizer, x_t, x_o, dq_o, free_out) -> QuantizerFli
         qdq_mismatches=qdq_mismatches, free_differing=free_differing)
 
 
+#: the attribute under which ``to_onnx``'s wrappers hold the model (initializer prefix)
+_WRAPPER = "model."
+
+
 def _weight_dqs(graph: onnx.GraphProto, model: nn.Module
                 ) -> tuple[dict[str, onnx.NodeProto], list[str]]:
     """Weight-only weights of ``model`` -> the DequantizeLinear reading their codes
-    (initializer ``<module>.codes``), and the weights with none."""
+    (initializer ``<module>.codes``, or ``model.<module>.codes`` behind the export's
+    wrappers for keyword inputs), and the weights with none."""
     by_codes = {n.input[0]: n for n in graph.node if n.op_type == "DequantizeLinear"}
+    for name, node in list(by_codes.items()):  # exact names first, then unwrapped ones
+        while name.startswith(_WRAPPER):
+            name = name[len(_WRAPPER):]
+            by_codes.setdefault(name, node)
     found, missing = {}, []
     for name, module in model.named_modules():
         if isinstance(module, QuantizedWeight):
