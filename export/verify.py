@@ -179,6 +179,18 @@ class VerifyReport:
                 and not self.unmatched_quantizers and forced is not None and forced <= rel_l2
                 and self.weight_mismatches == 0 and not self.unmatched_weights)
 
+    def verdict(self, rel_l2: float = 1e-3) -> str:
+        """One phrase for tables: ``same (...)`` with the evidence, or ``NO (...)``."""
+        if not self.ok(rel_l2):
+            return (f"NO ({self.qdq_mismatches} Q/DQ, {self.weight_mismatches} weight "
+                    f"mismatches, flips explained: {self.only_boundary_flips})")
+        if self.quantizers:
+            return (f"same ({self.flips} boundary flips, forced rel L2 "
+                    f"{self.forced_rel_l2:.1e})")
+        if self.weights:
+            return f"same ({len(self.weights)} weights equal)"
+        return "same (no Q/DQ)"
+
     def __str__(self) -> str:
         title = FORMATS[self.format].title if self.format in FORMATS else self.format
         lines = [f"ONNX Runtime vs PyTorch on {self.onnx_path.name} ({title}), inputs "

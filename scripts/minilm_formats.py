@@ -112,18 +112,6 @@ class Row:
     seconds: float
 
 
-def verdict_of(report) -> str:
-    if not report.ok():
-        return (f"NO ({report.qdq_mismatches} Q/DQ, {report.weight_mismatches} weight "
-                f"mismatches, flips explained: {report.only_boundary_flips})")
-    if report.quantizers:
-        return (f"same ({report.flips} boundary flips, forced rel L2 "
-                f"{report.forced_rel_l2:.1e})")
-    if report.weights:
-        return f"same ({len(report.weights)} weights equal)"
-    return "same (no Q/DQ)"
-
-
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1)
 
@@ -146,7 +134,7 @@ def run_format(label: str, build: Builder | None, store: bool, float_model: nn.M
     vs_torch = cosine(ort_rows, sentence_outputs(model, test))
     report = export.verify(model, path, test[1], threads=threads)
     return Row(label, qdq.format_of(model), result.bytes, score.min_cosine, score.mean_cosine,
-               ort.min_cosine, ort.mean_cosine, float(vs_torch.min()), verdict_of(report),
+               ort.min_cosine, ort.mean_cosine, float(vs_torch.min()), report.verdict(),
                time.perf_counter() - start)
 
 

@@ -34,7 +34,7 @@ from qdqapp.pipeline.config import ConfigError, RunConfig, load_config
 from qdqapp.pipeline.folder import QUANTIZED, RunFolder
 from qdqapp.pipeline.report import failed_checks, summary_table, write_report
 from qdqapp.pipeline.stages import STAGES, Run, Skip, load_eval
-from qdqapp.sources import DataOptions, check_data_spec
+from qdqapp.sources import DataOptions, check_data_spec, parse_data_spec
 
 __all__ = ["RunConfig", "ConfigError", "load_config", "run_pipeline", "RunResult"]
 
@@ -65,6 +65,9 @@ def _open_session(config: RunConfig, folder: RunFolder, progress: bool) -> Sessi
     check_data_spec(config.data)
     if config.eval in EVALS:
         check_eval_for(config.eval, config.model, config.data)
+    elif parse_data_spec(config.data)[0].text:
+        raise CliError(f"eval {config.eval!r}: text data is scored against the FP32 model "
+                       f"by {', '.join(EVALS)}")
     opts = _model_options(config)
     checkpoint = check_model_options(opts)
     data = DataOptions(batch_size=config.batch_size, calib_batches=config.calib_batches,
@@ -84,9 +87,6 @@ def run_pipeline(config: RunConfig, restart: bool = False,
     session = _open_session(config, folder, progress)
     scorer = None
     if session.source.text:  # scored against the model's own FP32 outputs
-        if config.eval not in EVALS:
-            raise CliError(f"eval {config.eval!r}: text data is scored by "
-                           f"{', '.join(EVALS)}")
         scorer = text_evaluation(session.source, session.prepared.model, config.eval)
         eval_fn = scorer.of_loader
     else:

@@ -147,6 +147,15 @@ def summary(folder: RunFolder) -> dict[str, Any]:
     }
 
 
+def _skip_line(skip: list[str], shown: int = 6) -> str:
+    """``3: a, b, c``; a long list is cut after ``shown`` names (all in skip_layers.txt)."""
+    if not skip:
+        return "0"
+    names = ", ".join(skip[:shown])
+    more = f", ... ({len(skip) - shown} more in skip_layers.txt)" if len(skip) > shown else ""
+    return f"{len(skip)}: {names}{more}"
+
+
 def _summary_rows(s: dict[str, Any], folder: RunFolder) -> list[tuple[str, str]]:
     skip = s["skip_layers"]
     digits, key = _digits(folder), _metric_info(folder).get("key")
@@ -161,7 +170,7 @@ def _summary_rows(s: dict[str, Any], folder: RunFolder) -> list[tuple[str, str]]
         ("FP32 metric", _fmt(_metric(folder, "fp32"), digits)),
         ("INT8 metric (all layers)", f"{int8} ({calibrator})" if s["int8_metric"] is not None
          else f"{int8}; calibrator {calibrator}"),
-        ("layers kept in float", f"{len(skip)}" + (f": {', '.join(skip)}" if skip else "")),
+        ("layers kept in float", _skip_line(skip)),
         ("final INT8 metric", final),
         ("Q/DQ lint", s["lint"]),
         ("ONNX Runtime check", s["onnx_check"]),

@@ -114,3 +114,4 @@ def test_weight_only_keyword_model_verifies_its_weights(tmp_path, rng):
     report = verify(model, path, _batch(3, 5, rng))
     assert not report.unmatched_weights and len(report.weights) == 2
     assert report.weight_mismatches == 0 and report.ok(), str(report)
+    assert report.verdict() == "same (2 weights equal)"

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import qdq
-from tests.qdqapp.cli import listing
+from tests.qdqapp.cli import fill_in, listing
 from tests.qdqapp.cli import qdq as qdq_cli
 from tests.qdqapp.models import save_tiny_bert, write_sentences
 
@@ -200,17 +200,11 @@ CASES = [
                                                       enumerate(CASES)])
 def test_bad_text_input(hf, tmp_path, args, message):
     before = listing(hf)
-    fill = {"{tmp}": str(tmp_path), "{in}": str(hf)}
-
-    def expand(text: str) -> str:
-        for key, value in fill.items():
-            text = text.replace(key, value)
-        return text
-
-    result = qdq_cli(*[expand(a) for a in args])
+    places = {"{tmp}": str(tmp_path), "{in}": str(hf)}
+    result = qdq_cli(*[fill_in(a, places) for a in args])
     assert result.code == 2, result.err
     last = result.error_lines[-1]
-    assert last.startswith("qdq: error: ") and expand(message) in last, result.err
+    assert last.startswith("qdq: error: ") and fill_in(message, places) in last, result.err
     assert len(result.error_lines) == 1, result.err
     assert listing(tmp_path) == [] and listing(hf) == before  # nothing left behind
 
