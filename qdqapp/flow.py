@@ -48,7 +48,7 @@ from qdqapp.models import (
 )
 
 __all__ = ["ModelOptions", "Prepared", "Session", "check_model_options", "prepare_model",
-           "calibrate_model", "leave_uncalibrated_in_float", "resolve_device",
+           "calibrate_model", "smooth", "leave_uncalibrated_in_float", "resolve_device",
            "check_layer_names", "check_names", "check_pairing", "smoothquant_alpha",
            "example_from_shape", "shape_of", "on_device"]
 
@@ -283,7 +283,7 @@ def smooth(prepared: Prepared, batches, alpha: str | float, progress: bool = Tru
                                          progress=progress)
     except SensitivityError as err:
         raise CliError(f"--smoothquant: {err}") from err
-    log.info("%s", str(report).splitlines()[0])
+    log.info("%s", report.headline())
     return report
 
 
