@@ -78,10 +78,12 @@ def fp8_device_problem(capability: tuple[int, int] | None, device: str = "the GP
     return None
 
 
-def _low_precision(proto) -> tuple[bool, bool]:
+def _low_precision(onnx_path: Path) -> tuple[bool, bool]:
     """(FP8 Q/DQ, INT4 weights) in the graph; BuildError when FP8 cannot build here."""
     from export.formats import uses_fp8, uses_int4
+    from export.onnx_io import load_onnx
 
+    proto = load_onnx(onnx_path, error=BuildError)
     if not uses_fp8(proto):
         return False, uses_int4(proto)
     import torch
@@ -123,20 +125,9 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     below that (or without a GPU) one BuildError says so, before TensorRT is loaded.
     """
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    from export.onnx_io import load_onnx
-
-    proto, unreadable = None, None
-    if onnx_path.is_file():
-        try:
-            proto = load_onnx(onnx_path, error=BuildError)
-        except BuildError as err:
-            unreadable = err
-    # FP8 on a GPU that cannot build it is said first: installing TensorRT would not help;
-    # a missing TensorRT is said before a broken file, which needs TensorRT to build anyway
-    fp8, int4 = _low_precision(proto) if proto is not None else (False, False)
+    # FP8 on a GPU that cannot build it is said first: installing TensorRT would not help
+    fp8, int4 = _low_precision(onnx_path) if onnx_path.is_file() else (False, False)
     trt = _trt()
-    if unreadable is not None:
-        raise unreadable
     if not onnx_path.is_file():
         raise BuildError(f"ONNX file {onnx_path}: no such file")
     if not engine_path.parent.is_dir():

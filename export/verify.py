@@ -179,6 +179,18 @@ class VerifyReport:
                 and not self.unmatched_quantizers and forced is not None and forced <= rel_l2
                 and self.weight_mismatches == 0 and not self.unmatched_weights)
 
+    def verdict(self, rel_l2: float = 1e-3) -> str:
+        """One phrase for tables: ``same (...)`` with the evidence, or ``NO (...)``."""
+        if not self.ok(rel_l2):
+            return (f"NO ({self.qdq_mismatches} Q/DQ, {self.weight_mismatches} weight "
+                    f"mismatches, flips explained: {self.only_boundary_flips})")
+        if self.quantizers:
+            return (f"same ({self.flips} boundary flips, forced rel L2 "
+                    f"{self.forced_rel_l2:.1e})")
+        if self.weights:
+            return f"same ({len(self.weights)} weights equal)"
+        return "same (no Q/DQ)"
+
     def __str__(self) -> str:
         title = FORMATS[self.format].title if self.format in FORMATS else self.format
         lines = [f"ONNX Runtime vs PyTorch on {self.onnx_path.name} ({title}), inputs "
@@ -669,11 +681,20 @@ def _flip_stats(name, node, quantizer, x_t, x_o, dq_o, free_out) -> QuantizerFli
         qdq_mismatches=qdq_mismatches, free_differing=free_differing)
 
 
+#: the attribute under which ``to_onnx``'s wrappers hold the model (initializer prefix)
+_WRAPPER = "model."
+
+
 def _weight_dqs(graph: onnx.GraphProto, model: nn.Module
                 ) -> tuple[dict[str, onnx.NodeProto], list[str]]:
     """Weight-only weights of ``model`` -> the DequantizeLinear reading their codes
-    (initializer ``<module>.codes``), and the weights with none."""
+    (initializer ``<module>.codes``, or ``model.<module>.codes`` behind the export's
+    wrappers for keyword inputs), and the weights with none."""
     by_codes = {n.input[0]: n for n in graph.node if n.op_type == "DequantizeLinear"}
+    for name, node in list(by_codes.items()):  # exact names first, then unwrapped ones
+        while name.startswith(_WRAPPER):
+            name = name[len(_WRAPPER):]
+            by_codes.setdefault(name, node)
     found, missing = {}, []
     for name, module in model.named_modules():
         if isinstance(module, QuantizedWeight):

@@ -1,5 +1,18 @@
 """Metrics a sweep can use as ``eval_fn``: top-1 accuracy, and agreement with FP32.
 
+``--eval`` names the metric, the same in every command (higher is better):
+
+===============  ==========================================================================
+name             metric
+===============  ==========================================================================
+``auto``         ``top1`` for images and text classifiers, ``min-cosine`` for text encoders
+``top1``         top-1 accuracy (%) on labelled data; top-1 agreement with FP32 (%) without
+                 labels (random inputs, text classifiers)
+``min-cosine``   text encoders: the lowest cosine similarity of a sentence's mean-pooled
+                 embedding to its FP32 one, over the evaluation sentences
+``mean-cosine``  text encoders: the same, averaged over the sentences
+===============  ==========================================================================
+
 Example::
 
     eval_fn = lambda m: top1_accuracy(m, test_loader, max_batches=20)
@@ -13,6 +26,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from qdqapp.errors import CliError
 from sensitivity.batches import (
     ForwardFn,
     default_forward,
@@ -23,10 +37,103 @@ from sensitivity.batches import (
 )
 from sensitivity.errors import SensitivityError
 
-__all__ = ["top1_accuracy", "labelled_by_model", "evaluation", "ACCURACY", "AGREEMENT"]
+__all__ = ["top1_accuracy", "labelled_by_model", "evaluation", "text_evaluation",
+           "check_eval", "check_eval_for", "TextMetric", "EVALS", "TEXT_METRICS", "ACCURACY",
+           "AGREEMENT", "default_max_drop"]
 
 ACCURACY = "top-1 accuracy (%)"
 AGREEMENT = "top-1 agreement with FP32 (%)"
+
+#: the ``--eval`` names every command takes
+EVALS = ("auto", "top1", "min-cosine", "mean-cosine")
+#: text metrics: ``--eval`` name -> (``TextAgreement`` metric, what reports call it)
+TEXT_METRICS = {
+    "min-cosine": ("min_cosine", "min cosine of mean-pooled embeddings vs FP32"),
+    "mean-cosine": ("mean_cosine", "mean cosine of mean-pooled embeddings vs FP32"),
+    "top1": ("top1", AGREEMENT),
+}
+
+
+def check_eval(name: str, text: bool, classifier: bool | None = None) -> str:
+    """An ``--eval`` name that fits the data (``text``: sentences for a text model) and,
+    for text, the model (``classifier``: logits, None when not known yet)."""
+    if name not in EVALS:
+        raise CliError(f"--eval {name!r}: choose one of {', '.join(EVALS)}")
+    if not text and name in ("min-cosine", "mean-cosine"):
+        raise CliError(f"--eval {name}: for text data only (the cosine of mean-pooled "
+                       "sentence embeddings); image data is scored by top1")
+    if text and classifier is True and name in ("min-cosine", "mean-cosine"):
+        raise CliError(f"--eval {name}: the model has a classification head (logits); "
+                       "use top1")
+    if text and classifier is False and name == "top1":
+        raise CliError("--eval top1: needs a classification head; this model gives token "
+                       "embeddings (use min-cosine or mean-cosine)")
+    return name
+
+
+def check_eval_for(name: str, model_spec: str, data_spec: str | None) -> str:
+    """:func:`check_eval` before anything is built: the data kind from its spec, a
+    Hugging Face model's head from its config."""
+    from qdqapp.hf import HFError, has_classification_head, model_folder
+    from qdqapp.models import parse_model_spec
+    from qdqapp.sources import parse_data_spec
+
+    text = data_spec is not None and parse_data_spec(data_spec)[0].text
+    kind, arg = parse_model_spec(model_spec)
+    classifier = None
+    if text and kind.name == "hf":
+        try:
+            classifier = has_classification_head(model_folder(arg))
+        except HFError:
+            classifier = None  # the model check names the problem
+    return check_eval(name, text, classifier)
+
+
+def default_max_drop(metric_name: str | None) -> float:
+    """The allowed drop from FP32 when none is given: 0.3 points of a percentage, 0.005 of
+    a cosine (a min cosine of 0.995)."""
+    return 0.005 if metric_name and "cosine" in metric_name else 0.3
+
+
+class TextMetric:
+    """``eval_fn(model) -> float`` for text: a ``TextAgreement`` read as one number (top-1
+    agreement in percent); ``last`` gives every number of the latest call."""
+
+    def __init__(self, agreement, key: str) -> None:
+        self.agreement = agreement
+        self.key = key
+        self.name = TEXT_METRICS[key][1]
+
+    def __call__(self, model: nn.Module) -> float:
+        value = self.agreement(model)
+        return 100.0 * value if self.key == "top1" else value
+
+    def of_loader(self, model: nn.Module, loader=None) -> float:
+        """As ``qdq run`` calls an evaluation, ``fn(model, loader)``: the sentences are
+        this metric's own, so the loader is not used."""
+        return self(model)
+
+    @property
+    def last(self) -> dict[str, float | None]:
+        score = self.agreement.last
+        return score.as_dict() if score is not None else {}
+
+
+def text_evaluation(source, model: nn.Module, name: str = "auto") -> TextMetric:
+    """The text metric ``name`` on ``source``'s evaluation sentences, against ``model`` in
+    FP32 (its quantizers disabled while the reference is computed)."""
+    from qdqapp.hf import HFError, TextAgreement
+
+    check_eval(name, text=True)
+    batches = list(source.eval_inputs())
+    try:
+        probe = TextAgreement(model, batches)
+    except HFError as err:
+        raise CliError(str(err)) from err
+    check_eval(name, True, probe.classifier)
+    key = name if name != "auto" else ("top1" if probe.classifier else "min-cosine")
+    probe.metric = TEXT_METRICS[key][0]
+    return TextMetric(probe, key)
 
 
 def _logits(output) -> torch.Tensor:
@@ -96,15 +203,20 @@ def labelled_by_model(model: nn.Module, inputs: Iterable[torch.Tensor],
 
 
 def evaluation(source, model: nn.Module, device: torch.device | str | None = None,
-               agreement: bool = False):
+               agreement: bool = False, metric: str = "auto"):
     """``(eval_fn(model) -> metric, metric name)`` for a data source.
 
-    Labelled data gives top-1 accuracy on its evaluation split; data without labels
-    (random inputs), or ``agreement=True``, gives top-1 agreement with ``model`` in FP32
-    on its evaluation inputs. A sweep evaluates once per layer, so the batches are kept in
-    memory when that is cheap (in-memory data, or ``--eval-batches`` set); image files
-    are read again each time otherwise.
+    Text gives :func:`text_evaluation` (``metric`` picks it). Labelled data gives top-1
+    accuracy on its evaluation split; data without labels (random inputs), or
+    ``agreement=True``, gives top-1 agreement with ``model`` in FP32 on its evaluation
+    inputs. A sweep evaluates once per layer, so the batches are kept in memory when that
+    is cheap (in-memory data, or ``--eval-batches`` set); image files are read again each
+    time otherwise.
     """
+    check_eval(metric, text=source.text)
+    if source.text:
+        scorer = text_evaluation(source, model, metric)
+        return scorer, scorer.name
     if source.labelled and not agreement:
         batches = source.eval()
         if source.in_memory or source.opts.eval_batches is not None:

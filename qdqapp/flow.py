@@ -11,12 +11,18 @@
                    -> placement rules (qdq.rules.apply_rules; on unless --no-rules)
     -> --format (qdqapp.formats.apply_format_step): fp8 re-describes every quantizer;
        w8/w4 turn the float model's Linear/Conv/LSTM weights into integer codes
+    -> SmoothQuant (--smoothquant, int8 and fp8: sensitivity.smoothquant on the
+       calibration batches)
     -> calibrate (--calibrator), modules never called left in float, by name; nothing
        for w8/w4
 
+The example input is one sample of the data: a tensor, or for a text model (``hf:DIR``
+with ``text:FILE``) a dict of token ids and attention mask, which the rules, the export,
+the ONNX Runtime check and ``qdq.save`` all take as keyword inputs.
 :func:`check_model_options` refuses bad flags (a format, its options, calibrators that do
 not suit it) before anything is built; :func:`prepare_model` does everything up to
-calibration, before any output is written; :func:`calibrate_model` does the last step.
+SmoothQuant, before any output is written; :meth:`Session.open` adds SmoothQuant,
+:func:`calibrate_model` does the last step.
 ``run``, ``calibrate``, ``sensitivity``, ``export``, ``verify`` and ``summary`` all go
 through here, so the same flags build the same model everywhere.
 """
@@ -28,7 +34,7 @@ import difflib
 import logging
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -40,16 +46,20 @@ from qdqapp.errors import CliError, first_line
 from qdqapp.formats import FormatChoice, apply_format_step, check_calibrators, format_choice
 from qdqapp.models import (
     Checkpoint,
+    ExampleShape,
     build_model,
     check_model_spec,
     example_shape,
     load_float_weights,
+    model_tokenizer,
+    parse_model_spec,
     read_checkpoint,
 )
 
 __all__ = ["ModelOptions", "Prepared", "Session", "check_model_options", "prepare_model",
-           "calibrate_model", "leave_uncalibrated_in_float", "resolve_device",
-           "check_layer_names", "check_names"]
+           "calibrate_model", "smooth", "leave_uncalibrated_in_float", "resolve_device",
+           "check_layer_names", "check_names", "check_pairing", "smoothquant_alpha",
+           "example_from_shape", "shape_of", "on_device"]
 
 log = logging.getLogger("qdqapp")
 
@@ -69,6 +79,11 @@ class ModelOptions:
     format: str | None = None
     block_size: int | None = None
     weight_amax: str | None = None
+    smoothquant: bool = False
+    smoothquant_alpha: str | float = "auto"
+
+
+Example = torch.Tensor | dict[str, torch.Tensor]
 
 
 @dataclass
@@ -76,10 +91,12 @@ class Prepared:
     model: nn.Module
     device: torch.device
     checkpoint: Checkpoint | None
-    example: torch.Tensor | None
+    example: Example | None
     choice: FormatChoice = field(default_factory=FormatChoice)
     #: the float model before its weights were quantized (weight-only formats made here)
     float_model: nn.Module | None = None
+    #: the SmoothQuant step's report (``--smoothquant``), None when it did not run
+    smoothquant: Any = None
 
     @property
     def restored(self) -> bool:
@@ -107,6 +124,20 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def smoothquant_alpha(value: str | float) -> str | float:
+    """``--smoothquant-alpha``: ``auto`` (searched per layer) or a number in [0, 1]."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        alpha = float(value)
+    except (TypeError, ValueError):
+        alpha = float("nan")
+    if isinstance(value, bool) or not 0.0 <= alpha <= 1.0:
+        raise CliError(f"--smoothquant-alpha {value!r}: expected 'auto' or a number in "
+                       "[0, 1]")
+    return alpha
+
+
 def check_model_options(opts: ModelOptions, calibrators: Sequence[str] = (),
                         calibrator_flag: str = "--calibrator") -> Checkpoint | None:
     """The cheap checks (spec, format, checkpoint file, flags that contradict them, the
@@ -114,12 +145,56 @@ def check_model_options(opts: ModelOptions, calibrators: Sequence[str] = (),
     check_model_spec(opts.spec)
     format_choice(opts)  # the flags alone, before the file is read
     resolve_device(opts.device)
+    smoothquant_alpha(opts.smoothquant_alpha)
+    if opts.smoothquant and format_choice(opts).weight_only:
+        raise CliError(f"--smoothquant: --format {opts.format} quantizes weights only, and "
+                       "SmoothQuant moves activation range into the weights, which only "
+                       "makes them harder to quantize; leave --smoothquant out")
     ckpt = read_checkpoint(opts.checkpoint) if opts.checkpoint is not None else None
     if ckpt is not None and ckpt.quantized and opts.ignore:
         raise CliError(f"--ignore: {ckpt.path} is a quantized-model file, whose layers are "
                        "already chosen; --ignore applies when quantizing a float model")
+    if ckpt is not None and ckpt.quantized and opts.smoothquant:
+        done = "already smoothed" if (ckpt.metadata or {}).get("smoothquant") else "not smoothed"
+        raise CliError(f"--smoothquant: {ckpt.path} is a quantized-model file ({done}); "
+                       "--smoothquant applies when quantizing a float model")
     check_calibrators(format_choice(opts, ckpt), calibrators, calibrator_flag)
     return ckpt
+
+
+def check_pairing(model_spec: str, data_spec: str) -> None:
+    """Text data goes with a text model (one with a tokenizer), and only with one."""
+    from qdqapp.sources import parse_data_spec
+
+    kind, _ = parse_model_spec(model_spec)
+    data_kind, _ = parse_data_spec(data_spec)
+    if data_kind.text and not kind.takes_text:
+        raise CliError(f"data {data_spec!r} is text, which needs a model with a tokenizer "
+                       f"(hf:DIR); model {model_spec!r} has none")
+    if kind.takes_text and not data_kind.text:
+        raise CliError(f"model {model_spec!r} takes text: use --data text:FILE (one sentence "
+                       f"per line), not {data_spec!r}")
+
+
+def example_from_shape(shape: ExampleShape | list | dict) -> Example:
+    """A placeholder input of a recorded shape: zeros, or for keyword token inputs ones
+    (token id 1 and a mask that attends everywhere)."""
+    if isinstance(shape, dict):
+        return {k: torch.ones(tuple(v), dtype=torch.long) for k, v in shape.items()}
+    return torch.zeros(tuple(shape))
+
+
+def shape_of(example: Example) -> list[int] | dict[str, list[int]]:
+    """What ``qdq.save``'s metadata records as ``input_shape``."""
+    if isinstance(example, dict):
+        return {k: list(v.shape) for k, v in example.items()}
+    return list(example.shape)
+
+
+def on_device(example: Example, device: torch.device) -> Example:
+    if isinstance(example, dict):
+        return {k: v.to(device) for k, v in example.items()}
+    return example.to(device)
 
 
 def check_names(model: nn.Module, names: list[str], what: str) -> None:
@@ -146,18 +221,21 @@ def check_layer_names(model: nn.Module, layers: list[str] | None) -> None:
         raise CliError(f"--layers: {err}") from err
 
 
-def _dry_run(model: nn.Module, example: torch.Tensor, spec: str, data: str | None) -> None:
+def _dry_run(model: nn.Module, example: Example, spec: str, data: str | None) -> None:
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     try:
         with torch.no_grad(), qdq.disable_quantization(model):
-            model(example.to(next((p.device for p in model.parameters()),
-                                  example.device)))
+            if isinstance(example, dict):
+                model(**on_device(example, device))
+            else:
+                model(example.to(device))
     except Exception as err:  # noqa: BLE001 - any failure here means the input does not fit
         source = f" from --data {data}" if data else ""
         raise CliError(f"model {spec} does not run on inputs of shape "
-                       f"{list(example.shape)}{source}: {first_line(err)}") from err
+                       f"{shape_of(example)}{source}: {first_line(err)}") from err
 
 
-def prepare_model(opts: ModelOptions, example: torch.Tensor | None = None,
+def prepare_model(opts: ModelOptions, example: Example | None = None,
                   data: str | None = None, checkpoint: Checkpoint | None = None
                   ) -> Prepared:
     """Build the quantized model (everything before calibration), on its device.
@@ -173,7 +251,7 @@ def prepare_model(opts: ModelOptions, example: torch.Tensor | None = None,
     if example is None:
         shape = ((checkpoint.metadata or {}).get("input_shape") if checkpoint else None) \
             or example_shape(opts.spec)
-        example = torch.zeros(shape) if shape else None
+        example = example_from_shape(shape) if shape else None
     if checkpoint is not None and checkpoint.quantized:
         try:
             model = qdq.restore(model, checkpoint.path)
@@ -197,7 +275,9 @@ def prepare_model(opts: ModelOptions, example: torch.Tensor | None = None,
 
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                model = apply_rules(model, (example,) if example is not None else None)
+                inputs = example if isinstance(example, dict) or example is None \
+                    else (example,)
+                model = apply_rules(model, inputs)
             for w in caught:
                 log.info("%s", w.message)
     apply_format_step(model, choice, opts.ignore)
@@ -222,6 +302,21 @@ def leave_uncalibrated_in_float(model: nn.Module) -> list[str]:
     if owners:
         log.warning("left in float, never called during calibration: %s", ", ".join(owners))
     return owners
+
+
+def smooth(prepared: Prepared, batches, alpha: str | float, progress: bool = True):
+    """The SmoothQuant step: after quantizers and rules, before calibration. Returns the
+    per-layer ``SmoothQuantReport`` (the float outputs are checked unchanged there)."""
+    import sensitivity
+    from sensitivity.errors import SensitivityError
+
+    try:
+        report = sensitivity.smoothquant(prepared.model, batches, alpha=alpha,
+                                         progress=progress)
+    except SensitivityError as err:
+        raise CliError(f"--smoothquant: {err}") from err
+    log.info("%s", report.headline())
+    return report
 
 
 def calibrate_model(prepared: Prepared, batches, num_batches: int, calibrator: str,
@@ -258,17 +353,31 @@ class Session:
 
     @classmethod
     def open(cls, opts: ModelOptions, data_spec: str | None, data_opts=None,
-             checkpoint: Checkpoint | None = None,
-             origin: ModelOptions | None = None) -> Session:
-        from qdqapp.sources import check_data_spec, open_data
+             checkpoint: Checkpoint | None = None, origin: ModelOptions | None = None,
+             progress: bool = True) -> Session:
+        """Check, open the data (text: tokenised with the model's tokenizer), prepare the
+        model on one of its inputs, and smooth it with ``--smoothquant``."""
+        from qdqapp.sources import DataOptions, check_data_spec, open_data
 
         if data_spec is not None:
             check_data_spec(data_spec)
+            check_pairing(opts.spec, data_spec)
+        elif opts.smoothquant:
+            raise CliError("--smoothquant needs --data: it measures the activations on the "
+                           "calibration batches")
         if checkpoint is None:
             checkpoint = check_model_options(opts)
-        source = open_data(data_spec, data_opts) if data_spec is not None else None
+        source = None
+        if data_spec is not None:
+            data_opts = data_opts or DataOptions()
+            if parse_model_spec(opts.spec)[0].takes_text:
+                data_opts = replace(data_opts, tokenizer=model_tokenizer(opts.spec))
+            source = open_data(data_spec, data_opts)
         example = source.example() if source is not None else None
         prepared = prepare_model(opts, example, data_spec, checkpoint)
+        if opts.smoothquant:
+            prepared.smoothquant = smooth(prepared, source.calib(),
+                                          smoothquant_alpha(opts.smoothquant_alpha), progress)
         return cls(opts, data_spec, source, prepared, origin)
 
     @property
@@ -305,9 +414,12 @@ class Session:
         meta.update({"model": self.opts.spec, "seed": self.opts.seed,
                      "rules": self.opts.rules if not self.prepared.restored
                      else meta.get("rules"),
-                     "input_shape": list(example.shape) if example is not None else None})
+                     "input_shape": shape_of(example) if example is not None else None})
         if not self.prepared.restored:
             meta.update(self.prepared.choice.as_dict())
+        if self.prepared.smoothquant is not None:
+            meta["smoothquant"] = {"alpha": smoothquant_alpha(self.opts.smoothquant_alpha),
+                                   **self.prepared.smoothquant.to_dict()}
         if self.data_spec is not None:
             meta["data"] = self.data_spec
         meta.update(extra)

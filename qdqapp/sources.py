@@ -11,22 +11,29 @@ spec                           data
                                ``--image-size`` (256/224), ImageNet normalisation
 ``random:NxCxHxW``             seeded random batches of that shape (no labels:
                                metrics become top-1 agreement with FP32)
+``text:FILE`` or ``text:DIR``   sentences, one per line, tokenised with the model's
+                               tokenizer into padded ``{input_ids, attention_mask}``
+                               batches of ``--batch-size`` sentences (a text model,
+                               ``hf:DIR``, only); ``DIR/calib.txt`` (or ``train.txt``)
+                               and ``DIR/test.txt`` (or ``val.txt``) when given a
+                               folder, else one file serves both
 =============================  =====================================================
 
 A spec is ``KIND[:ARG]``; each kind is one :func:`register_data_kind` entry, so a new
-source (say a text file for a tokenizer) is one more entry. Every source gives the same
-views: ``calib()`` (input batches, the very same ones on every pass, so a resumed run
-or a second pass sees what the first saw), ``eval()`` (labelled batches or None),
-``eval_inputs()`` (inputs for agreement with FP32), ``train()`` (shuffled, augmented,
-for QAT, or None) and ``example()`` (one input, batch 1).
+source is one more entry. Every source gives the same views: ``calib()`` (input
+batches, the very same ones on every pass, so a resumed run or a second pass sees what
+the first saw), ``eval()`` (labelled batches or None), ``eval_inputs()`` (inputs for
+agreement with FP32), ``train()`` (shuffled, augmented, for QAT, or None) and
+``example()`` (one input, batch 1). A batch is a tensor, or for text a dict of tensors.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,7 +42,8 @@ from qdqapp.models import parse_shape
 from qdqapp.registry import Registry
 
 __all__ = ["DataOptions", "DataSource", "DataKind", "DATA_KINDS", "register_data_kind",
-           "parse_data_spec", "check_data_spec", "open_data", "image_transform"]
+           "parse_data_spec", "check_data_spec", "open_data", "image_transform", "rows_of",
+           "TextSource", "TEXT_SPLITS"]
 
 
 @dataclass
@@ -47,6 +55,8 @@ class DataOptions:
     eval_batches: int | None = None
     image_size: int = 224
     seed: int = 0
+    #: text data: the model's tokenizer (the flow sets it from the model spec)
+    tokenizer: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "calib_batches", "image_size"):
@@ -75,6 +85,13 @@ class _Batches:
         return total if self.limit is None else min(total, self.limit)
 
 
+def rows_of(batch, rows: int):
+    """The first ``rows`` samples of a batch: a tensor, or a dict of keyword tensors."""
+    if isinstance(batch, dict):
+        return {k: v[:rows] for k, v in batch.items()}
+    return batch[:rows]
+
+
 def _loader(dataset, batch_size: int, shuffle: bool, seed: int):
     gen = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
@@ -85,6 +102,8 @@ class DataSource:
     """The views of one data spec (see the module docstring)."""
 
     labelled: bool = True
+    #: sentences tokenised for a text model: batches are dicts of token tensors
+    text: bool = False
     #: decoded tensors already in memory (keeping evaluation batches costs little more)
     in_memory: bool = True
 
@@ -106,25 +125,27 @@ class DataSource:
 
     def example(self) -> torch.Tensor:
         for batch in self.calib():
-            return batch[:1]
+            return rows_of(batch, 1)
         raise CliError(f"data {self.spec!r}: gives no batch")
 
     def check_batch(self, rows: int = 64) -> torch.Tensor:
         """A fixed batch (the first calibration batch, at most ``rows``): the same one in
         every process, so checks on it repeat exactly."""
         for batch in self.calib():
-            return batch[:rows]
+            return rows_of(batch, rows)
         raise CliError(f"data {self.spec!r}: gives no batch")
 
 
 @dataclass(frozen=True)
 class DataKind:
-    """``check(arg)`` refuses a bad spec cheaply; ``open(spec, arg, opts)`` reads it."""
+    """``check(arg)`` refuses a bad spec cheaply; ``open(spec, arg, opts)`` reads it.
+    ``text``: the data is sentences, for a model with a tokenizer (and only for one)."""
 
     name: str
     grammar: str
     check: Callable[[str], None]
     open: Callable[[str, str, DataOptions], DataSource]
+    text: bool = False
 
 
 DATA_KINDS: Registry[DataKind] = Registry("data kind")
@@ -286,3 +307,78 @@ def _check_image_folder(arg: str) -> None:
 register_data_kind(DataKind(
     "imagefolder", "imagefolder:DIR", _check_image_folder,
     lambda spec, arg, opts: ImageFolderSource(spec, Path(arg), opts)))
+
+
+# ----------------------------------------------------------------- text
+#: ``text:DIR``: the calibration and the evaluation file, the first of each that exists
+TEXT_SPLITS = {"calibration": ("calib.txt", "train.txt"), "evaluation": ("test.txt", "val.txt")}
+
+
+def _text_files(arg: str) -> tuple[Path, Path]:
+    """(calibration file, evaluation file) of ``text:ARG``."""
+    if not arg:
+        raise CliError("data 'text:': expected text:FILE (one sentence per line) or text:DIR")
+    path = Path(arg)
+    if path.is_dir():
+        found = []
+        for split, names in TEXT_SPLITS.items():
+            hit = next((path / n for n in names if (path / n).is_file()), None)
+            if hit is None:
+                raise CliError(f"data 'text:{arg}': a folder needs a {split} file "
+                               f"({' or '.join(names)})")
+            found.append(hit)
+        return found[0], found[1]
+    if not path.is_file():
+        raise CliError(f"data 'text:{arg}': no such file")
+    return path, path
+
+
+def _read_text(spec: str, path: Path) -> list[str]:
+    from qdqapp.hf import HFError, read_sentences
+
+    try:
+        return read_sentences(path)
+    except HFError as err:
+        raise CliError(f"data {spec!r}: {err}") from err
+
+
+def _check_text(arg: str) -> None:
+    spec = f"text:{arg}"
+    for path in dict.fromkeys(_text_files(arg)):
+        _read_text(spec, path)
+
+
+class TextSource(DataSource):
+    """Sentences tokenised into padded keyword batches; no labels (agreement with FP32)."""
+
+    labelled = False
+    text = True
+
+    def __init__(self, spec: str, arg: str, opts: DataOptions) -> None:
+        from qdqapp.hf import text_batches
+
+        if opts.tokenizer is None:
+            raise CliError(f"data {spec!r}: text needs the model's tokenizer (a text model, "
+                           "hf:DIR)")
+        calib_file, eval_file = _text_files(arg)
+        self.calib_sentences = _read_text(spec, calib_file)
+        self.eval_sentences = _read_text(spec, eval_file)
+        n = opts.batch_size
+        self._calib = text_batches(opts.tokenizer, self.calib_sentences, n)[:opts.calib_batches]
+        self._eval = text_batches(opts.tokenizer, self.eval_sentences, n)[:opts.eval_batches]
+        used = sum(len(b["input_ids"]) for b in self._calib)
+        tested = sum(len(b["input_ids"]) for b in self._eval)
+        where = (f"{calib_file}" if calib_file == eval_file
+                 else f"{calib_file} / {eval_file}")
+        super().__init__(spec, opts, f"text {where} ({used} calibration / {tested} "
+                                     "evaluation sentences)")
+
+    def calib(self) -> list[dict[str, torch.Tensor]]:
+        return self._calib
+
+    def eval_inputs(self) -> list[dict[str, torch.Tensor]]:
+        return self._eval
+
+
+register_data_kind(DataKind("text", "text:FILE", _check_text,
+                            lambda spec, arg, opts: TextSource(spec, arg, opts), text=True))

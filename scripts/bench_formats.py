@@ -107,18 +107,6 @@ class Row:
     seconds: float
 
 
-def verdict_of(report) -> str:
-    if not report.ok():
-        return f"NO ({report.qdq_mismatches} Q/DQ, {report.weight_mismatches} weight " \
-               f"mismatches, flips explained: {report.only_boundary_flips})"
-    if report.quantizers:
-        return f"same ({report.flips} boundary flips, forced rel L2 " \
-               f"{report.forced_rel_l2:.1e})"
-    if report.weights:
-        return f"same ({len(report.weights)} weights equal)"
-    return "same (no Q/DQ)"
-
-
 def run_format(label, build, store, float_model, calib, batches, labels, reference,
                folder: Path, threads) -> Row:
     start = time.perf_counter()
@@ -142,7 +130,7 @@ def run_format(label, build, store, float_model, calib, batches, labels, referen
         label += f" [{build.per_channel} per channel]"
     return Row(label, result.bytes, metric, ort_metric, extra,
                float((ort.argmax(1) == logits.argmax(1)).float().mean()) * 100,
-               rel_l2(ort, logits), verdict_of(report), time.perf_counter() - start)
+               rel_l2(ort, logits), report.verdict(), time.perf_counter() - start)
 
 
 def table(rows: list[Row], metric: str, extra: str | None) -> str:

@@ -34,15 +34,18 @@ Example::
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
+from qdq.fileio import atomic_write
 from qdq.nn.linear import QuantLinear
 from qdq.quantizer import TensorQuantizer
 from qdq.rules.check import largest_difference, mismatch
@@ -123,9 +126,41 @@ class SmoothQuantReport:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SmoothQuantReport:
+        rows = [SmoothRow(**r) for r in data.get("rows", [])]
+        return cls(rows, list(data.get("skipped", [])), float(data.get("float_difference", 0)))
+
+    def headline(self) -> str:
+        return (f"SmoothQuant: {len(self.smoothed)} of {len(self.rows)} units smoothed; "
+                f"float outputs unchanged to {self.float_difference:.1e} (relative)")
+
+    def markdown(self) -> str:
+        """The per-layer table (Markdown): alpha, where ``1/s`` went, the quantized output
+        error and the activation and weight ranges before -> after."""
+        lines = [self.headline() + ".", "",
+                 "| layer | alpha | into | output error | act max | weight max |",
+                 "|---|---|---|---|---|---|"]
+        for r in self.rows:
+            alpha = "-" if r.alpha is None else f"{r.alpha:.2f}"
+            lines.append(f"| {', '.join(r.layers)} | {alpha} | {r.into} | "
+                         f"{r.error_before:.2e} -> {r.error_after:.2e} | "
+                         f"{r.act_max_before:.3g} -> {r.act_max_after:.3g} | "
+                         f"{r.weight_max_before:.3g} -> {r.weight_max_after:.3g} |")
+        if self.skipped:
+            lines += ["", "Not smoothed: " + "; ".join(self.skipped) + "."]
+        return "\n".join(lines) + "\n"
+
+    def write(self, folder: str | Path) -> Path:
+        """``smoothquant.json`` and ``smoothquant.txt`` (this report) into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / "smoothquant.json", json.dumps(self.to_dict(), indent=1) + "\n")
+        atomic_write(folder / "smoothquant.txt", str(self) + "\n")
+        return folder
+
     def __str__(self) -> str:
-        lines = [f"SmoothQuant: {len(self.smoothed)} of {len(self.rows)} units smoothed; "
-                 f"float outputs unchanged to {self.float_difference:.1e} (relative)"]
+        lines = [self.headline()]
         width = max((len(", ".join(r.layers)) for r in self.rows), default=5)
         width = min(width, 70)
         lines.append(f"{'layer':<{width}}  {'alpha':>5}  {'into':<28}  {'error':>17}  "

@@ -1,6 +1,7 @@
 """The README's code is tested: every fenced Python block runs, and every ``qdq`` line of
 its shell blocks runs with small inputs (a tiny model for the torchvision ones, a small
-image folder for /data/imagenet, 16-pixel random inputs)."""
+image folder for /data/imagenet, 16-pixel random inputs, a tiny BERT folder with its
+tokenizer for MiniLM and a few sentences for its text)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 SMALL = [("torchvision:resnet50", "tests.qdqapp.models:tiny_cnn"),
          ("torchvision:resnet18", "tests.qdqapp.models:tiny_cnn"),
          ("random:8x3x224x224", "random:4x3x16x16"),
-         ("--qat-steps 2000", "--qat-steps 1")]
+         ("--qat-steps 2000", "--qat-steps 1"),
+         ("hf:minilm", "hf:{tiny_bert}"),
+         ("text:qdqapp/assets/text", "text:{sentences}")]
 
 
 def blocks(language: str) -> list[str]:
@@ -41,9 +44,12 @@ def cli_lines() -> list[str]:
 
 
 def small(text: str, images: Path) -> str:
+    """``images`` is the folder the small inputs were made in (``make_small_inputs``)."""
     for big, little in SMALL:
         text = text.replace(big, little)
-    return text.replace("/data/imagenet", str(images))
+    return (text.replace("/data/imagenet", str(images))
+            .replace("{tiny_bert}", str(images.parent / "tiny_bert"))
+            .replace("{sentences}", str(images.parent / "sentences")))
 
 
 @pytest.fixture
@@ -87,6 +93,12 @@ def test_every_cli_line_runs_with_small_inputs(in_tmp):
             for i in range(2):
                 Image.fromarray((rng.random((20, 24, 3)) * 255).astype("uint8")).save(
                     images / split / label / f"{i}.png")
+    from tests.qdqapp.models import save_tiny_bert, write_sentences
+
+    save_tiny_bert(in_tmp / "tiny_bert")
+    (in_tmp / "sentences").mkdir()
+    write_sentences(in_tmp / "sentences" / "calib.txt", 8, seed=1)
+    write_sentences(in_tmp / "sentences" / "test.txt", 6, seed=2)
     config = yaml.safe_load(small(blocks("yaml")[0], images))
     config.update(batch_size=4, calib_batches=1, image_size=16)
     (in_tmp / "run.yaml").write_text(yaml.safe_dump(config))

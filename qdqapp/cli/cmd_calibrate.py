@@ -41,6 +41,8 @@ EPILOG = f"""examples:
       --ignore head.fc --out runs/calib
   qdq calibrate reference --data fashion-mnist --format fp8 --calibrator mse --out runs/fp8
   qdq calibrate reference --data fashion-mnist --format w8 --out runs/w8
+  qdq calibrate hf:minilm --data text:sentences.txt --smoothquant --batch-size 16 \\
+      --out runs/minilm
 
 writes into --out:
   {QUANTIZED}       the quantized model (quantizers, placement rules, amax, weights):
@@ -48,7 +50,10 @@ writes into --out:
   calibration.json  amax of every quantizer, and how they were calibrated
   calibration.txt   the same as a table
   with --compare also calibrators.md and calibrators.json: each calibrator evaluated on
-  --data (accuracy, or top-1 agreement with FP32 without labels); the best is kept.
+  --data (accuracy, or top-1 agreement with FP32 without labels, or for text --eval: the
+  min or mean cosine of sentence embeddings vs FP32); the best is kept.
+  with --smoothquant also smoothquant.txt and smoothquant.json: per layer, the alpha and
+  the quantized output error before and after (the file carries the smoothed model).
 
 --format fp8 calibrates with max, mse or percentile-P (mse searches the E4M3 grid); w8/w4
 quantize the weights only, so nothing is calibrated: calibration.json and .txt then list
@@ -87,6 +92,7 @@ def calibration_record(session: Session, calibrator: str, summary=None,
 def run(args: argparse.Namespace) -> int:
     import qdq
     import sensitivity
+    from qdqapp.evaluate import check_eval_for, evaluation
 
     out = check_output_folder(args.out)
     opts = model_options(args)
@@ -101,14 +107,17 @@ def run(args: argparse.Namespace) -> int:
     else:
         names = [check_calibrator(args.calibrator)]
         check_calibrators(choice, names)
-    session = Session.open(opts, args.data, data_options(args), checkpoint)
+    check_eval_for(args.eval, args.model, args.data)
+    session = Session.open(opts, args.data, data_options(args), checkpoint,
+                           progress=not args.quiet)
     prepared, source = session.prepared, session.source
+    if args.compare:  # the metric, its FP32 reference computed with the quantizers off
+        eval_fn, metric = evaluation(source, prepared.model, prepared.device,
+                                     args.agreement, args.eval)
     with OutputFolder(out):
+        if prepared.smoothquant is not None:
+            prepared.smoothquant.write(out)
         if args.compare:
-            from qdqapp.evaluate import evaluation
-
-            eval_fn, metric = evaluation(source, prepared.model, prepared.device,
-                                         args.agreement)
             table = sensitivity.compare_calibrators(
                 prepared.model, source.calib(), eval_fn, methods=names,
                 num_batches=args.calib_batches, device=prepared.device,

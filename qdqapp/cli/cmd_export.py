@@ -18,7 +18,7 @@ from qdqapp.cli.options import (
     data_options,
     model_options,
 )
-from qdqapp.flow import Session, calibrate_model, check_model_options
+from qdqapp.flow import Session, calibrate_model, check_model_options, on_device
 from qdqapp.formats import format_choice, size_text
 from qdqapp.outputs import NewFiles, check_output_file
 
@@ -33,14 +33,17 @@ EPILOG = """examples:
       --lint --out ref.onnx
   qdq export torchvision:resnet18 --data random:8x3x224x224 --format fp8 --out r18_fp8.onnx
   qdq export reference --format w4 --block-size 32 --ignore stem.0.0 --out ref_w4.onnx
+  qdq export hf:minilm --checkpoint runs/minilm/quantized.pt --out minilm.onnx
 
 The model comes from --checkpoint when it is a quantized-model file (qdq calibrate, qdq run
 or qdq.save wrote it: quantizers, placement rules and amax included). Otherwise it is built
-here (rules on unless --no-rules) in --format and calibrated on --data with --calibrator
-(w8/w4 need no calibration: --data only gives the input shape, which the model may know).
-The input shape traced is one sample of --data, or the one recorded in the quantized-model
-file. The opset is the lowest the format allows unless --opset says otherwise; the line
-printed names the format, the file size and how much smaller than FP32 weights it is.
+here (rules on unless --no-rules, SmoothQuant with --smoothquant) in --format and
+calibrated on --data with --calibrator (w8/w4 need no calibration: --data only gives the
+input shape, which the model may know). The input shape traced is one sample of --data, or
+the one recorded in the quantized-model file. Text models (hf:DIR) export input_ids and
+attention_mask with dynamic batch and sequence axes. The opset is the lowest the format
+allows unless --opset says otherwise; the line printed names the format, the file size and
+how much smaller than FP32 weights it is.
 """
 
 
@@ -50,7 +53,7 @@ def add_shared_arguments(p: argparse.ArgumentParser) -> None:
     add_data_options(p, required=False,
                      data_help="data to calibrate on when the model has no amax yet, and "
                                "whose sample shape is traced: fashion-mnist, "
-                               "imagefolder:DIR or random:NxCxHxW")
+                               "imagefolder:DIR, random:NxCxHxW or text:FILE")
     add_calibrator_option(p)
 
 
@@ -68,7 +71,8 @@ def build_quantized(args: argparse.Namespace) -> Session:
             and not choice.weight_only:
         raise CliError("the model has no amax yet: pass --checkpoint QUANTIZED.pt (from "
                        "qdq calibrate) or --data SPEC to calibrate on")
-    session = Session.open(opts, args.data, data_options(args), checkpoint)
+    session = Session.open(opts, args.data, data_options(args), checkpoint,
+                           progress=not args.quiet)
     if session.prepared.example is None:
         raise CliError(f"model {opts.spec}: no input shape known; pass --data SPEC")
     if session.prepared.uncalibrated():
@@ -131,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     if args.opset is not None and args.opset < 13:
         raise CliError(f"--opset {args.opset}: Q/DQ export needs 13 or newer")
     session = build_quantized(args)
-    example = session.prepared.example.to(session.prepared.device)
+    example = on_device(session.prepared.example, session.prepared.device)
     with NewFiles([out, fp16]):
         try:
             with _quiet_exporter(args.dynamo):

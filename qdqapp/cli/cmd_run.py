@@ -6,7 +6,15 @@ import argparse
 import dataclasses
 
 from qdqapp.cli import CliError, register
-from qdqapp.cli.options import CHECKPOINT_HELP, DATA_HELP, MODEL_HELP, add_format_options
+from qdqapp.cli.options import (
+    CHECKPOINT_HELP,
+    DATA_HELP,
+    EVAL_HELP,
+    MODEL_HELP,
+    SMOOTHQUANT_ALPHA_HELP,
+    SMOOTHQUANT_HELP,
+    add_format_options,
+)
 
 EPILOG = """examples:
   qdq run                                    # the Fashion-MNIST reference demo
@@ -17,6 +25,8 @@ EPILOG = """examples:
   qdq run --model reference --checkpoint runs/calib/quantized.pt --calibrator max
   qdq run --format fp8 --out runs/fp8        # FP8 E4M3 (entropy is not compared)
   qdq run --format w4 --block-size 32 --ignore stem.0.0 --out runs/w4
+  qdq run --model hf:minilm --data text:sentences/ --smoothquant --out runs/minilm
+      # text:DIR: DIR/calib.txt calibrates, DIR/test.txt scores (min cosine vs FP32)
 
 --checkpoint takes a float state_dict or a quantized-model file (qdq calibrate writes
 one); the run keeps its model as quantized.pt after every stage that changes it.
@@ -45,7 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help=f"{MODEL_HELP} (default {defaults.model})")
     p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--data", help=f"{DATA_HELP} (default {defaults.data})")
-    p.add_argument("--eval", help="top1 or package.module:fn(model, loader) -> float")
+    p.add_argument("--eval", help=f"{EVAL_HELP}; or package.module:fn(model, loader) -> "
+                   "float")
     p.add_argument("--batch-size", type=int, help=f"default {defaults.batch_size}")
     p.add_argument("--calib-batches", type=int, help=f"default {defaults.calib_batches}")
     p.add_argument("--eval-batches", type=int, help="evaluate on this many batches only")
@@ -61,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="module path kept in float (repeatable)")
     p.add_argument("--sweep", help="leave-one-out, one-at-a-time or none")
     p.add_argument("--max-drop", type=float, help="allowed metric drop from FP32 (default "
-                   f"{defaults.max_drop})")
+                   "0.3 for percentages, 0.005 for cosines)")
     p.add_argument("--qat-epochs", type=int, help="QAT fine-tune epochs (default 0: no QAT)")
     p.add_argument("--qat-lr", type=float, help=f"default {defaults.qat_lr}")
     p.add_argument("--qat-steps", type=int, help="at most this many training steps per QAT "
@@ -72,6 +83,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-tensorrt", dest="tensorrt", action="store_const", const=False,
                    help="skip the TensorRT stage even when TensorRT is installed")
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--smoothquant", action="store_const", const=True, help=SMOOTHQUANT_HELP)
+    p.add_argument("--smoothquant-alpha", metavar="auto|FLOAT", help=SMOOTHQUANT_ALPHA_HELP)
     p.add_argument("--seed", type=int, help="seed for random weights, random data, "
                    f"shuffling and QAT (default {defaults.seed})")
 

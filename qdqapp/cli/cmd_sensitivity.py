@@ -26,6 +26,8 @@ EPILOG = f"""examples:
   qdq sensitivity reference --checkpoint runs/calib/quantized.pt --data fashion-mnist \\
       --mode one-at-a-time --proxy --max-drop 0.5 --out runs/sens
   qdq sensitivity torchvision:resnet18 --data random:16x3x32x32 --eval-batches 4 --out runs/r18
+  qdq sensitivity hf:minilm --data text:sentences.txt --smoothquant --eval mean-cosine \\
+      --max-drop 0.002 --out runs/minilm_sens
   torchrun --nproc-per-node 4 -m qdqapp.cli sensitivity reference --data fashion-mnist \\
       --out runs/sens          # layers shared out over the ranks
 
@@ -36,7 +38,9 @@ layers kept in float). A quantized-model --checkpoint is swept as it is (no cali
 Measurements stream into rows.jsonl as they finish: run the same command again after an
 interruption and it resumes; sweep.json records what built the model and the data, and a
 resume with other options is refused (--fresh starts over).
-With random data (no labels) the metric is top-1 agreement with the FP32 model.
+With random data (no labels) the metric is top-1 agreement with the FP32 model; with text
+the min cosine of mean-pooled sentence embeddings vs FP32 (--eval mean-cosine: the mean).
+--smoothquant also writes smoothquant.txt/json.
 --format fp8 sweeps FP8 quantizers; w8/w4 have no quantizers to sweep and are refused.
 """
 
@@ -63,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 _RESUME_KEYS = ("model", "checkpoint", "rules", "ignore", "seed", "data", "batch_size",
                 "calib_batches", "image_size", "eval_batches", "calibrator", "agreement",
-                "mode", "format")
+                "mode", "format", "eval", "smoothquant", "smoothquant_alpha")
 
 
 def _check_resume(out, args: argparse.Namespace) -> dict:
@@ -83,10 +87,11 @@ def _check_resume(out, args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     import sensitivity
-    from qdqapp.evaluate import evaluation
+    from qdqapp.evaluate import check_eval_for, evaluation
 
     out = check_output_folder(args.out)
     check_calibrator(args.calibrator)
+    check_eval_for(args.eval, args.model, args.data)
     layers = None
     if args.layers is not None:
         layers = [n.strip() for n in args.layers.split(",") if n.strip()]
@@ -100,10 +105,16 @@ def run(args: argparse.Namespace) -> int:
                        "layer at a time, and weight-only layers have none; sweep the int8 "
                        "or fp8 model")
     setup = _check_resume(out, args) if out.is_dir() else None
-    session = Session.open(opts, args.data, data_options(args), checkpoint)
+    session = Session.open(opts, args.data, data_options(args), checkpoint,
+                           progress=not args.quiet)
     prepared, source = session.prepared, session.source
     check_layer_names(prepared.model, layers)  # before any work: names only
+    # the metric, its FP32 reference computed with the quantizers off
+    eval_fn, name = evaluation(source, prepared.model, prepared.device, args.agreement,
+                               args.eval)
     with OutputFolder(out, keep=("rows.jsonl", "sweep.json")):
+        if prepared.smoothquant is not None:
+            prepared.smoothquant.write(out)
         progress_file = out / "rows.jsonl"
         if args.fresh:
             progress_file.unlink(missing_ok=True)
@@ -120,7 +131,6 @@ def run(args: argparse.Namespace) -> int:
         record = calibration_record(session, calibrator or "from the checkpoint", summary,
                                     left)
         atomic_write(out / "calibration.json", json.dumps(record, indent=1) + "\n")
-        eval_fn, name = evaluation(source, prepared.model, prepared.device, args.agreement)
         report = sensitivity.sweep(prepared.model, eval_fn, mode=args.mode, layers=layers,
                                    progress=not args.quiet, resume=progress_file,
                                    metric_name=name)

@@ -23,13 +23,15 @@ EPILOG = """examples:
   qdq summary reference --checkpoint runs/calib/quantized.pt --json
   qdq summary torchvision:resnet18 --format fp8
   qdq summary reference --format w4 --block-size 32 --ignore stem.0.0
+  qdq summary hf:minilm --data text:sentences.txt --smoothquant
 
 The placement rules are on by default, as everywhere: the 'shared' column lists the
 module paths that share one quantizer (concat, max-pool, same tensor) and 'rule' the rule
 that placed it. A quantized-model --checkpoint shows that model, amax included.
 --calibrate calibrates on --data first (random data of the model's usual input shape
-when --data is not given). With --format w8/w4 the table lists the integer weights
-(bits, block size, shape, scales, code range) instead of quantizers.
+when --data is not given; text models need --data). --smoothquant prints its per-layer
+report first. With --format w8/w4 the table lists the integer weights (bits, block size,
+shape, scales, code range) instead of quantizers.
 """
 
 
@@ -58,14 +60,18 @@ def run(args: argparse.Namespace) -> int:
     data = args.data
     if data is None and args.calibrate:
         shape = example_shape(opts.spec)
-        data = "random:" + "x".join(map(str, shape)) if shape else None
-    session = Session.open(opts, data, data_options(args), checkpoint)
+        data = ("random:" + "x".join(map(str, shape))
+                if shape and not isinstance(shape, dict) else None)
+    session = Session.open(opts, data, data_options(args), checkpoint,
+                           progress=not args.quiet)
+    if session.prepared.smoothquant is not None:
+        print(session.prepared.smoothquant)
     if args.calibrate:
         if session.source is None:
             from qdqapp.cli import CliError
 
-            raise CliError(f"--calibrate: model {opts.spec} has no usual input shape; "
-                           "pass --data SPEC")
+            raise CliError(f"--calibrate: model {opts.spec} has no usual input (random "
+                           "data cannot stand in for it); pass --data SPEC")
         calibrate_model(session.prepared, session.source.calib(), args.calib_batches,
                         args.calibrator, progress=not args.quiet)
     if args.json:

@@ -9,19 +9,23 @@ import torch
 
 from qdqapp.cli import CliError, register
 from qdqapp.cli.cmd_export import add_shared_arguments, build_quantized
+from qdqapp.flow import on_device
+from qdqapp.models import parse_model_spec
 
 EPILOG = """examples:
   qdq verify torchvision:resnet18 r18.onnx --checkpoint runs/r18/quantized.pt
   qdq verify torchvision:resnet18 r18.onnx --data random:8x3x64x64 --seed 3 --batch 16
   qdq verify reference ref.onnx --checkpoint runs/calib/quantized.pt --data fashion-mnist
+  qdq verify hf:minilm minilm.onnx --checkpoint runs/minilm/quantized.pt \\
+      --data text:sentences.txt
 
 Give the model options 'qdq export' was given (a quantized-model --checkpoint, or the
 same --data, --seed, --ignore, --no-rules and --calibrator) so the same quantized model
 is rebuilt. The inputs are a fixed batch: the first calibration batch of --data, or
-seeded random inputs of the recorded input shape. The forced run feeds PyTorch ONNX
-Runtime's quantized activations, so rounding flips cannot cascade; exit status 1 when
-Q/DQ differ on identical input, a difference is not a one-step flip at a rounding
-boundary, or the forced outputs differ by more than --rel-l2.
+seeded random inputs of the recorded input shape (text models need --data). The forced
+run feeds PyTorch ONNX Runtime's quantized activations, so rounding flips cannot
+cascade; exit status 1 when Q/DQ differ on identical input, a difference is not a
+one-step flip at a rounding boundary, or the forced outputs differ by more than --rel-l2.
 """
 
 
@@ -43,14 +47,18 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"ONNX file {args.onnx}: no such file")
     if args.batch < 1:
         raise CliError(f"--batch {args.batch}: expected a positive number of rows")
+    if args.data is None and parse_model_spec(args.model)[0].takes_text:
+        raise CliError(f"model {args.model} takes text: pass --data text:FILE for the "
+                       "sentences to compare on")
     session = build_quantized(args)
+    example = session.prepared.example
     if session.source is not None:
         inputs = session.source.check_batch(args.batch)
     else:
-        shape = (args.batch, *session.prepared.example.shape[1:])
+        shape = (args.batch, *example.shape[1:])
         inputs = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
     try:
-        report = verify(session.model, args.onnx, inputs.to(session.prepared.device),
+        report = verify(session.model, args.onnx, on_device(inputs, session.prepared.device),
                         noise_floor=args.noise_floor)
     except VerifyError as err:
         raise CliError(str(err)) from err

@@ -1,7 +1,8 @@
 """The options every command spells the same way, and their conversion to the flow's
 objects: the model (``MODEL``, ``--checkpoint``, ``--format`` with ``--block-size`` and
-``--weight-amax``, ``--no-rules``, ``--ignore``, ``--seed``, ``--device``), the data
-(``--data`` and how much of it) and the calibrator."""
+``--weight-amax``, ``--no-rules``, ``--ignore``, ``--seed``, ``--device``,
+``--smoothquant``), the data (``--data``, how much of it and ``--eval``) and the
+calibrator."""
 
 from __future__ import annotations
 
@@ -13,11 +14,23 @@ from qdqapp.sources import DataOptions
 
 __all__ = ["add_model_options", "add_format_options", "add_data_options",
            "add_calibrator_option", "model_options", "data_options", "MODEL_HELP",
-           "DATA_HELP", "CHECKPOINT_HELP"]
+           "DATA_HELP", "CHECKPOINT_HELP", "SMOOTHQUANT_HELP", "SMOOTHQUANT_ALPHA_HELP",
+           "EVAL_HELP"]
 
-MODEL_HELP = "reference, torchvision:NAME or package.module:factory"
-DATA_HELP = ("fashion-mnist[:ROOT], imagefolder:DIR (or DIR), or random:NxCxHxW "
-             "(a batch shape)")
+MODEL_HELP = ("reference, torchvision:NAME, hf:DIR (a local transformers folder; hf:minilm "
+              "the shipped all-MiniLM-L6-v2) or package.module:factory")
+DATA_HELP = ("fashion-mnist[:ROOT], imagefolder:DIR (or DIR), random:NxCxHxW (a batch "
+             "shape), or text:FILE (one sentence per line, for hf: models; text:DIR takes "
+             "DIR/calib.txt and DIR/test.txt)")
+SMOOTHQUANT_HELP = ("SmoothQuant after inserting quantizers and before calibrating: move "
+                    "activation outliers of every quantized Linear into its weights, exact "
+                    "in float; needs --data")
+SMOOTHQUANT_ALPHA_HELP = ("'auto' (default: searched per layer on the calibration batches) "
+                          "or one alpha in [0, 1] for every layer")
+EVAL_HELP = ("metric (higher is better): auto (default: top1 for images and text "
+             "classifiers, min-cosine for text encoders), top1, min-cosine or mean-cosine "
+             "(text encoders: cosine of mean-pooled embeddings vs FP32, the lowest or the "
+             "mean over the sentences)")
 CHECKPOINT_HELP = ("a quantized-model file (written by qdq calibrate, qdq run or qdq.save: "
                    "quantizers, rules and amax come from it) or a float state_dict")
 
@@ -35,6 +48,9 @@ def add_model_options(p: argparse.ArgumentParser, positional: bool = True) -> No
     p.add_argument("--seed", type=int, default=0,
                    help="seed for random weights and random data (default 0)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    p.add_argument("--smoothquant", action="store_true", help=SMOOTHQUANT_HELP)
+    p.add_argument("--smoothquant-alpha", default="auto", metavar="auto|FLOAT",
+                   help=SMOOTHQUANT_ALPHA_HELP)
     add_format_options(p)
 
 
@@ -70,6 +86,7 @@ def add_data_options(p: argparse.ArgumentParser, required: bool = True,
                        help="evaluation batches per measurement (default: all)")
         p.add_argument("--agreement", action="store_true",
                        help="score by top-1 agreement with FP32 even when labels exist")
+        p.add_argument("--eval", default="auto", metavar="NAME", help=EVAL_HELP)
 
 
 def add_calibrator_option(p: argparse.ArgumentParser) -> None:
@@ -82,7 +99,8 @@ def model_options(args: argparse.Namespace, spec: str | None = None) -> ModelOpt
     return ModelOptions(spec=spec or args.model, checkpoint=args.checkpoint,
                         rules=args.rules, ignore=list(args.ignore or []), seed=args.seed,
                         device=args.device, format=args.format, block_size=args.block_size,
-                        weight_amax=args.weight_amax)
+                        weight_amax=args.weight_amax, smoothquant=args.smoothquant,
+                        smoothquant_alpha=args.smoothquant_alpha)
 
 
 def data_options(args: argparse.Namespace) -> DataOptions:

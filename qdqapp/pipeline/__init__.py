@@ -11,8 +11,11 @@ Stages (see ``stages.py``): FP32 baseline, calibrator comparison and calibration
 in the format (``--format``: int8, fp8, w8, w4), per-layer SQNR, sensitivity sweep, partial
 quantization, optional QAT, ONNX export, Q/DQ lint, ONNX Runtime check, TensorRT. The
 weight-only formats skip what has no meaning for them (calibrators, calibration, the
-per-layer SQNR, the sweep and partial quantization, QAT), each with its reason. The model
-after each stage that changes it is kept as ``quantized.pt`` (``qdq.save``); a re-run
+per-layer SQNR, the sweep and partial quantization, QAT), each with its reason. Text models
+(``hf:DIR`` with ``text:FILE``) are scored against their FP32 outputs (``eval``: min or
+mean cosine of mean-pooled embeddings, top-1 agreement for classifiers); ``smoothquant``
+smooths the model before calibration and writes its per-layer report into the folder. The
+model after each stage that changes it is kept as ``quantized.pt`` (``qdq.save``); a re-run
 restores it from there and skips the finished stages. Everything is checked before the
 folder is touched.
 """
@@ -26,13 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qdqapp.errors import CliError
+from qdqapp.evaluate import EVALS, check_eval_for, text_evaluation
 from qdqapp.flow import ModelOptions, Session, check_model_options
 from qdqapp.formats import check_calibrators, default_calibrators, format_choice
 from qdqapp.pipeline.config import ConfigError, RunConfig, load_config
 from qdqapp.pipeline.folder import QUANTIZED, RunFolder
 from qdqapp.pipeline.report import failed_checks, summary_table, write_report
 from qdqapp.pipeline.stages import STAGES, Run, Skip, load_eval
-from qdqapp.sources import DataOptions, check_data_spec
+from qdqapp.sources import DataOptions, check_data_spec, parse_data_spec
 
 __all__ = ["RunConfig", "ConfigError", "load_config", "run_pipeline", "RunResult"]
 
@@ -55,7 +60,8 @@ def _model_options(config: RunConfig) -> ModelOptions:
     return ModelOptions(spec=config.model, checkpoint=config.checkpoint, rules=config.rules,
                         ignore=list(config.ignore), seed=config.seed, device=config.device,
                         format=config.format, block_size=config.block_size,
-                        weight_amax=config.weight_amax)
+                        weight_amax=config.weight_amax, smoothquant=config.smoothquant,
+                        smoothquant_alpha=config.smoothquant_alpha)
 
 
 def _calibrators(config: RunConfig, opts: ModelOptions, checkpoint) -> list[str]:
@@ -69,9 +75,15 @@ def _calibrators(config: RunConfig, opts: ModelOptions, checkpoint) -> list[str]
     return names
 
 
-def _open_session(config: RunConfig, folder: RunFolder) -> tuple[Session, list[str]]:
+def _open_session(config: RunConfig, folder: RunFolder,
+                  progress: bool) -> tuple[Session, list[str]]:
     """The model and data, checked; a resumed run restores the model from the folder."""
     check_data_spec(config.data)
+    if config.eval in EVALS:
+        check_eval_for(config.eval, config.model, config.data)
+    elif parse_data_spec(config.data)[0].text:
+        raise CliError(f"eval {config.eval!r}: text data is scored against the FP32 model "
+                       f"by {', '.join(EVALS)}")
     opts = _model_options(config)
     checkpoint = check_model_options(opts)
     calibrators = _calibrators(config, opts, checkpoint)
@@ -80,28 +92,40 @@ def _open_session(config: RunConfig, folder: RunFolder) -> tuple[Session, list[s
                        seed=config.seed)
     saved = folder.path(QUANTIZED)
     origin = None
-    if folder.resuming and saved.is_file():
+    if folder.resuming and saved.is_file():  # smoothed and placed already
         origin = opts
         opts = dataclasses.replace(opts, checkpoint=str(saved), ignore=[], block_size=None,
-                                   weight_amax=None)
+                                   weight_amax=None, smoothquant=False)
         checkpoint = None
-    return Session.open(opts, config.data, data, checkpoint, origin=origin), calibrators
+    return Session.open(opts, config.data, data, checkpoint, origin=origin,
+                        progress=progress), calibrators
 
 
 def run_pipeline(config: RunConfig, restart: bool = False,
                  progress: bool = True) -> RunResult:
     """Run every stage that has not finished yet in ``config.out``."""
     folder = RunFolder(config.out, config.fingerprint(), restart=restart)
-    session, calibrators = _open_session(config, folder)
-    eval_fn = load_eval(config.eval, session.prepared.device, config.eval_batches)
-    if not session.source.labelled:
-        eval_fn = None  # no labels: the accuracy stages are skipped, saying why
+    session, calibrators = _open_session(config, folder, progress)
+    scorer = None
+    if session.source.text:  # scored against the model's own FP32 outputs
+        reference = session.float_model()
+        if reference is None:
+            raise CliError(f"{config.model}: no FP32 model to score the text against; the "
+                           f"model came from a {session.choice.name} quantized-model file, "
+                           "whose weights are integer codes (start from the float model)")
+        scorer = text_evaluation(session.source, reference, config.eval)
+        eval_fn = scorer.of_loader
+    else:
+        eval_fn = load_eval(config.eval, session.prepared.device, config.eval_batches)
+        if not session.source.labelled:
+            eval_fn = None  # no labels: the accuracy stages are skipped, saying why
     folder.open()
     handler = folder.log_handler()
     root = logging.getLogger()
     root.addHandler(handler)
     try:
-        result, table = _run(config, folder, session, eval_fn, calibrators, progress)
+        result, table = _run(config, folder, session, eval_fn, scorer, calibrators,
+                             progress)
         print(table)
         handler.emit(logging.makeLogRecord({"msg": table, "levelno": logging.INFO,
                                             "levelname": "INFO"}))
@@ -116,7 +140,7 @@ def run_pipeline(config: RunConfig, restart: bool = False,
         handler.close()
 
 
-def _run(config: RunConfig, folder: RunFolder, session: Session, eval_fn,
+def _run(config: RunConfig, folder: RunFolder, session: Session, eval_fn, scorer,
          calibrators: list[str], progress: bool) -> tuple[RunResult, str]:
     folder.write_text("config.json", config.dumps() + "\n")
     source = session.source
@@ -124,8 +148,13 @@ def _run(config: RunConfig, folder: RunFolder, session: Session, eval_fn,
              session.choice.title)
     if session.prepared.restored:
         log.info("resumed: restored %s", session.prepared.checkpoint.path)
+    smoothed = session.prepared.smoothquant
+    if smoothed is not None:
+        smoothed.write(folder.root)
+        log.info("%s (smoothquant.txt)", smoothed.headline())
     run = Run(config=config, folder=folder, session=session, eval_fn=eval_fn,
-              calibrators=calibrators, progress=progress)
+              calibrators=calibrators, progress=progress, scorer=scorer)
+    folder.state["metric"] = run.metric_info()
     total = len(STAGES)
     for i, st in enumerate(STAGES, 1):
         if folder.done(st.name):
@@ -140,7 +169,7 @@ def _run(config: RunConfig, folder: RunFolder, session: Session, eval_fn,
             result, status = {"reason": str(why)}, "skipped"
             log.info("    skipped: %s", why)
         folder.mark(st.name, status, result, time.perf_counter() - start)
-    write_report(folder, config, source.description, run.metric_name, session.choice)
+    write_report(folder, config, source.description, session.choice)
     folder.save_state()
     result = RunResult(folder=folder.root, results=folder.results(),
                        statuses={s.name: folder.status(s.name) for s in STAGES},

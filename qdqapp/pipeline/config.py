@@ -16,6 +16,7 @@ from typing import Any
 
 from qdqapp.calibrators import check_calibrator
 from qdqapp.errors import CliError
+from qdqapp.flow import smoothquant_alpha
 from qdqapp.formats import FormatChoice, check_calibrators, check_format_options
 
 __all__ = ["RunConfig", "ConfigError", "load_config"]
@@ -35,7 +36,8 @@ class RunConfig:
     model: str = "reference"
     checkpoint: str | None = None
     data: str = "fashion-mnist"
-    eval: str = "top1"
+    #: auto, top1, min-cosine, mean-cosine (qdqapp.evaluate) or package.module:function
+    eval: str = "auto"
     batch_size: int = 256
     calib_batches: int = 8
     eval_batches: int | None = None
@@ -50,7 +52,8 @@ class RunConfig:
     rules: bool = True
     ignore: list[str] = field(default_factory=list)
     sweep: str = "leave-one-out"
-    max_drop: float = 0.3
+    #: allowed drop from FP32; None: 0.3 for percentages, 0.005 for cosines
+    max_drop: float | None = None
     qat_epochs: int = 0
     qat_lr: float = 1e-4
     qat_steps: int | None = None
@@ -60,6 +63,8 @@ class RunConfig:
     tensorrt: bool = True
     device: str | None = None
     seed: int = 0
+    smoothquant: bool = False
+    smoothquant_alpha: str | float = "auto"
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -98,9 +103,16 @@ class RunConfig:
         if self.calibrators is not None and not self.calibrators and not self.calibrator:
             raise ConfigError("calibrators: the list is empty and no calibrator is set")
         self._check_format()
-        if not isinstance(self.max_drop, (int, float)) or self.max_drop < 0:
+        if self.max_drop is not None and (isinstance(self.max_drop, bool) or not isinstance(
+                self.max_drop, (int, float)) or self.max_drop < 0):
             raise ConfigError(f"max_drop: expected a non-negative number, got "
                               f"{self.max_drop!r}")
+        if not isinstance(self.smoothquant, bool):
+            raise ConfigError(f"smoothquant: expected true or false, got {self.smoothquant!r}")
+        try:
+            self.smoothquant_alpha = smoothquant_alpha(self.smoothquant_alpha)
+        except CliError as err:
+            raise ConfigError(f"smoothquant_alpha: {err}") from None
         if self.opset is not None and self.opset < 13:
             raise ConfigError(f"opset: {self.opset} is too old; Q/DQ export needs 13 or newer")
 

@@ -6,8 +6,12 @@ change the model save it with ``qdq.save`` to ``quantized.pt``; a resumed run re
 the model from there, so finished stages never run twice and later ones see the same
 model.
 
-Evaluation: ``top1`` (top-1 accuracy in percent) or ``package.module:fn`` with
-``fn(model, loader) -> float`` where higher is better, on the data's labelled split.
+Evaluation: ``auto`` or ``top1`` (top-1 accuracy in percent) or ``package.module:fn``
+with ``fn(model, loader) -> float`` where higher is better, on the data's labelled split;
+text data is scored against the FP32 model by ``Run.scorer`` (``qdqapp.evaluate``:
+min or mean cosine of mean-pooled embeddings, top-1 agreement for classifiers), and the
+stages record every number of it (``scores``) beside the one the sweep and partial
+quantization use.
 
 The weight-only formats (w8, w4) quantize weights when the model is prepared and have no
 quantizers: calibration, the per-layer SQNR, the sweep, partial quantization and QAT are
@@ -30,8 +34,8 @@ from torch import nn
 
 import qdq
 from qdqapp.errors import CliError
-from qdqapp.evaluate import ACCURACY
-from qdqapp.flow import Session, leave_uncalibrated_in_float
+from qdqapp.evaluate import ACCURACY, EVALS, default_max_drop
+from qdqapp.flow import Session, leave_uncalibrated_in_float, on_device
 from qdqapp.pipeline.config import RunConfig
 from qdqapp.pipeline.folder import QUANTIZED, RunFolder
 
@@ -49,7 +53,7 @@ class Skip(Exception):
 def load_eval(spec: str, device: torch.device,
               max_batches: int | None) -> Callable[[nn.Module, Iterable], float]:
     """``model, loader -> metric`` for an eval spec (checked before the run starts)."""
-    if spec == "top1":
+    if spec in ("top1", "auto"):
         from qdqapp.evaluate import top1_accuracy
 
         def top1(model: nn.Module, loader: Iterable) -> float:
@@ -58,7 +62,8 @@ def load_eval(spec: str, device: torch.device,
         return top1
     source, sep, name = spec.partition(":")
     if not sep:
-        raise CliError(f"eval {spec!r}: expected 'top1' or 'package.module:function'")
+        raise CliError(f"eval {spec!r}: expected 'top1', 'auto', 'min-cosine' or "
+                       "'mean-cosine' (text) or 'package.module:function'")
     try:
         fn = getattr(importlib.import_module(source), name)
     except (ImportError, AttributeError) as err:
@@ -77,6 +82,8 @@ class Run:
     #: what the calibrate stage tries (checked against the format before the run)
     calibrators: list[str] = field(default_factory=list)
     progress: bool = True
+    #: text data: the ``TextMetric`` behind ``eval_fn`` (every number of its last call)
+    scorer: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -111,8 +118,9 @@ class Run:
         return self.session.prepared.device
 
     @property
-    def example(self) -> torch.Tensor:
-        return self.session.prepared.example
+    def example(self):
+        """One input on the model's device: a tensor, or a dict for a text model."""
+        return on_device(self.session.prepared.example, self.device)
 
     @property
     def calib(self) -> Iterable[torch.Tensor]:
@@ -126,7 +134,27 @@ class Run:
     def metric_name(self) -> str | None:
         if self.eval_fn is None:
             return None
-        return ACCURACY if self.config.eval == "top1" else f"{self.config.eval} (higher is better)"
+        if self.scorer is not None:
+            return self.scorer.name
+        return (ACCURACY if self.config.eval in EVALS
+                else f"{self.config.eval} (higher is better)")
+
+    @property
+    def max_drop(self) -> float:
+        """The allowed drop from FP32: as configured, else the metric's default."""
+        return (self.config.max_drop if self.config.max_drop is not None
+                else default_max_drop(self.metric_name))
+
+    def metric_info(self) -> dict[str, Any]:
+        """What the reports need to name and print the metric (kept in state.json)."""
+        name = self.metric_name
+        return {"name": name, "key": self.scorer.key if self.scorer is not None
+                else self.config.eval, "max_drop": self.max_drop,
+                "digits": 4 if name and "cosine" in name else 2}
+
+    def scores(self) -> dict[str, Any]:
+        """The other numbers of the last evaluation (text: min and mean cosine)."""
+        return {"scores": self.scorer.last} if self.scorer is not None else {}
 
     def evaluate(self, model: nn.Module | None = None) -> float:
         if self.eval_fn is None:
@@ -167,7 +195,7 @@ def _require_eval(run: Run) -> None:
 def fp32(run: Run) -> dict[str, Any]:
     _require_eval(run)
     with run.float_model() as model:
-        return {"metric": run.evaluate(model)}
+        return {"metric": run.evaluate(model), **run.scores()}
 
 
 @stage("calibrate", "calibrate (compare calibrators, keep the best)")
@@ -205,7 +233,7 @@ def calibrate(run: Run) -> dict[str, Any]:
 @stage("int8", "accuracy in the format (all layers quantized)")
 def int8(run: Run) -> dict[str, Any]:
     _require_eval(run)
-    return {"metric": run.evaluate()}
+    return {"metric": run.evaluate(), **run.scores()}
 
 
 @stage("layers", "per-layer amax and quantization SQNR")
@@ -233,7 +261,8 @@ def sweep(run: Run) -> dict[str, Any]:
     folder = run.folder.path("sensitivity")
     folder.mkdir(exist_ok=True)
     report = sensitivity.sweep(run.model, run.evaluate, mode=run.config.sweep,
-                               resume=folder / "rows.jsonl", progress=run.progress)
+                               resume=folder / "rows.jsonl", progress=run.progress,
+                               metric_name=run.metric_name)
     report.write(folder)
     run.extra["report"] = report
     ranked = [{"layer": r.layer, "metric": r.metric, "delta": r.delta, "status": r.status}
@@ -250,10 +279,12 @@ def partial(run: Run) -> dict[str, Any]:
     _require_eval(run)
     fp32_metric = run.folder.result("fp32")["metric"]
     int8_metric = run.folder.result("int8")["metric"]
-    target = fp32_metric - run.config.max_drop
+    target = fp32_metric - run.max_drop
     report = run.extra.get("report")
     if report is None and run.folder.status("sweep") == "done":
         report = sensitivity.SensitivityReport.load(run.folder.path("sensitivity"))
+    history: list[list[Any]] = []
+    scores = {"scores": run.folder.result("int8").get("scores")} if run.scorer else {}
     if int8_metric >= target or report is None:
         skip: list[str] = []
         metric = int8_metric
@@ -262,12 +293,16 @@ def partial(run: Run) -> dict[str, Any]:
     else:
         result = sensitivity.partial_quantize(run.model, report, run.evaluate, target=target)
         skip, metric = list(result.skip), float(result.metric)
+        scores = run.scores()  # the last evaluation is the model as it is left
+        order = [r.layer for r in report.ranked() if r.ok]
+        history = [[n, value, order[n - 1] if n else None] for n, value in result.history]
         why = ("returned the most sensitive layers to float" if result.met else
                "could not reach the target even with every measured layer in float")
         report.write(run.folder.path("sensitivity"))
         run.save_model(skip_layers=skip)
     run.folder.write_text("skip_layers.txt", "".join(f"{name}\n" for name in skip))
-    return {"skip_layers": skip, "metric": metric, "target": target, "why": why}
+    return {"skip_layers": skip, "metric": metric, "target": target, "why": why,
+            "history": history, **scores}
 
 
 @stage("qat", "QAT fine-tune")
@@ -298,7 +333,7 @@ def qat(run: Run) -> dict[str, Any]:
 def export_onnx(run: Run) -> dict[str, Any]:
     import export
 
-    result = export.to_onnx(run.model, run.example.to(run.device), run.folder.path("model.onnx"),
+    result = export.to_onnx(run.model, run.example, run.folder.path("model.onnx"),
                             opset=run.config.opset, int8_weights=run.config.int8_weights)
     rules = getattr(run.model, "qdq_rules_report", None)  # BN folded there already
     return {"file": "model.onnx", "format": result.format, "opset": result.opset,
@@ -325,18 +360,42 @@ def lint(run: Run) -> dict[str, Any]:
 def onnx_check(run: Run) -> dict[str, Any]:
     import export
 
-    batch = run.session.source.check_batch(256).to(run.device)  # the same in every process
+    batch = on_device(run.session.source.check_batch(256), run.device)  # same in every process
     report = export.verify(run.model, run.folder.path("model.onnx"), batch)
     run.folder.write_text("onnx_check.txt", str(report) + "\n")
     result = {"rel_l2": report.rel_l2, "max_abs": report.max_abs,
               "top1_agreement": None if report.top1 is None else 100 * report.top1,
               "forced_rel_l2": report.forced_rel_l2, "rounding_flips": report.flips,
               "only_boundary_flips": report.only_boundary_flips, "ok": report.ok()}
-    if run.eval_fn is not None and run.config.eval == "top1":
+    if run.scorer is not None:
+        result.update(_onnx_text(run))
+        if not run.scorer.agreement.classifier:  # 2-D outputs are pooled embeddings
+            result["top1_agreement"] = None
+    elif run.eval_fn is not None and run.config.eval in ("top1", "auto"):
         result["ort_metric"] = _onnx_top1(run.folder.path("model.onnx"), run.eval_loader,
                                           run.config.eval_batches)
     run.folder.write_json("onnx_check.json", result)
     return result
+
+
+def _onnx_text(run: Run) -> dict[str, Any]:
+    """Text: the exported file in ONNX Runtime on the evaluation sentences, against the
+    PyTorch model (cosine per sentence of the pooled outputs) and against FP32 (the
+    run's metric, computed from ONNX Runtime's outputs)."""
+    from export.verify import ort_session
+    from qdqapp.hf import onnx_sentence_outputs, sentence_outputs
+
+    agreement = run.scorer.agreement
+    ort_rows = onnx_sentence_outputs(ort_session(run.folder.path("model.onnx")),
+                                     agreement.batches)
+    torch_rows = sentence_outputs(run.model, agreement.batches)
+    cosine = torch.nn.functional.cosine_similarity(ort_rows.double(), torch_rows.double(),
+                                                   dim=1)
+    ort = agreement.score_rows(ort_rows).as_dict()
+    metric = ort[agreement.metric]
+    return {"cosine_vs_pytorch": {"min": float(cosine.min()), "mean": float(cosine.mean())},
+            "ort_scores": ort, "ort_metric": 100 * metric if run.scorer.key == "top1"
+            else metric, "sentences": agreement.sentences}
 
 
 def _onnx_top1(path, loader: Iterable, max_batches: int | None) -> float:
@@ -365,6 +424,9 @@ def tensorrt(run: Run) -> dict[str, Any]:
         raise Skip("disabled (tensorrt: false)")
     if not export.tensorrt_available():
         raise Skip("TensorRT is not installed (pip install tensorrt polygraphy)")
+    if isinstance(run.example, dict):
+        raise Skip("keyword (text) inputs need an optimisation profile per input "
+                   "(batch and sequence), which this stage does not build yet")
     if run.choice.name == "fp8":
         from export.tensorrt import fp8_device_problem
 
@@ -383,7 +445,7 @@ def tensorrt(run: Run) -> dict[str, Any]:
     # the FP16 baseline: the same model with every quantizer off
     fp16_onnx = run.folder.path("model_fp32.onnx")
     with run.float_model() as model:
-        export.to_onnx(model, run.example.to(run.device), fp16_onnx)
+        export.to_onnx(model, run.example, fp16_onnx, opset=run.config.opset)
     fp16_engine = export.build_engine(fp16_onnx, run.folder.path("model_fp16.engine"),
                                       timing_cache=cache, **profile)
     inspection = export.inspect_engine(int8_engine)
@@ -418,15 +480,18 @@ def _plot_calibrators(run: Run, rows: list[dict[str, Any]], best: str) -> None:
     ax.barh(names, values, color=colors)
     fp32_metric = run.folder.result("fp32").get("metric")
     if fp32_metric is not None:
-        ax.axvline(fp32_metric, color="black", linestyle="--", label=f"FP32 {fp32_metric:.2f}")
+        ax.axvline(fp32_metric, color="black", linestyle="--",
+                   label=f"FP32 {fp32_metric:.{run.metric_info()['digits']}f}")
         ax.legend(loc="lower right")
     low = min(values + ([fp32_metric] if fp32_metric is not None else []))
     high = max(values + ([fp32_metric] if fp32_metric is not None else []))
-    ax.set_xlim(low - max(1.0, 0.2 * (high - low)), high + 0.2 * max(1.0, high - low))
+    info = run.metric_info()
+    unit = 1.0 if info["digits"] == 2 else 0.002  # a percentage point, or a cosine step
+    ax.set_xlim(low - max(unit, 0.2 * (high - low)), high + 0.2 * max(unit, high - low))
     for y, v in enumerate(values):
-        ax.text(v, y, f" {v:.2f}", va="center")
+        ax.text(v, y, f" {v:.{info['digits']}f}", va="center")
     ax.invert_yaxis()
-    ax.set_xlabel("metric (higher is better)")
+    ax.set_xlabel(f"{info['name'] or 'metric'} (higher is better)")
     ax.set_title(f"Calibrators (best: {best})")
     fig.tight_layout()
     _save_figure(run, fig, "calibrators.png")

@@ -100,3 +100,18 @@ def test_bert_exports_with_dynamic_batch_and_sequence(tmp_path, rng):
     report = verify(model, path, _batch(3, 11, rng))
     assert report.ok(), str(report)
     assert report.rel_l2 < 1e-3
+
+
+def test_weight_only_keyword_model_verifies_its_weights(tmp_path, rng):
+    """Behind the keyword wrapper the initializers are named ``model.<module>...``: verify
+    still pairs every weight DequantizeLinear with its layer."""
+    model = KeywordNet().eval()
+    qdq.weight_only(model, bits=4, block_size=8)
+    path = tmp_path / "w4.onnx"
+    to_onnx(model, _batch(2, 6, rng), path)
+    inits = {i.name for i in onnx.load(str(path)).graph.initializer}
+    assert "model.proj.weight_q.codes" in inits  # the wrapper's prefix
+    report = verify(model, path, _batch(3, 5, rng))
+    assert not report.unmatched_weights and len(report.weights) == 2
+    assert report.weight_mismatches == 0 and report.ok(), str(report)
+    assert report.verdict() == "same (2 weights equal)"

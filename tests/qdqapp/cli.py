@@ -52,5 +52,12 @@ def qdq_process(*args: str, cwd: Path | None = None, env: dict | None = None,
     return Result(done.returncode, done.stdout, done.stderr)
 
 
+def fill_in(text: str, places: dict[str, str]) -> str:
+    """A test case's placeholders (``{tmp}``, ``{in}``) replaced by real paths."""
+    for key, value in places.items():
+        text = text.replace(key, value)
+    return text
+
+
 def listing(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision
 
-from tests.qdqapp.cli import listing, qdq
+from tests.qdqapp.cli import fill_in, listing, qdq
 
 R18 = "torchvision:resnet18"
 SMALL = "random:2x3x32x32"
@@ -147,12 +147,10 @@ CASES.append((("build", "{in}/cal/quantized.pt"), "quantized.pt: not a readable 
                                                       enumerate(CASES)])
 def test_bad_input(tmp_path, files, args, message, debug):
     before = listing(files)
-    fill = {"{tmp}": str(tmp_path), "{in}": str(files)}
+    places = {"{tmp}": str(tmp_path), "{in}": str(files)}
 
     def expand(text: str) -> str:
-        for key, value in fill.items():
-            text = text.replace(key, value)
-        return text
+        return fill_in(text, places)
 
     result = qdq(*[expand(a) for a in args], *(["--debug"] if debug else []))
     assert result.code == 2, result.err

@@ -88,7 +88,10 @@ def test_googlenet_auxiliary_heads(tmp_path):
 
 def test_calibrate_compare_writes_what_its_help_names(tmp_path):
     help_text = qdq("calibrate", "--help").out
-    named = set(re.findall(r"\b(\w+\.(?:json|txt|md|pt))\b", help_text.split("writes")[-1]))
+    writes, smoothquant = help_text.split("writes")[-1].split("with --smoothquant")
+    named = set(re.findall(r"\b(\w+\.(?:json|txt|md|pt))\b", writes))
+    assert set(re.findall(r"\b(\w+\.(?:json|txt))\b", smoothquant)) == {
+        "smoothquant.txt", "smoothquant.json"}  # tests/qdqapp/test_hf_cli.py writes them
     out = qdq("calibrate", TINY, "--data", "random:4x3x8x8", "--compare", "--calibrators",
               "max,percentile-99.9,mse", "--out", tmp_path, "--quiet")
     assert out.code == 0, out.err
