@@ -90,6 +90,7 @@ def test_calibrate_compare_writes_what_its_help_names(tmp_path):
     help_text = qdq("calibrate", "--help").out
     writes, smoothquant = help_text.split("writes")[-1].split("with --smoothquant")
     named = set(re.findall(r"\b(\w+\.(?:json|txt|md|pt))\b", writes))
+    smoothquant = smoothquant.split("\n\n")[0]  # its item, up to the next paragraph
     assert set(re.findall(r"\b(\w+\.(?:json|txt))\b", smoothquant)) == {
         "smoothquant.txt", "smoothquant.json"}  # tests/qdqapp/test_hf_cli.py writes them
     out = qdq("calibrate", TINY, "--data", "random:4x3x8x8", "--compare", "--calibrators",
