@@ -24,6 +24,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -40,6 +41,7 @@ import qdq
 import sensitivity
 from export import to_onnx, verify
 from export.verify import ort_session
+from qdq.calib import HistogramCalibrator
 from qdq.fileio import atomic_write
 from qdq.rules import attention_matmuls
 from qdqapp.hf import (
@@ -51,7 +53,7 @@ from qdqapp.hf import (
     read_sentences,
     text_batches,
 )
-from sensitivity.calibrate import collect_statistics, load_amax
+from sensitivity.calibrate import collected_statistics, load_amax
 
 METHODS = {
     "max": {"amax_method": "max"},
@@ -63,14 +65,16 @@ METHODS = {
 PERCENTILES = [99.9, 99.99, 99.999]
 
 
-def quantize(model, calib, smooth: bool):
+def quantize(model, calib, smooth: bool, keep: contextlib.ExitStack):
     """A quantized copy (every Linear and the attention matmuls), histogram statistics
-    collected once; returns the model, its quantizers and the SmoothQuant report."""
+    collected once; returns the model, its quantizers and the SmoothQuant report. The
+    statistics live as long as ``keep`` stays open (every search runs on them)."""
     model = copy.deepcopy(model)
     qdq.replace_modules(model)
     report = sensitivity.smoothquant(model, calib, progress=False) if smooth else None
-    named, _, _ = collect_statistics(model, calib, method="histogram", progress=False)
-    return model, named, report
+    stats = keep.enter_context(collected_statistics(model, calib, method="histogram",
+                                                    progress=False))
+    return model, stats.named, report
 
 
 def set_attention(model, on: bool) -> None:
@@ -132,15 +136,20 @@ def main() -> None:
         print(f"{name:<72} min {score.min_cosine:.4f}  mean {score.mean_cosine:.4f}",
               flush=True)
 
-    models, best = {}, None
+    models, best, ours = {}, None, {}
+    keep = contextlib.ExitStack()  # the histograms, until the last search
     for smooth in (False, True):
-        model, named, report = quantize(text.model, calib, smooth)
+        model, named, report = quantize(text.model, calib, smooth, keep)
         models[smooth] = (model, named)
         set_attention(model, False)
         if report is not None:
             atomic_write(out / "smoothquant.txt", str(report) + "\n")
         for label, kwargs in METHODS.items():
             load_amax(named, **kwargs)
+            if not smooth:
+                ours[label] = {n.rsplit(".", 1)[0]: (float(q.amax), q.calibrator.bin_width)
+                               for n, q in named if n.endswith("._input_quantizer")
+                               and isinstance(q.calibrator, HistogramCalibrator)}
             score = metric.score(model)
             add_score(f"qdq, {label}" + (", SmoothQuant" if smooth else ""), score)
             if best is None or score.min_cosine > best[0]:
@@ -167,6 +176,7 @@ def main() -> None:
     print(f"ONNX Runtime vs PyTorch: min cosine {vs_torch.min():.6f} (free run); verify "
           f"same function {check.ok()}, forced run rel L2 {check.forced_rel_l2:.2e}, "
           f"{check.flips} rounding-boundary flips", flush=True)
+    keep.close()  # the calibrators the descriptors asked for are back; the amax stays
 
     # ONNX Runtime dynamic quantization of the FP32 graph
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -190,6 +200,13 @@ def main() -> None:
             "int8_smoothquant_linear": "modelopt INT8_SMOOTHQUANT_CFG, Linears only",
             "int8_smoothquant_unmodified": "modelopt INT8_SMOOTHQUANT_CFG unmodified",
         }
+        for p in PERCENTILES:
+            theirs, mine = found.pop(f"amax_percentile_{p}"), ours.get(f"percentile {p}")
+            if mine:
+                diff = [abs(mine[k][0] - theirs[k]) / mine[k][1] for k in mine if k in theirs]
+                print(f"percentile {p}: amax qdq - modelopt over {len(diff)} Linear inputs: "
+                      f"max |diff| {max(diff):.2f} bins, {sum(d > 0.5 for d in diff)} "
+                      "differ by a bin or more", flush=True)
         for key, emb in found.items():
             name = labels.get(key, "modelopt " + key.replace("_", " ") + ", Linears only")
             add(name, cosine_rows(emb, metric.reference))

@@ -9,9 +9,10 @@ environments stay apart. It reads one ``torch.save`` file::
 
 (batches are ``{"input_ids", "attention_mask"}`` dicts) and writes another with the
 mean-pooled test embeddings of every configuration it ran, keyed by name, plus the FP32
-embeddings as modelopt's environment computes them. ``EXTRA_SITE_PACKAGES`` is appended
-to ``sys.path`` (after the environment's own packages), for transformers when the modelopt
-environment lacks it.
+embeddings as modelopt's environment computes them and, per percentile, the amax of every
+Linear's input quantizer (``amax_percentile_P``: module path -> amax).
+``EXTRA_SITE_PACKAGES`` is appended to ``sys.path`` (after the environment's own
+packages), for transformers when the modelopt environment lacks it.
 
     python scripts/modelopt_minilm.py IN.pt OUT.pt [EXTRA_SITE_PACKAGES]
 """
@@ -85,8 +86,9 @@ def main(src: str, dst: str, extra_path: str | None = None) -> None:
             entry["cfg"] = dict(entry["cfg"], calibrator="histogram")
     model = mtq.quantize(copy.deepcopy(base), hist, None)
     _linear_only(model, mtq_nn)
-    quantizers = [q for _, q in model.named_modules()
-                  if isinstance(q, mtq_nn.TensorQuantizer) and q.is_enabled]
+    named = [(n, q) for n, q in model.named_modules()
+             if isinstance(q, mtq_nn.TensorQuantizer) and q.is_enabled]
+    quantizers = [q for _, q in named]
     for q in quantizers:
         q.disable_quant()
         q.enable_calib()
@@ -100,6 +102,10 @@ def main(src: str, dst: str, extra_path: str | None = None) -> None:
             q.enable_quant()
             q.disable_calib()
         results[f"histogram_percentile_{p}"] = _embed(model, test)
+        # the Linear input amax, by module path, for an amax-level comparison
+        results[f"amax_percentile_{p}"] = {
+            n.rsplit(".", 1)[0]: float(q.amax) for n, q in named
+            if n.endswith("input_quantizer") and q.amax is not None}
         print(f"modelopt histogram percentile {p}: done", flush=True)
     run("int8_smoothquant_linear", mtq.INT8_SMOOTHQUANT_CFG, True)
     run("int8_smoothquant_unmodified", mtq.INT8_SMOOTHQUANT_CFG, False)
