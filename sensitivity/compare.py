@@ -79,13 +79,21 @@ class CalibratorComparison:
         """One plain dict per method, in the order run."""
         return [asdict(r) for r in self.rows]
 
+    def _digits(self) -> int:
+        """2 decimals for metrics on a 0-100 scale (accuracy in percent), 4 for 0-1 ones
+        (agreement, cosine), where the differences that matter are in the third."""
+        values = [abs(v) for v in [self.fp32, *(r.metric for r in self.rows)]
+                  if v is not None]
+        return 2 if values and max(values) > 1.5 else 4
+
     def markdown(self) -> str:
+        d = self._digits()
         lines = [f"# Calibrator comparison ({self.metric_name})", "",
                  f"Histograms collected once in {self.collect_seconds:.1f} s; FP32 "
-                 f"{'-' if self.fp32 is None else f'{self.fp32:.4f}'}.", "",
+                 f"{'-' if self.fp32 is None else f'{self.fp32:.{d}f}'}.", "",
                  f"| method | {self.metric_name} | amax + eval s | |", "|---|---:|---:|---|"]
         for r in self.rows:
-            value = f"{r.metric:.4f}" if r.metric is not None else f"failed: {r.error}"
+            value = f"{r.metric:.{d}f}" if r.metric is not None else f"failed: {r.error}"
             mark = "best (loaded)" if r.method == self.best else ""
             lines.append(f"| {r.method} | {value} | {r.seconds:.2f} | {mark} |")
         return "\n".join(lines) + "\n"

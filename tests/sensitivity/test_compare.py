@@ -80,3 +80,14 @@ def test_bad_input(eval_fn):
     with pytest.raises(SensitivityError, match="every calibration method failed.*no GPU"):
         compare_calibrators(_fresh(), make_data(32, seed=5), broken, methods=["max", "mse"],
                             progress=False)
+
+
+def test_the_table_prints_percentages_with_two_decimals_and_fractions_with_four():
+    from sensitivity.compare import CalibratorComparison, MethodRow
+
+    def table(*values):
+        return CalibratorComparison(rows=[MethodRow(f"m{i}", v) for i, v in enumerate(values)],
+                               best="m0", fp32=values[0], metric_name="metric")
+
+    assert "| m1 | 91.81 |" in table(91.78, 91.8149).markdown()
+    assert "| m1 | 0.9950 |" in table(1.0, 0.99504).markdown()
