@@ -30,8 +30,8 @@ __all__ = ["LayerRow", "SensitivityReport", "MODES", "sensitivity_score"]
 
 #: Sweep modes and what a row's metric measures in each.
 MODES = {
-    "leave-one-out": "everything INT8 except this layer (float)",
-    "one-at-a-time": "only this layer INT8, everything else float",
+    "leave-one-out": "everything quantized except this layer (float)",
+    "one-at-a-time": "only this layer quantized, everything else float",
 }
 
 #: Rows drawn in the chart at most (the table lists them all).
@@ -92,6 +92,8 @@ class SensitivityReport:
     skip: list[str] = field(default_factory=list)
     skip_metric: float | None = None
     skip_note: str | None = None
+    #: what the all-quantized baseline is called (``INT8``, ``FP8``; the model's format)
+    quantized: str = "INT8"
 
     # ------------------------------------------------------------------ queries
     def ranked(self) -> list[LayerRow]:
@@ -154,13 +156,13 @@ class SensitivityReport:
             f"# Layer sensitivity ({self.mode})",
             "",
             f"Each row: {name} with {MODES[self.mode]}. Delta is against "
-            f"{'INT8' if self.mode == 'leave-one-out' else 'FP32'}; rows are ranked by "
+            f"{self.quantized if self.mode == 'leave-one-out' else 'FP32'}; rows are ranked by "
             "sensitivity (what quantizing the layer costs).",
             "",
             "| baseline | " + name + " |",
             "|---|---|",
             f"| FP32 (all quantizers off) | {self.fp32:.4f} |",
-            f"| INT8 (all quantizers on) | {self.int8:.4f} |",
+            f"| {self.quantized} (all quantizers on) | {self.int8:.4f} |",
             f"| drop | {self.drop:.4f} |",
             "",
             f"{len(self.rows)} layers, {len(self.failed)} failed; sweep {self.seconds:.1f} s, "
@@ -235,7 +237,7 @@ class SensitivityReport:
         ax.axvline(self.fp32, color="#2471a3", ls="--", lw=1.2,
                    label=f"FP32 {self.fp32:.3f}")
         ax.axvline(self.int8, color="#d35400", ls=":", lw=1.5,
-                   label=f"INT8 {self.int8:.3f}")
+                   label=f"{self.quantized} {self.int8:.3f}")
         ax.set_xlabel(f"{self.metric_name} ({MODES[self.mode]})")
         shown = "" if len(ok) == len([r for r in self.rows if r.ok]) else \
             f", top {len(ok)} shown"
@@ -266,7 +268,7 @@ class SensitivityReport:
         return folder
 
     def __str__(self) -> str:
-        head = (f"{self.mode}: FP32 {self.fp32:.4f}, INT8 {self.int8:.4f} "
+        head = (f"{self.mode}: FP32 {self.fp32:.4f}, {self.quantized} {self.int8:.4f} "
                 f"({self.metric_name}); {len(self.rows)} layers")
         top = [f"  {r.layer:<40} {r.metric:.4f} ({r.delta:+.4f})" for r in self.ranked()[:10]
                if r.ok]

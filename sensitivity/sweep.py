@@ -214,9 +214,19 @@ def sweep(model: nn.Module, eval_fn: EvalFn, mode: str = "leave-one-out",
             done[row["task"]] = row
     report = _build_report(mode, chosen, done, metric_name, higher_is_better, world,
                            time.perf_counter() - start)
+    report.quantized = quantized_label(model)
     if path is not None and world > 1:
         _merge_files(path, rank, meta, [done[t] for t in tasks if t in done], group)
     return report
+
+
+def quantized_label(model: nn.Module) -> str:
+    """``INT8`` or ``FP8``: what the model with every quantizer on is called in reports
+    (``quantized`` when its quantizers are of several kinds)."""
+    from qdq.formats import format_of
+
+    name = format_of(model)
+    return name.upper() if name in ("int8", "fp8") else "quantized"
 
 
 class _Switch:

@@ -150,6 +150,7 @@ def test_report_files(qmodel, eval_fn, tmp_path):
     assert loaded.to_dict() == json.loads(json.dumps(report.to_dict()))
     md = (out / "report.md").read_text()
     assert "| 1 | `conv2` |" in md and f"{report.fp32:.4f}" in md
+    assert report.quantized == "INT8" and "| INT8 (all quantizers on) |" in md
     skip = [line for line in (out / "skip_layers.txt").read_text().splitlines()
             if not line.startswith("#")]
     assert skip[0] == "conv2"
@@ -195,3 +196,10 @@ def test_shared_quantizer_makes_one_layer(tmp_path):
     assert [r.layer for r in report.rows] == ["pool_a"]
     assert report.rows[0].members == ["pool_a", "pool_b"]
     assert math.isfinite(report.rows[0].metric)
+
+
+def test_an_fp8_model_is_reported_as_fp8(qmodel, eval_fn):
+    qdq.set_format(qmodel, "fp8")
+    report = sweep(qmodel, eval_fn, progress=False)
+    assert report.quantized == "FP8"
+    assert "| FP8 (all quantizers on) |" in report.markdown() and "INT8" not in str(report)
