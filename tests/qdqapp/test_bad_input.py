@@ -135,6 +135,8 @@ CASES = [
      "--calibrate: w4 is weight-only, nothing is calibrated"),
     (("run", "--model", R18, "--data", SMALL, "--format", "w8", "--qat-epochs", "1",
       "--out", "{tmp}/r"), "qat_epochs: QAT trains fake-quantized float weights"),
+    (("export", R18, "--data", SMALL, "--format", "w8", "--smoothquant", "--out",
+      "{tmp}/a.onnx"), "--smoothquant: --format w8 quantizes weights only"),
 ]
 if not torch.cuda.is_available():
     CASES.append((("summary", R18, "--device", "cuda"), "--device cuda: no CUDA device here"))
