@@ -36,6 +36,7 @@ from torch.overrides import TorchFunctionMode
 from qdq.descriptor import QuantDescriptor
 from qdq.nn.functional import QuantMatMul
 from qdq.nn.linear import QuantLinear
+from qdq.nn.mixin import twin_shell
 
 __all__ = ["AttentionSpec", "ATTENTION_TWINS", "QuantAttentionMixin", "register_attention",
            "attention_twin_of", "class_path"]
@@ -99,14 +100,7 @@ class QuantAttentionMixin:
     def from_float(cls, module: nn.Module, quant_desc_input: QuantDescriptor | None = None,
                    **_weight_desc) -> nn.Module:
         """The twin of ``module``, sharing its parameters; adds one QuantMatMul per matmul."""
-        if not isinstance(module, cls._float_cls):
-            raise TypeError(f"{cls.__name__}.from_float expects {cls._float_cls.__name__}, "
-                            f"got {type(module).__name__}")
-        twin = cls.__new__(cls)
-        twin.__dict__.update(module.__dict__)
-        for key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
-            if key in module.__dict__:
-                twin.__dict__[key] = type(module.__dict__[key])(module.__dict__[key])
+        twin = twin_shell(cls, module)
         for name in cls._spec.matmuls:
             if hasattr(module, name):
                 raise ValueError(f"{type(module).__name__} already has an attribute {name!r}; "

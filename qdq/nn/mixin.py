@@ -60,7 +60,7 @@ class QuantInputMixin:
     def from_float(cls, module: nn.Module, quant_desc_input: QuantDescriptor | None = None,
                    **descs) -> nn.Module:
         """The quant twin of ``module``, sharing its parameters, buffers and hooks."""
-        twin = _twin_shell(cls, module)
+        twin = twin_shell(cls, module)
         twin.init_quantizer(quant_desc_input, **descs)
         return twin
 
@@ -90,12 +90,12 @@ class QuantMixin(QuantInputMixin):
     @classmethod
     def from_float(cls, module: nn.Module, quant_desc_input: QuantDescriptor | None = None,
                    quant_desc_weight: QuantDescriptor | None = None) -> nn.Module:
-        twin = _twin_shell(cls, module)
+        twin = twin_shell(cls, module)
         twin.init_quantizer(quant_desc_input, quant_desc_weight)
         return twin
 
 
-def _twin_shell(cls: type, module: nn.Module) -> nn.Module:
+def twin_shell(cls: type, module: nn.Module) -> nn.Module:
     """A ``cls`` instance holding ``module``'s state without running ``__init__``.
 
     Parameters and buffers are shared, not copied, so the twin keeps the weights, their
