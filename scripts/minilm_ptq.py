@@ -48,9 +48,10 @@ from qdqapp.hf import (
     ASSETS,
     TextAgreement,
     load_text_model,
-    mean_pool,
     minilm_folder,
+    onnx_sentence_outputs,
     read_sentences,
+    sentence_outputs,
     text_batches,
 )
 from sensitivity.calibrate import collected_statistics, load_amax
@@ -89,13 +90,7 @@ def cosine_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def ort_embeddings(path: Path, batches) -> torch.Tensor:
-    session = ort_session(path, threads=torch.get_num_threads())
-    names = [i.name for i in session.get_inputs()]
-    rows = []
-    for batch in batches:
-        hidden = session.run(None, {n: batch[n].numpy() for n in names})[0]
-        rows.append(mean_pool(torch.from_numpy(hidden), batch["attention_mask"]))
-    return torch.cat(rows)
+    return onnx_sentence_outputs(ort_session(path, threads=torch.get_num_threads()), batches)
 
 
 def run_modelopt(python: str, folder: Path, calib, test) -> dict[str, torch.Tensor]:
@@ -165,9 +160,7 @@ def main() -> None:
     # the best row exported: ONNX Runtime against PyTorch, and against FP32
     path = out / "minilm_int8.onnx"
     to_onnx(model, test[0], path)
-    with torch.no_grad():
-        torch_emb = torch.cat([mean_pool(model(**b).last_hidden_state, b["attention_mask"])
-                               for b in test])
+    torch_emb = sentence_outputs(model, test)
     ort_emb = ort_embeddings(path, test)
     vs_torch = cosine_rows(ort_emb, torch_emb)
     add(f"ONNX Runtime on the exported qdq model ({tag})",
