@@ -27,7 +27,7 @@ from qdq.fileio import atomic_write
 
 __all__ = ["TensorRTUnavailable", "BuildError", "tensorrt_available", "build_engine",
            "inspect_engine", "benchmark_engine", "BenchmarkResult", "compare_engines",
-           "INSTALL_HINT", "FP8_MIN_CAPABILITY", "fp8_device_problem"]
+           "INSTALL_HINT", "FP8_MIN_CAPABILITY", "fp8_device_problem", "fp8_problem_here"]
 
 INSTALL_HINT = ("TensorRT is not installed: on a machine with an NVIDIA GPU run "
                 "`pip install tensorrt polygraphy` (or `pip install 'qdq[tensorrt]'`)")
@@ -86,17 +86,21 @@ def _low_precision(onnx_path: Path) -> tuple[bool, bool]:
     proto = load_onnx(onnx_path, error=BuildError)
     if not uses_fp8(proto):
         return False, uses_int4(proto)
-    import torch
-
-    if torch.cuda.is_available():
-        index = torch.cuda.current_device()
-        problem = fp8_device_problem(torch.cuda.get_device_capability(index),
-                                     torch.cuda.get_device_name(index))
-    else:
-        problem = fp8_device_problem(None)
+    problem = fp8_problem_here()
     if problem:
         raise BuildError(problem)
     return True, uses_int4(proto)
+
+
+def fp8_problem_here() -> str | None:
+    """:func:`fp8_device_problem` for the current CUDA device (or for none)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return fp8_device_problem(None)
+    index = torch.cuda.current_device()
+    return fp8_device_problem(torch.cuda.get_device_capability(index),
+                              torch.cuda.get_device_name(index))
 
 
 def _major(trt) -> int:

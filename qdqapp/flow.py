@@ -143,10 +143,10 @@ def check_model_options(opts: ModelOptions, calibrators: Sequence[str] = (),
     """The cheap checks (spec, format, checkpoint file, flags that contradict them, the
     ``calibrators`` the command will use), before work."""
     check_model_spec(opts.spec)
-    format_choice(opts)  # the flags alone, before the file is read
+    flags = format_choice(opts)  # the flags alone, before the file is read
     resolve_device(opts.device)
     smoothquant_alpha(opts.smoothquant_alpha)
-    if opts.smoothquant and format_choice(opts).weight_only:
+    if opts.smoothquant and flags.weight_only:
         raise CliError(f"--smoothquant: --format {opts.format} quantizes weights only, and "
                        "SmoothQuant moves activation range into the weights, which only "
                        "makes them harder to quantize; leave --smoothquant out")

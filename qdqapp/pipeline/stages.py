@@ -428,10 +428,9 @@ def tensorrt(run: Run) -> dict[str, Any]:
         raise Skip("keyword (text) inputs need an optimisation profile per input "
                    "(batch and sequence), which this stage does not build yet")
     if run.choice.name == "fp8":
-        from export.tensorrt import fp8_device_problem
+        from export.tensorrt import fp8_problem_here
 
-        capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
-        problem = fp8_device_problem(capability)
+        problem = fp8_problem_here()
         if problem:
             raise Skip(problem)
     onnx_path = run.folder.path("model.onnx")
