@@ -14,15 +14,16 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from types import ModuleType
 
 from torch import nn
 
 from qdq.nn.registry import QUANT_TWINS
 
-__all__ = ["initialize", "deinitialize", "deactivate", "is_active"]
+__all__ = ["initialize", "deinitialize", "deactivate", "is_active", "enable_onnx_export"]
 
 _lock = threading.Lock()
 _saved: list[tuple[ModuleType, str, object]] = []
@@ -86,3 +87,21 @@ deactivate = deinitialize
 
 def is_active() -> bool:
     return bool(_saved)
+
+
+@contextlib.contextmanager
+def enable_onnx_export() -> Iterator[None]:
+    """pytorch-quantization's switch around ``torch.onnx.export``.
+
+    qdq's quantizers notice the export by themselves and emit QuantizeLinear /
+    DequantizeLinear either way; inside this block they also run torch's own fake-quant
+    ops in eager mode, as pytorch-quantization's did. Export still needs calibrated amax.
+    """
+    from qdq.quantizer import TensorQuantizer
+
+    saved = TensorQuantizer.use_fb_fake_quant
+    TensorQuantizer.use_fb_fake_quant = True
+    try:
+        yield
+    finally:
+        TensorQuantizer.use_fb_fake_quant = saved
