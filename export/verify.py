@@ -471,7 +471,7 @@ class _Recorder:
         self._handles.clear()
 
     def _match(self, name: str, k: int, x: torch.Tensor, module) -> _Pair | None:
-        scale = module.scale.detach().float().cpu().numpy()
+        scale = module.step_size.detach().float().cpu().numpy()
 
         def fits(pair: _Pair) -> bool:
             value = self.ort[pair.q.input[0]]
@@ -657,7 +657,7 @@ def _grid(quantizer) -> tuple:
 
 
 def _flip_stats(name, node, quantizer, x_t, x_o, dq_o, free_out) -> QuantizerFlips:
-    scale = quantizer.scale.detach().float().cpu()
+    scale = quantizer.step_size.detach().float().cpu()
     codes, boundary_distance = _grid(quantizer)
     q_o = codes(dq_o / scale)
     with torch.no_grad():

@@ -19,6 +19,8 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+import torch
+
 from qdq.calib.registry import CALIBRATORS
 from qdq.fp8 import check_fp8_bits, is_fp8
 
@@ -40,9 +42,12 @@ class QuantDescriptor:
         fake_quant: quantize-dequantize (True) or return integer values (False).
         axis: ``None`` for per-tensor; an int or a tuple of ints for the axes that keep
             their own amax (per-channel). Weights of Conv/Linear use 0, ConvTranspose 1.
-        amax: a fixed amax instead of calibration: a float, or with one ``axis`` a list of
-            one value per channel along that axis.
-        learn_amax: make amax a trainable parameter (QAT).
+        amax: a fixed amax instead of calibration: a float, or with one ``axis`` a list
+            (or numpy array) of one value per channel along that axis.
+        learn_amax: make amax a trainable parameter (QAT). Without ``amax`` the quantizer
+            learns from the amax it is given later (calibrate, then ``init_learn_amax()``).
+        scale_amax: multiply amax by this factor wherever it is used (a quick way to try
+            a tighter or looser range; pytorch-quantization's option).
         unsigned: quantize to [0, 2^b - 1]; inputs must be non-negative.
         narrow_range: use [-(2^(b-1)-1), 2^(b-1)-1] instead of [-2^(b-1), 2^(b-1)-1].
         calib_method: ``"max"`` or ``"histogram"``.
@@ -62,9 +67,13 @@ class QuantDescriptor:
     calib_method: str = "max"
     num_bins: int = 2048
     skip_zeros: bool = False
+    scale_amax: float | None = None
 
     def __post_init__(self) -> None:
         label = f"QuantDescriptor{f' {self.name!r}' if self.name else ''}"
+        if self.name is not None and not isinstance(self.name, str):
+            raise TypeError(f"QuantDescriptor: name must be a string or None, got "
+                            f"{type(self.name).__name__}")
         if is_fp8(self.num_bits):
             object.__setattr__(self, "num_bits", check_fp8_bits(self.num_bits, label))
             if self.unsigned or self.narrow_range:
@@ -84,9 +93,21 @@ class QuantDescriptor:
             axes = self.axis if isinstance(self.axis, tuple) else (self.axis,)
             if not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
                 raise TypeError(f"{label}: axis must be None, an int or ints, got {self.axis!r}")
+        if self.amax is not None and hasattr(self.amax, "tolist"):  # numpy array / tensor
+            object.__setattr__(self, "amax", self.amax.tolist())
+        if self.amax is not None and (isinstance(self.amax, (str, bytes, bool))
+                                      or not isinstance(self.amax, (int, float, list, tuple))):
+            raise TypeError(f"{label}: amax must be float, list or ndarray, got "
+                            f"{type(self.amax).__name__}")
+        if self.learn_amax and self.axis is not None:
+            raise TypeError(f"{label}: axis is ignored and must be None when learn_amax is "
+                            f"True (a learned amax is per tensor), got axis={self.axis!r}")
         if self.amax is not None:
             values = self.amax if isinstance(self.amax, (list, tuple)) else (self.amax,)
+            # amax is fp32 wherever it is used: store the fp32 values
             values = tuple(float(v) for v in values)
+            if all(math.isfinite(v) for v in values):
+                values = tuple(torch.tensor(values, dtype=torch.float32).tolist())
             bad = [v for v in values if not (math.isfinite(v) and v > 0)]
             if bad:
                 raise ValueError(f"{label}: amax must be positive and finite, got {bad[0]}")
@@ -95,6 +116,12 @@ class QuantDescriptor:
             )
         if self.unsigned and self.narrow_range:
             raise ValueError(f"{label}: narrow_range applies to signed quantization only")
+        if self.scale_amax is not None:
+            factor = float(self.scale_amax)
+            if not (math.isfinite(factor) and factor > 0):
+                raise ValueError(f"{label}: scale_amax must be positive and finite, got "
+                                 f"{self.scale_amax!r}")
+            object.__setattr__(self, "scale_amax", factor)
         if not isinstance(self.num_bins, int) or self.num_bins < 128:
             raise ValueError(f"{label}: num_bins must be an int >= 128, got {self.num_bins!r}")
 
@@ -129,8 +156,31 @@ class QuantDescriptor:
     def replace(self, **changes: Any) -> QuantDescriptor:
         return replace(self, **changes)
 
-    # pytorch-quantization spelled this ``dict()``.
-    dict = to_dict
+    def dict(self) -> dict[str, Any]:
+        """pytorch-quantization's ``dict()``: ``num_bits``, ``name`` and only the fields
+        that differ from their defaults; ``QuantDescriptor(**d.dict()) == d``."""
+        full = self.to_dict()
+        defaults = QuantDescriptor().to_dict()
+        return {k: v for k, v in full.items()
+                if k in ("num_bits", "name") or v != defaults[k]}
+
+    def to_yaml(self) -> str:
+        """The :meth:`dict` as YAML (pytorch-quantization's ``to_yaml``)."""
+        import yaml
+
+        return yaml.safe_dump(self.dict(), width=120)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> QuantDescriptor:
+        """Inverse of :meth:`to_yaml`."""
+        import yaml
+
+        d = yaml.safe_load(text)
+        if not isinstance(d, dict):
+            raise ValueError(f"QuantDescriptor.from_yaml: expected a mapping, got {text!r}")
+        if isinstance(d.get("num_bits"), list):
+            d["num_bits"] = tuple(d["num_bits"])
+        return cls.from_dict(d)
 
 
 #: pytorch-quantization exposed a second name for the same class.

@@ -105,7 +105,7 @@ def _retyped(q: TensorQuantizer, num_bits) -> TensorQuantizer:
         new._set_amax(q.amax.detach().clone(), allow_zero=True)
         if q.learn_amax:
             new.init_learn_amax()
-    return new.to(q._amax.device)
+    return new.to(q._device_anchor.device)
 
 
 def set_format(model: nn.Module, name: str | Format) -> int:

@@ -44,12 +44,17 @@ def is_fp8(num_bits) -> bool:
     return isinstance(num_bits, (tuple, list))
 
 
+class FP8FormatError(ValueError, TypeError):
+    """A floating-point format other than E4M3 was asked for."""
+
+
 def check_fp8_bits(num_bits, label: str = "num_bits") -> tuple[int, int]:
-    """``(4, 3)`` as a tuple, or one ValueError naming what else was asked for."""
+    """``(4, 3)`` as a tuple, or one error naming what else was asked for (a ValueError
+    that is also a TypeError, the type pytorch-quantization raised)."""
     bits = tuple(num_bits)
     if bits != FP8_E4M3 or not all(isinstance(b, int) and not isinstance(b, bool)
                                    for b in bits):
-        raise ValueError(f"{label}: floating-point quantization supports FP8 E4M3 only, "
+        raise FP8FormatError(f"{label}: floating-point quantization supports FP8 E4M3 only, "
                          f"num_bits=(4, 3); got {num_bits!r}")
     return FP8_E4M3
 

@@ -23,10 +23,10 @@ from torch import nn
 
 from qdq.nn.registry import QUANT_TWINS
 
-__all__ = ["initialize", "deinitialize", "deactivate", "is_active", "enable_onnx_export"]
+__all__ = ["initialize", "deinitialize", "deactivate", "is_active", "enable_onnx_export",
+           "QuantModuleReplacementHelper"]
 
 _lock = threading.Lock()
-_saved: list[tuple[ModuleType, str, object]] = []
 
 
 class _Session:
@@ -39,46 +39,89 @@ class _Session:
         deinitialize()
 
 
+class QuantModuleReplacementHelper:
+    """The patch table behind :func:`initialize` (pytorch-quantization's class of the
+    same name): ``prepare_state`` decides what to swap, ``apply_quant_modules`` swaps,
+    ``restore_float_modules`` puts the originals back."""
+
+    def __init__(self) -> None:
+        self.quant_map: dict[tuple[int, str], tuple[ModuleType, str, type]] = {}
+        self.original: list[tuple[ModuleType, str, object]] = []
+
+    def prepare_state(self, float_module_list: Iterable[str] | None = None,
+                      custom_map: Iterable[tuple[ModuleType, str, type]] | None = None
+                      ) -> None:
+        """Every registered twin of a ``torch.nn`` class except those named in
+        ``float_module_list``, then ``custom_map`` entries on top (they win)."""
+        keep_float = set(float_module_list or ())
+        known = {cls.__name__ for cls in QUANT_TWINS}
+        unknown = keep_float - known
+        if unknown:
+            raise ValueError(f"float_module_list names unknown layers {sorted(unknown)}; "
+                             f"known: {sorted(known)}")
+        entries: dict[tuple[int, str], tuple[ModuleType, str, type]] = {}
+        for float_cls, quant_cls in QUANT_TWINS.items():
+            name = float_cls.__name__
+            if name not in keep_float and getattr(nn, name, None) is float_cls:
+                entries[(id(nn), name)] = (nn, name, quant_cls)
+        for module, attr, quant_cls in custom_map or ():
+            if not hasattr(module, attr):
+                raise ValueError(f"custom_quant_modules: {module.__name__} has no attribute "
+                                 f"{attr!r}")
+            entries[(id(module), attr)] = (module, attr, quant_cls)
+        self.quant_map = entries
+
+    def apply_quant_modules(self) -> None:
+        if self.original:
+            self.restore_float_modules()
+        for module, attr, quant_cls in self.quant_map.values():
+            self.original.append((module, attr, getattr(module, attr)))
+            setattr(module, attr, quant_cls)
+
+    def restore_float_modules(self) -> None:
+        while self.original:
+            module, attr, original = self.original.pop()
+            setattr(module, attr, original)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.original)
+
+
+_helper = QuantModuleReplacementHelper()
+
+
 def initialize(float_module_list: Iterable[str] | None = None,
                custom_quant_modules: Iterable[tuple[ModuleType, str, type]] | None = None
                ) -> _Session:
     """Patch torch.nn so new layers are quant twins.
+
+    Calling it again while active first restores torch.nn, then applies the new lists
+    (a notebook cell run twice does no harm).
 
     Args:
         float_module_list: class names to leave in float (e.g. ``["Linear"]``).
         custom_quant_modules: extra ``(module, attribute name, quant class)`` entries,
             e.g. ``[(torch.nn, "Linear", MyQuantLinear)]``; they override the defaults.
     """
-    keep_float = set(float_module_list or ())
-    entries: dict[tuple[int, str], tuple[ModuleType, str, type]] = {}
-    known = {cls.__name__ for cls in QUANT_TWINS}
-    unknown = keep_float - known
-    if unknown:
-        raise ValueError(f"float_module_list names unknown layers {sorted(unknown)}; "
-                         f"known: {sorted(known)}")
-    for float_cls, quant_cls in QUANT_TWINS.items():
-        if float_cls.__name__ not in keep_float and getattr(nn, float_cls.__name__, None):
-            entries[(id(nn), float_cls.__name__)] = (nn, float_cls.__name__, quant_cls)
-    for module, attr, quant_cls in custom_quant_modules or ():
-        if not hasattr(module, attr):
-            raise ValueError(f"custom_quant_modules: {module.__name__} has no attribute {attr!r}")
-        entries[(id(module), attr)] = (module, attr, quant_cls)
     with _lock:
-        if _saved:
-            raise RuntimeError("quant_modules.initialize() is already active; "
-                               "call deinitialize() first")
-        for module, attr, quant_cls in entries.values():
-            _saved.append((module, attr, getattr(module, attr)))
-            setattr(module, attr, quant_cls)
+        previous = dict(_helper.quant_map) if _helper.active else None
+        _helper.restore_float_modules()
+        try:
+            _helper.prepare_state(float_module_list, custom_quant_modules)
+        except ValueError:
+            if previous is not None:  # a bad second call leaves the first one active
+                _helper.quant_map = previous
+                _helper.apply_quant_modules()
+            raise
+        _helper.apply_quant_modules()
     return _Session()
 
 
 def deinitialize() -> None:
     """Restore every patched torch.nn attribute. Safe to call when not active."""
     with _lock:
-        while _saved:
-            module, attr, original = _saved.pop()
-            setattr(module, attr, original)
+        _helper.restore_float_modules()
 
 
 #: pytorch-quantization's other name for ``deinitialize``.
@@ -86,7 +129,7 @@ deactivate = deinitialize
 
 
 def is_active() -> bool:
-    return bool(_saved)
+    return _helper.active
 
 
 @contextlib.contextmanager

@@ -11,8 +11,14 @@ False      True          True           feed the calibrator, fake-quantize
 False      False         True           fake-quantize with amax
 =========  ============  =================================================
 
-amax is a buffer (``_amax``) so it travels with ``state_dict`` and ``.to(device)``;
-before calibration it is an empty tensor. With ``learn_amax`` it becomes a Parameter.
+amax is a buffer (``_amax``) so it travels with ``state_dict`` and ``.to(device)``. It is
+registered only once known (calibrated, set, or loaded from a state_dict), so a float
+checkpoint loads strictly into a freshly quantized model, and a calibrated one registers
+it on load. With ``learn_amax`` it becomes a Parameter.
+
+A quantizer without amax quantizes with the *dynamic* amax of each input (max ``|x|``
+over the dimensions other than ``axis``), as pytorch-quantization does; it warns once.
+Export needs a calibrated amax: the ONNX path refuses a dynamic quantizer by name.
 During ``torch.onnx.export`` the forward pass calls torch's own fake-quantize ops, which
 the exporter turns into ``QuantizeLinear``/``DequantizeLinear``; no global flag is needed.
 An FP8 quantizer (``num_bits=(4, 3)``, :mod:`qdq.fp8`) exports as Q/DQ-19 with a
@@ -30,16 +36,28 @@ from torch import nn
 
 from qdq.calib import HistogramCalibrator, build_calibrator, compute_amaxes
 from qdq.calib.base import CalibrationError
+from qdq.clipping import clip as clip_function
 from qdq.descriptor import QuantDescriptor
 from qdq.fp8 import fp8_histogram_amax, fp8_qdq_for_export
 from qdq.kernels import default_backend, resolve_backend
-from qdq.tensor_quant import fake_tensor_quant, quant_bounds, scale_from_amax, tensor_quant
+from qdq.tensor_quant import fake_quant, quant_bounds, scale_from_amax, tensor_quant
+from qdq.utils import reduce_amax
 
-__all__ = ["TensorQuantizer", "QuantizerError", "load_calib_amaxes"]
+__all__ = ["TensorQuantizer", "QuantizerError", "QuantizerStateError", "DynamicAmaxWarning",
+           "load_calib_amaxes"]
 
 
 class QuantizerError(ValueError):
     """A quantizer was used in a way it cannot honour; the message names it."""
+
+
+class QuantizerStateError(QuantizerError, RuntimeError):
+    """A request the quantizer's current state cannot serve (no calibrator, no data, a
+    shape change); also a ``RuntimeError``, which pytorch-quantization raised there."""
+
+
+class DynamicAmaxWarning(UserWarning):
+    """A quantizer without amax quantizes with the amax of each input (once per quantizer)."""
 
 
 class TensorQuantizer(nn.Module):
@@ -49,9 +67,8 @@ class TensorQuantizer(nn.Module):
         quant_desc: the configuration; defaults to 8-bit per-tensor max calibration.
         disabled: start switched off.
         if_quant: fake-quantize when enabled.
-        if_clip: must be False. pytorch-quantization's clip stage learns a range before
-            quantization; here ``QuantDescriptor(learn_amax=True, amax=...)`` learns amax
-            through fake quantization, which clips to ``[-amax, amax]`` itself.
+        if_clip: clip to ``[-amax, amax]`` before quantizing, with the PACT gradient for a
+            learned amax (needs ``learn_amax``; pytorch-quantization's clip stage).
         if_calib: collect calibration statistics when enabled.
 
     Example::
@@ -82,10 +99,10 @@ class TensorQuantizer(nn.Module):
     ) -> None:
         super().__init__()
         desc = quant_desc if quant_desc is not None else QuantDescriptor()
-        if if_clip:
+        if if_clip and not desc.learn_amax:
             raise QuantizerError(
-                f"{desc.name or 'TensorQuantizer'}: if_clip=True is not available; use "
-                "QuantDescriptor(learn_amax=True, amax=...) to learn the clipping range")
+                f"{desc.name or 'TensorQuantizer'}: if_clip=True needs "
+                "QuantDescriptor(learn_amax=True): the clip stage learns amax")
         self._descriptor = desc
         self._num_bits = desc.num_bits
         self._fp8 = desc.is_fp8
@@ -93,22 +110,27 @@ class TensorQuantizer(nn.Module):
         self._axis = desc.axis
         self._unsigned = desc.unsigned
         self._narrow_range = desc.narrow_range
+        self._scale_amax = desc.scale_amax
         self._learn_amax = False
+        self._learn_requested = desc.learn_amax
         self._disabled = disabled
         self._if_quant = if_quant
+        self._if_clip = if_clip
         self._if_calib = if_calib
         self._name: str | None = desc.name
+        self._dynamic_warned = False
+        self._last_scale: torch.Tensor | None = None
         self.placed_by: str | None = None  # which rule put this quantizer here (summary)
-        self.register_buffer("_amax", torch.empty(0))
+        # Follows .to(device) so that an amax loaded later lands where the model lives;
+        # not persistent, so it never appears in a state_dict.
+        self.register_buffer("_device_anchor", torch.empty(0), persistent=False)
         if desc.amax is not None:
             self.amax = _descriptor_amax(desc, self.name)
         try:
             self._calibrator = build_calibrator(desc, self.name)
         except CalibrationError as err:
             raise QuantizerError(str(err)) from None
-        if desc.learn_amax:
-            if desc.amax is None:
-                raise QuantizerError(f"{self.name}: learn_amax needs an initial amax")
+        if desc.learn_amax and desc.amax is not None:
             self.init_learn_amax()
 
     # ----------------------------------------------------------------- identity
@@ -128,8 +150,14 @@ class TensorQuantizer(nn.Module):
         return self._descriptor
 
     @property
-    def num_bits(self) -> int:
+    def num_bits(self):
         return self._num_bits
+
+    @num_bits.setter
+    def num_bits(self, value) -> None:
+        self._descriptor = self._descriptor.replace(num_bits=value)
+        self._num_bits = self._descriptor.num_bits
+        self._fp8 = self._descriptor.is_fp8
 
     @property
     def is_fp8(self) -> bool:
@@ -144,9 +172,19 @@ class TensorQuantizer(nn.Module):
     def unsigned(self) -> bool:
         return self._unsigned
 
+    @unsigned.setter
+    def unsigned(self, value: bool) -> None:
+        self._descriptor = self._descriptor.replace(unsigned=bool(value))
+        self._unsigned = bool(value)
+
     @property
     def narrow_range(self) -> bool:
         return self._narrow_range
+
+    @narrow_range.setter
+    def narrow_range(self, value: bool) -> None:
+        self._descriptor = self._descriptor.replace(narrow_range=bool(value))
+        self._narrow_range = bool(value)
 
     @property
     def fake_quant(self) -> bool:
@@ -155,6 +193,10 @@ class TensorQuantizer(nn.Module):
     @property
     def learn_amax(self) -> bool:
         return self._learn_amax
+
+    @property
+    def scale_amax(self) -> float | None:
+        return self._scale_amax
 
     @property
     def calibrator(self):
@@ -212,6 +254,15 @@ class TensorQuantizer(nn.Module):
     def disable_calib(self) -> None:
         self._if_calib = False
 
+    def enable_clip(self) -> None:
+        """Clip to ``[-amax, amax]`` before quantizing (PACT gradient for a learned amax)."""
+        if not self._learn_requested:
+            raise QuantizerError(f"{self.name}: the clip stage needs learn_amax=True")
+        self._if_clip = True
+
+    def disable_clip(self) -> None:
+        self._if_clip = False
+
     def state(self) -> str:
         """One word: off, calib, quant, calib+quant or idle."""
         if self._disabled:
@@ -228,19 +279,18 @@ class TensorQuantizer(nn.Module):
     # -------------------------------------------------------------------- amax
     @property
     def amax(self) -> torch.Tensor | None:
-        if torch.jit.is_tracing():
-            # the ONNX exporter traces: whether amax is set is a constant of the graph,
-            # so the tracer's warning about reading a size as a Python bool is noise
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                empty = bool(self._amax.numel() == 0)
-        else:
-            empty = self._amax.numel() == 0
-        return None if empty else self._amax
+        """The calibrated (or set, or learned) amax; None while quantization is dynamic."""
+        amax = self._parameters.get("_amax")
+        return amax if amax is not None else self._buffers.get("_amax")
 
     @amax.setter
     def amax(self, value) -> None:
         self._set_amax(value)
+
+    @property
+    def is_dynamic(self) -> bool:
+        """True while there is no amax: each input is quantized with its own max |x|."""
+        return self.amax is None
 
     def _set_amax(self, value, allow_zero: bool = False) -> None:
         if value is None:
@@ -248,17 +298,18 @@ class TensorQuantizer(nn.Module):
             return
         value = torch.as_tensor(value, dtype=torch.float32).detach()
         self._validate_amax(value, allow_zero)
-        value = value.to(self._amax.device)
-        if isinstance(self._amax, nn.Parameter):
+        current = self.amax
+        if isinstance(current, nn.Parameter):
             with torch.no_grad():
-                if self._amax.shape != value.shape:
-                    raise QuantizerError(
+                if current.shape != value.shape:
+                    raise QuantizerStateError(
                         f"{self.name}: cannot reshape a learnable amax "
-                        f"{tuple(self._amax.shape)} -> {tuple(value.shape)}"
+                        f"{tuple(current.shape)} -> {tuple(value.shape)}"
                     )
-                self._amax.copy_(value)
+                current.copy_(value.to(current.device))
         else:
-            self._amax = value.clone()
+            device = current.device if current is not None else self._device_anchor.device
+            self.register_buffer("_amax", value.to(device).clone())
 
     def _validate_amax(self, value: torch.Tensor, allow_zero: bool = False) -> None:
         if value.numel() == 0:
@@ -275,21 +326,65 @@ class TensorQuantizer(nn.Module):
             )
 
     def reset_amax(self) -> None:
+        """Forget amax: back to dynamic quantization (and a fixed, not learned, range)."""
         self._learn_amax = False
-        if "_amax" in self._parameters:
-            del self._parameters["_amax"]
-        device = self._amax.device if hasattr(self, "_amax") else None
-        self.register_buffer("_amax", torch.empty(0, device=device))
+        self._parameters.pop("_amax", None)
+        self._buffers.pop("_amax", None)
+
+    @property
+    def step_size(self) -> torch.Tensor | None:
+        """Step size ``amax / qmax`` (``amax / 127`` for 8-bit signed): what ONNX's and
+        TensorRT's QuantizeLinear call the scale."""
+        amax = self.amax
+        if amax is None:
+            return None
+        if self._scale_amax is not None:
+            amax = amax * self._scale_amax
+        return scale_from_amax(amax, self._num_bits, self._unsigned, self._narrow_range)
 
     @property
     def scale(self) -> torch.Tensor | None:
-        """Step size (``amax / 127`` for 8-bit signed): what QuantizeLinear stores."""
+        """pytorch-quantization's scale, ``qmax / amax`` (multiply to quantize): of the
+        calibrated amax, or for a dynamic quantizer the last one ``fake_quant=False``
+        used; None before either exists. ONNX's scale is :attr:`step_size`."""
         amax = self.amax
-        return None if amax is None else scale_from_amax(
-            amax, self._num_bits, self._unsigned, self._narrow_range
-        )
+        if amax is None:
+            return self._last_scale
+        _, _, divisor = quant_bounds(self._num_bits, self._unsigned, self._narrow_range)
+        if self._scale_amax is not None:
+            amax = amax * self._scale_amax
+        return divisor / amax.detach().float()
 
-    step_size = scale
+    @property
+    def pre_quant_scale(self) -> torch.Tensor | None:
+        """A multiplier applied to the input before anything else (SmoothQuant's per-
+        channel activation scale); None when not set. Exports as one ``Mul``."""
+        return self._buffers.get("_pre_quant_scale")
+
+    @pre_quant_scale.setter
+    def pre_quant_scale(self, value) -> None:
+        if value is None:
+            self._buffers.pop("_pre_quant_scale", None)
+            return
+        value = torch.as_tensor(value, dtype=torch.float32).detach()
+        if not bool(torch.isfinite(value).all()):
+            raise QuantizerError(f"{self.name}: pre_quant_scale must be finite")
+        current = self.pre_quant_scale
+        if current is not None and current.shape != value.shape:
+            raise QuantizerStateError(
+                f"{self.name}: pre_quant_scale has shape {tuple(current.shape)}; cannot set "
+                f"one of shape {tuple(value.shape)} (set None first)")
+        device = current.device if current is not None else self._device_anchor.device
+        self.register_buffer("_pre_quant_scale", value.to(device).clone())
+
+    @property
+    def clip(self) -> _ClipRange:
+        """pytorch-quantization's clip stage of a learned amax, read-only:
+        ``clip.clip_value_min`` is ``-amax``, ``clip.clip_value_max`` is ``amax``."""
+        if not self._learn_requested:
+            raise AttributeError(f"{self.name}: only a quantizer with learn_amax=True has a "
+                                 "clip stage")
+        return _ClipRange(self)
 
     def load_calib_amax(self, method: str | None = None, strict: bool = True, **kwargs) -> None:
         """Compute amax with the calibrator and store it.
@@ -312,7 +407,7 @@ class TensorQuantizer(nn.Module):
 
     def _check_calib_request(self, method: str | None, kwargs: dict) -> None:
         if self._calibrator is None:
-            raise QuantizerError(f"{self.name}: has no calibrator")
+            raise QuantizerStateError(f"{self.name}: has no calibrator")
         if isinstance(self._calibrator, HistogramCalibrator):
             return
         if method not in (None, "max") or kwargs:
@@ -327,9 +422,10 @@ class TensorQuantizer(nn.Module):
     def _store_calib_amax(self, amax: torch.Tensor | None, strict: bool) -> None:
         if amax is None:
             if strict:
-                raise QuantizerError(
-                    f"{self.name}: load_calib_amax called but the calibrator saw no data; "
-                    "run calibration batches with enable_calib() first, or pass strict=False"
+                raise QuantizerStateError(
+                    f"{self.name}: load_calib_amax: the calibrator saw no data (Calibrator "
+                    "returned None); run calibration batches with enable_calib() first, or "
+                    "pass strict=False to keep the current amax"
                 )
             return
         amax = amax.detach().float()
@@ -339,60 +435,120 @@ class TensorQuantizer(nn.Module):
             warnings.warn(
                 f"{self.name}: every calibration value was 0; amax is 0 and exports the "
                 "smallest positive scale", stacklevel=3)
+        if isinstance(self.amax, nn.Parameter) and self.amax.shape != amax.shape:
+            # a learned per-tensor amax takes the largest of a per-channel calibration
+            amax = amax.max().reshape(self.amax.shape)
         self._set_amax(amax, allow_zero=True)
 
     def init_learn_amax(self) -> None:
         """Turn amax into a trainable Parameter (QAT with learned ranges)."""
         amax = self.amax
         if amax is None:
-            raise QuantizerError(f"{self.name}: init_learn_amax needs amax; calibrate first")
-        del self._buffers["_amax"]
+            raise QuantizerStateError(
+                f"{self.name}: init_learn_amax needs amax; calibrate first (load_calib_amax)")
+        self._buffers.pop("_amax", None)
+        self._parameters.pop("_amax", None)
         self._amax = nn.Parameter(amax.detach().clone().float())
         self._learn_amax = True
+        self._learn_requested = True
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs):
+        device = self._device_anchor.device
         key = prefix + "_amax"
+        clip_keys = (prefix + "clip.clip_value_min", prefix + "clip.clip_value_max")
+        if key not in state_dict and all(k in state_dict for k in clip_keys):
+            # a pytorch-quantization checkpoint of a learned amax: its clip bounds
+            lo, hi = (state_dict[k].detach().float() for k in clip_keys)
+            learned = torch.maximum(-lo, hi)
+            if isinstance(self.amax, nn.Parameter):
+                with torch.no_grad():
+                    self.amax.copy_(learned.reshape(self.amax.shape))
+            else:
+                self._set_amax(learned, allow_zero=True)
+                if self._learn_requested:
+                    self.init_learn_amax()
         if key in state_dict:
-            value = state_dict[key]
-            current = self._amax
-            if value.shape != current.shape:
-                # An uncalibrated quantizer (empty amax) takes the calibrated value's shape,
-                # on the device this quantizer already lives on.
+            value = state_dict[key].detach().to(device, torch.float32)
+            current = self.amax
+            if current is None:
+                self.register_buffer("_amax", value.clone())
+            elif value.shape != current.shape:
+                # a calibrated value of another shape replaces this one, on this device
                 if isinstance(current, nn.Parameter):
-                    self._amax = nn.Parameter(value.detach().to(current.device, torch.float32))
+                    self._amax = nn.Parameter(value.clone())
                 else:
-                    self._amax = value.detach().to(current.device, torch.float32).clone()
+                    self.register_buffer("_amax", value.clone())
+        pqs_key = prefix + "_pre_quant_scale"
+        if pqs_key in state_dict and self.pre_quant_scale is None:
+            self.register_buffer("_pre_quant_scale",
+                                 state_dict[pqs_key].detach().to(device, torch.float32).clone())
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
+        for k in clip_keys:
+            if k in unexpected_keys:
+                unexpected_keys.remove(k)
 
     # ------------------------------------------------------------------ forward
+    def _get_amax(self, x: torch.Tensor) -> torch.Tensor:
+        """The amax this input is quantized with: the stored one (shaped along ``axis``,
+        times ``scale_amax``), or the dynamic max |x| when there is none."""
+        amax = self.amax
+        if amax is None:
+            amax = self._dynamic_amax(x)
+        else:
+            if amax.device != x.device:
+                amax = amax.to(x.device)
+            if amax.dim() == 1 and amax.numel() > 1 and self._axis is not None:
+                amax = self._along_axis(amax, x)
+        if self._scale_amax is not None:
+            amax = amax * self._scale_amax
+        return amax
+
+    def _dynamic_amax(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            raise QuantizerStateError(
+                f"{self.name}: has no calibrated amax; ONNX export and TensorRT need one. "
+                "Calibrate (enable_calib, run data, load_calib_amax) or set amax first")
+        if not self._dynamic_warned:
+            self._dynamic_warned = True
+            warnings.warn(f"{self.name}: no amax; quantizing with the amax of each input "
+                          "(dynamic). Calibrate before export", DynamicAmaxWarning,
+                          stacklevel=4)
+        if self._axis is None:
+            return reduce_amax(x).float()
+        keep = self._axis if isinstance(self._axis, tuple) else (self._axis,)
+        keep = {a % x.dim() for a in keep}
+        return reduce_amax(x, axis=tuple(i for i in range(x.dim()) if i not in keep)).float()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre_scale = self.pre_quant_scale
+        if pre_scale is not None:
+            x = x * pre_scale.to(device=x.device, dtype=x.dtype)
         if self._disabled:
             return x
         if self._if_calib:
             self._calibrator.collect(x)
+        if self._if_clip:
+            amax = self._get_amax(x)
+            x = clip_function(x, -amax, amax)
+            if not self._if_quant:
+                return x
         if not self._if_quant:
             return x
-        amax = self.amax
-        if amax is None:
-            raise QuantizerError(
-                f"{self.name}: quantization is enabled but amax is not set; calibrate "
-                "(enable_calib, run data, load_calib_amax) or disable_quant() first"
-            )
-        if amax.device != x.device:
-            amax = amax.to(x.device)
-        if amax.dim() == 1 and amax.numel() > 1 and self._axis is not None:
-            amax = self._along_axis(amax, x)
+        amax = self._get_amax(x)
+        if self._if_clip:
+            amax = amax.detach()  # the clip stage carries the amax gradient (PACT)
         if not self._fake_quant:
-            q, _ = tensor_quant(x, amax, self._num_bits, self._unsigned, self._narrow_range)
+            q, scale = tensor_quant(x, amax, self._num_bits, self._unsigned, self._narrow_range)
+            self._last_scale = scale
             return q
         if torch.onnx.is_in_onnx_export() or type(self).use_fb_fake_quant:
             return self._torch_fake_quant(x, amax)
         if self._fp8:  # the fused kernels are integer-only
-            return fake_tensor_quant(x, amax, self._num_bits)
-        fake_quant = resolve_backend(self.backend, x)
-        return fake_quant(x, amax, self._num_bits, self._unsigned, self._narrow_range)
+            return fake_quant(x, amax, self._num_bits)
+        fake = resolve_backend(self.backend, x)
+        return fake(x, amax, self._num_bits, self._unsigned, self._narrow_range)
 
     def _along_axis(self, amax: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """A flat per-channel amax (``QuantDescriptor(axis=0, amax=[...])``) shaped to
@@ -439,7 +595,7 @@ class TensorQuantizer(nn.Module):
     def _amax_text(self) -> str:
         amax = self.amax
         if amax is None:
-            return "amax=None"
+            return "amax=dynamic"
         amax = amax.detach()
         if amax.numel() == 1:
             return f"amax={float(amax):.4g}"
@@ -452,11 +608,31 @@ class TensorQuantizer(nn.Module):
             bits += " narrow"
         axis = "per-tensor" if self._axis is None else f"axis={self._axis}"
         calib = type(self._calibrator).__name__ if self._calibrator is not None else "-"
-        learn = " learn_amax" if self._learn_amax else ""
-        return f"{bits} {axis} {self._amax_text()} calib={calib} state={self.state()}{learn}"
+        extra = "".join([" learn_amax" if self._learn_amax else "",
+                         f" *{self._scale_amax:g}" if self._scale_amax is not None else "",
+                         " pre_quant_scale" if self.pre_quant_scale is not None else "",
+                         " clip" if self._if_clip else "",
+                         " real" if not self._fake_quant else ""])
+        return f"{bits} {axis} {self._amax_text()} calib={calib} state={self.state()}{extra}"
 
     def __repr__(self) -> str:
         return f"TensorQuantizer({self.extra_repr()})"
+
+
+class _ClipRange:
+    """``quantizer.clip``: the learned range as pytorch-quantization's clip bounds."""
+
+    def __init__(self, quantizer: TensorQuantizer) -> None:
+        self._quantizer = quantizer
+
+    @property
+    def clip_value_max(self) -> torch.Tensor | None:
+        return self._quantizer.amax
+
+    @property
+    def clip_value_min(self) -> torch.Tensor | None:
+        amax = self._quantizer.amax
+        return None if amax is None else -amax
 
 
 def _channel_view(t: torch.Tensor, x: torch.Tensor, axis) -> torch.Tensor:
@@ -469,11 +645,12 @@ def _channel_view(t: torch.Tensor, x: torch.Tensor, axis) -> torch.Tensor:
 
 def _descriptor_amax(desc: QuantDescriptor, name: str) -> torch.Tensor:
     """A descriptor's fixed amax as a tensor: a scalar, or one value per channel of a
-    single axis (shaped to that axis when the first input arrives)."""
+    single axis (shaped to that axis when the first input arrives); without an axis a
+    list is used as it is, broadcast against the input (pytorch-quantization's rule)."""
     amax = torch.tensor(desc.amax, dtype=torch.float32)
-    if amax.dim() == 1 and amax.numel() > 1:
+    if amax.dim() == 1 and amax.numel() > 1 and desc.axis is not None:
         axes = desc.axis if isinstance(desc.axis, tuple) else (desc.axis,)
-        if desc.axis is None or len(axes) != 1:
+        if len(axes) != 1:
             raise QuantizerError(f"{name}: a list of {amax.numel()} amax values needs one "
                                  f"quantization axis, got axis={desc.axis}")
     return amax

@@ -39,7 +39,7 @@ class QuantizerRow:
 
 def _split(name: str) -> tuple[str, str]:
     parts = name.split(".")
-    # ModuleList members look like "lstm._hidden_quantizers.0"
+    # ModuleList members look like "lstm._input_quantizers.0"
     if parts[-1].isdigit() and len(parts) > 1:
         attr, index = parts[-2], parts[-1]
         module = ".".join(parts[:-2])

@@ -1,8 +1,8 @@
 """Layers as the sensitivity tools see them: the modules that own quantizers.
 
 A *layer* is a module with at least one enabled ``TensorQuantizer`` as a direct child
-(or inside a ``ModuleList``/``ModuleDict`` attribute such as an LSTM's hidden
-quantizers). It is named by its exact module path, and all its quantizers toggle
+(or inside a ``ModuleList``/``ModuleDict`` attribute such as an LSTM's per-layer
+``_input_quantizers``). It is named by its exact module path, and all its quantizers toggle
 together: keeping ``layer1.0.conv1`` in float switches off its input *and* weight
 quantizers.
 

@@ -50,7 +50,7 @@ from qdq.nn.linear import QuantLinear
 from qdq.quantizer import TensorQuantizer
 from qdq.rules.check import largest_difference, mismatch
 from qdq.rules.trace import trace_parts
-from qdq.tensor_quant import fake_tensor_quant
+from qdq.tensor_quant import fake_quant
 from sensitivity.batches import ForwardFn, default_forward, model_device, take, to_device
 from sensitivity.errors import SensitivityError
 from sensitivity.layers import saved_states
@@ -91,8 +91,8 @@ def quantized_output_error(x: torch.Tensor, weight: torch.Tensor, s: torch.Tenso
     xs = x / s.to(x.dtype)
     ws = weight * s.to(weight.dtype)
     w_amax = ws.abs().amax(dim=1, keepdim=True)
-    xq = fake_tensor_quant(xs, torch.tensor(x_amax, dtype=x.dtype), num_bits)
-    wq = fake_tensor_quant(ws, w_amax, num_bits)
+    xq = fake_quant(xs, torch.tensor(x_amax, dtype=x.dtype), num_bits)
+    wq = fake_quant(ws, w_amax, num_bits)
     y = x @ weight.T if reference is None else reference
     return float(((xq @ wq.T) - y).pow(2).mean())
 

@@ -60,7 +60,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from qdq.calib.base import CalibrationError
+from qdq.calib.base import CalibrationError, UnknownMethodError
 
 __all__ = [
     "search_amax",
@@ -425,7 +425,7 @@ def percentile_bins(counts: Sequence[torch.Tensor], *, percentile: float = 99.99
     does), so that a share landing exactly on ``percentile / 100`` is decided as there."""
     if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or \
             not 0 < percentile <= 100:
-        raise CalibrationError(f"percentile must be in (0, 100], got {percentile!r}")
+        raise CalibrationError(f"percentile must be in the range (0, 100], got {percentile!r}")
     lengths = _check_histograms(counts, names)
     target = percentile / 100.0
 
@@ -468,8 +468,8 @@ def search_amax(method: str, counts: Sequence[torch.Tensor], bin_widths: Sequenc
     ``names`` label the histograms in error messages.
     """
     if method not in SEARCHES:
-        raise CalibrationError(f"unknown amax search {method!r}; choose one of "
-                               f"{', '.join(SEARCHES)}")
+        raise UnknownMethodError(f"unknown amax search {method!r}; choose one of "
+                                 f"{', '.join(SEARCHES)}")
     find, to_amax, accepted = SEARCHES[method]
     extra = sorted(set(options) - set(accepted))
     if extra:

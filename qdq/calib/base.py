@@ -12,11 +12,29 @@ import abc
 
 import torch
 
-__all__ = ["Calibrator", "CalibrationError", "reduce_axes"]
+__all__ = ["Calibrator", "CalibrationError", "AmaxShapeError", "UnknownMethodError",
+           "PerTensorOnlyError", "reduce_axes"]
 
 
 class CalibrationError(ValueError):
     """Bad data or a bad request reached a calibrator; the message names the quantizer."""
+
+
+# Where pytorch-quantization raised another built-in, our error also derives from that
+# one, so a script's ``except RuntimeError`` (or TypeError, NotImplementedError) still
+# catches what it caught there, and ``except CalibrationError`` catches them all.
+
+
+class AmaxShapeError(CalibrationError, RuntimeError):
+    """A per-channel statistic changed shape between batches (RuntimeError there)."""
+
+
+class UnknownMethodError(CalibrationError, TypeError):
+    """An amax method no calibrator here computes (TypeError there)."""
+
+
+class PerTensorOnlyError(CalibrationError, NotImplementedError):
+    """A per-channel axis given to a per-tensor calibrator (NotImplementedError there)."""
 
 
 def reduce_axes(ndim: int, axis, owner: str) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -21,6 +21,9 @@ zeros out (pytorch-quantization's option). A CPU batch is checked for NaN/Inf (a
 negative values on an unsigned quantizer) as it arrives; on a GPU nothing is read back
 per batch and ``compute_amax`` reports a NaN/Inf seen.
 
+``HistogramCalibrator(torch_hist=False)`` is pytorch-quantization's other layout, numpy's
+(:mod:`qdq.calib.numpy_layout`).
+
 ``compute_amax(method)`` runs one search of :mod:`qdq.calib.amax_search` ('entropy',
 'percentile', 'mse') or returns the exact running max ('max'); :func:`compute_amaxes` runs
 one search over many calibrators at once.
@@ -36,12 +39,13 @@ Example::
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
 
 from qdq.calib.amax_search import SEARCHES, search_amax
-from qdq.calib.base import CalibrationError, Calibrator
+from qdq.calib.base import CalibrationError, Calibrator, PerTensorOnlyError, UnknownMethodError
 from qdq.calib.binning import count_cpu, count_device
 
 __all__ = ["HistogramCalibrator", "compute_amaxes", "GROWTH_CAP"]
@@ -58,16 +62,34 @@ class HistogramCalibrator(Calibrator):
         axis: must be ``None``: a histogram is per tensor.
         unsigned: the quantizer is unsigned (256 levels for 8 bits instead of 128).
         num_bins: bins over the first batch's range.
-        grow_method: ``None`` or ``"append"`` (pytorch-quantization's names for the one
-            growth there is: appending bins of the same width).
+        grow_method: ignored, as pytorch-quantization ignores it (with a warning for
+            anything but ``None`` and ``"append"``): the histogram always grows by
+            appending bins of the same width.
         skip_zeros: leave exact zeros out of the histogram (e.g. after ReLU).
-        torch_hist: must be True: the layout is that of pytorch-quantization's torch path
-            (its numpy path, ``torch_hist=False``, bins ``[min, max]`` instead).
+        torch_hist: True (default) for the layout above; False builds a
+            :class:`~qdq.calib.numpy_layout.NumpyHistogramCalibrator`, the layout of
+            pytorch-quantization's numpy path (bins ``[min, max]`` of the first batch).
         max_bins: growth cap (default ``GROWTH_CAP * num_bins``); see the module docstring.
+
+    ``_calib_hist`` and ``_calib_bin_edges`` read the counts and the float32 edges under
+    pytorch-quantization's attribute names, for scripts and tests that inspect them.
     """
 
     #: amax methods of ``compute_amax``, the default first.
     amax_methods = ("entropy", "percentile", "mse", "max")
+    #: True where amax is read off explicit bin edges (the numpy layout), not ``i * w``.
+    edge_layout = False
+
+    def __new__(cls, num_bits: int = 8, axis=None, unsigned: bool = False,
+                num_bins: int = 2048, grow_method: str | None = None,
+                skip_zeros: bool = False, torch_hist: bool = True, **kwargs):
+        # pytorch-quantization picks its layout with a flag of this one class, so the flag
+        # picks the class here: scripts asking for torch_hist=False get that layout.
+        if cls is HistogramCalibrator and not torch_hist:
+            from qdq.calib.numpy_layout import NumpyHistogramCalibrator
+
+            cls = NumpyHistogramCalibrator
+        return super().__new__(cls)
 
     def __init__(self, num_bits: int = 8, axis=None, unsigned: bool = False,
                  num_bins: int = 2048, grow_method: str | None = None,
@@ -75,20 +97,17 @@ class HistogramCalibrator(Calibrator):
                  max_bins: int | None = None) -> None:
         super().__init__(num_bits, axis, unsigned)
         if axis is not None:
-            raise CalibrationError(
+            raise PerTensorOnlyError(
                 f"{self.owner}: the histogram calibrator is per tensor; got axis={axis} "
                 "(use calib_method='max' for per-channel amax)")
         if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
             raise CalibrationError(f"{self.owner}: num_bins must be a positive int, "
                                    f"got {num_bins!r}")
         if grow_method not in (None, "append"):
-            raise CalibrationError(
-                f"{self.owner}: grow_method={grow_method!r} is not available; the histogram "
-                "grows by appending bins of the same width (grow_method='append' or None)")
-        if torch_hist is not True:
-            raise CalibrationError(
-                f"{self.owner}: torch_hist={torch_hist!r} is not available; the histogram "
-                "has the layout of pytorch-quantization's torch_hist=True")
+            warnings.warn(
+                f"{self.owner}: grow_method={grow_method!r} is ignored (as in "
+                "pytorch-quantization, where it is deprecated); the histogram grows by "
+                "appending bins of the same width", stacklevel=2)
         max_bins = GROWTH_CAP * num_bins if max_bins is None else max_bins
         if isinstance(max_bins, bool) or not isinstance(max_bins, int) or max_bins < num_bins:
             raise CalibrationError(f"{self.owner}: max_bins must be an int >= num_bins "
@@ -96,6 +115,7 @@ class HistogramCalibrator(Calibrator):
         self._num_bins = num_bins
         self._max_bins = max_bins
         self._skip_zeros = skip_zeros
+        self._torch_hist = bool(torch_hist)    # pytorch-quantization's attribute
         self.reset()
 
     # ----------------------------------------------------------------- state
@@ -138,6 +158,22 @@ class HistogramCalibrator(Calibrator):
             return None
         edges = torch.arange(int(self._nb) + 1, dtype=torch.float64, device=self._counts.device)
         return edges * width
+
+    @property
+    def _calib_hist(self) -> torch.Tensor | None:
+        """pytorch-quantization's name for the counts (read-only here)."""
+        return self.counts
+
+    @property
+    def _calib_bin_edges(self) -> torch.Tensor | None:
+        """pytorch-quantization's name for the edges, float32 as there (all 0 while only
+        zeros were seen, where it has ``linspace(0, 0, n + 1)``)."""
+        if self._counts is None:
+            return None
+        edges = self.bin_edges()
+        if edges is None:
+            return torch.zeros(int(self._nb) + 1, device=self._counts.device)
+        return edges.float()
 
     def reset(self) -> None:
         self._counts: torch.Tensor | None = None
@@ -372,8 +408,8 @@ def compute_amaxes(calibrators: Sequence[HistogramCalibrator], method: str = "en
     """
     if method not in HistogramCalibrator.amax_methods:
         owner = calibrators[0].owner if len(calibrators) == 1 else "compute_amaxes"
-        raise CalibrationError(f"{owner}: unknown amax method {method!r}; valid methods: "
-                               f"{', '.join(HistogramCalibrator.amax_methods)}")
+        raise UnknownMethodError(f"{owner}: unknown amax method {method!r}; valid methods: "
+                                 f"{', '.join(HistogramCalibrator.amax_methods)}")
     given = {"percentile": percentile, "start_bin": start_bin, "stride": stride}
     accepted = () if method == "max" else SEARCHES[method][2]
     wrong = [k for k, v in given.items() if v is not None and k not in accepted]
@@ -393,6 +429,9 @@ def compute_amaxes(calibrators: Sequence[HistogramCalibrator], method: str = "en
                                    f"(largest |x| seen: {float(calib.max)})")
         if method == "max" or float(calib.max) == 0:
             results[k] = calib.max.clone()
+            continue
+        if calib.edge_layout:            # numpy layout: amax read off its own edges
+            results[k] = calib.amax_on_edges(method, **options)
             continue
         key = (calib.num_bits, calib.unsigned, calib.counts.device)
         groups.setdefault(key, []).append(k)

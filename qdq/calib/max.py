@@ -6,7 +6,7 @@ import weakref
 
 import torch
 
-from qdq.calib.base import CalibrationError, Calibrator, reduce_axes
+from qdq.calib.base import AmaxShapeError, CalibrationError, Calibrator, reduce_axes
 
 __all__ = ["MaxCalibrator"]
 
@@ -68,7 +68,7 @@ class MaxCalibrator(Calibrator):
             self._calib_amax = batch_amax.clone()
         else:
             if self._calib_amax.shape != batch_amax.shape:
-                raise CalibrationError(
+                raise AmaxShapeError(
                     f"{self.owner}: per-channel amax shape changed between batches "
                     f"({tuple(self._calib_amax.shape)} -> {tuple(batch_amax.shape)})"
                 )

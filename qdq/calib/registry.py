@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from qdq.calib.base import CalibrationError, Calibrator
+from qdq.calib.base import CalibrationError, Calibrator, PerTensorOnlyError
 from qdq.calib.histogram import HistogramCalibrator
 from qdq.calib.max import MaxCalibrator
 
@@ -49,8 +49,8 @@ def build_calibrator(desc: QuantDescriptor, owner: str = "quantizer") -> Calibra
                                f"choose one of {', '.join(CALIBRATORS)}")
     if desc.calib_method == "histogram":
         if desc.axis is not None:
-            raise CalibrationError(f"{owner}: the histogram calibrator is per tensor; got "
-                                   f"axis={desc.axis} (use calib_method='max' per channel)")
+            raise PerTensorOnlyError(f"{owner}: the histogram calibrator is per tensor; got "
+                                     f"axis={desc.axis} (use calib_method='max' per channel)")
         calib: Calibrator = HistogramCalibrator(desc.num_bits, None, desc.unsigned,
                                                 num_bins=desc.num_bins,
                                                 skip_zeros=desc.skip_zeros)
@@ -61,9 +61,10 @@ def build_calibrator(desc: QuantDescriptor, owner: str = "quantizer") -> Calibra
 
 
 def calib_method_of(calibrator: Calibrator) -> str:
-    """The calib_method name of a calibrator instance."""
+    """The calib_method name of a calibrator instance (a subclass counts as its registered
+    parent: the numpy-layout histogram is a ``histogram``)."""
     for name, cls in CALIBRATORS.items():
-        if type(calibrator) is cls:
+        if isinstance(calibrator, cls):
             return name
     raise CalibrationError(f"{calibrator.owner}: {type(calibrator).__name__} is not a "
                            f"registered calibrator ({', '.join(CALIBRATORS)})")

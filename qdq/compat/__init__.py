@@ -17,8 +17,8 @@ Leaf modules are qdq's own module objects (``pytorch_quantization.tensor_quant i
 qdq.tensor_quant``), so patching a function there patches qdq. Packages
 (``pytorch_quantization``, ``.nn``, ``.nn.modules``, ``.calib``, ``.utils``, ``.optim``)
 are thin views that add pytorch-quantization's submodule names and read everything else
-from the qdq package they stand for. What has no counterpart (the compiled ``cuda_ext``)
-is not mapped, so importing it fails as it does on a machine without the extension.
+from the qdq package they stand for. The compiled ``cuda_ext`` is answered by
+:mod:`qdq.compat.cuda_ext`, the same functions in plain torch.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ MODULE_MAP: dict[str, str | None] = {
     PACKAGE: "qdq.compat.toplevel",
     f"{PACKAGE}.version": "qdq.compat.toplevel",
     f"{PACKAGE}.tensor_quant": "qdq.tensor_quant",
+    f"{PACKAGE}.cuda_ext": "qdq.compat.cuda_ext",
     f"{PACKAGE}.quant_modules": "qdq.quant_modules",
     f"{PACKAGE}.calib": "qdq.calib",
     f"{PACKAGE}.calib.calibrator": "qdq.calib.base",
@@ -56,7 +57,7 @@ MODULE_MAP: dict[str, str | None] = {
     f"{PACKAGE}.nn.modules.clip": "qdq.nn.clip",
     f"{PACKAGE}.nn.modules._utils": "qdq.nn.mixin",
     f"{PACKAGE}.nn._functions": "qdq.nn",
-    f"{PACKAGE}.nn._functions.quant_rnn": "qdq.nn.rnn",
+    f"{PACKAGE}.nn._functions.quant_rnn": "qdq.compat.rnn_functions",
     f"{PACKAGE}.utils": "qdq.utils",
     f"{PACKAGE}.utils.reduce_amax": "qdq.utils",
     f"{PACKAGE}.utils.quant_logging": "qdq.utils",
@@ -124,8 +125,11 @@ def install() -> None:
             modules[name] = _PackageView(name, target) if name in _PACKAGES else target
         for name, module in modules.items():
             parent, _, child = name.rpartition(".")
-            if parent in modules and isinstance(modules[parent], _PackageView):
-                setattr(modules[parent], child, module)
+            view = modules.get(parent)
+            # a package attribute of the same name wins, as in pytorch-quantization
+            # (``utils.reduce_amax`` is the function, not its submodule)
+            if isinstance(view, _PackageView) and not hasattr(view._qdq_target, child):
+                setattr(view, child, module)
         sys.modules.update(modules)
         _installed.update(modules)
 

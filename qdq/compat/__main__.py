@@ -13,18 +13,18 @@ from qdq.compat import CompatError, install
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m qdq.compat SCRIPT.py [ARGS...]\n"
-              "Runs SCRIPT with its pytorch_quantization imports answered by qdq.",
-              file=sys.stdout if argv else sys.stderr)
+        (sys.stdout if argv else sys.stderr).write(
+            "usage: python -m qdq.compat SCRIPT.py [ARGS...]\n"
+            "Runs SCRIPT with its pytorch_quantization imports answered by qdq.\n")
         return 0 if argv else 2
     script = argv[0]
     if not os.path.isfile(script):
-        print(f"qdq.compat: no such script: {script}", file=sys.stderr)
+        sys.stderr.write(f"qdq.compat: no such script: {script}\n")
         return 2
     try:
         install()
     except CompatError as err:
-        print(f"qdq.compat: {err}", file=sys.stderr)
+        sys.stderr.write(f"qdq.compat: {err}\n")
         return 2
     # as `python script.py` would: the script's folder first on the path, its own argv
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))

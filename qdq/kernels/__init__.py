@@ -1,6 +1,6 @@
 """Fake-quant backends, chosen per call by ``TensorQuantizer.backend``.
 
-- ``"eager"``: :func:`qdq.tensor_quant.fake_tensor_quant`, plain torch ops, any device.
+- ``"eager"``: :func:`qdq.tensor_quant.fake_quant`, plain torch ops, any device.
 - ``"fused"``: :func:`qdq.kernels.fake_quant.fused_fake_tensor_quant`, Triton kernels
   on CUDA (same numbers, one pass forward and backward); eager elsewhere.
 - ``"auto"`` (default): fused for CUDA tensors, eager otherwise.
@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from qdq.tensor_quant import fake_tensor_quant
+from qdq.tensor_quant import fake_quant
 
 __all__ = ["FAKE_QUANT_BACKENDS", "default_backend", "resolve_backend"]
 
@@ -27,9 +27,9 @@ def _fused(*args, **kwargs):
     return fused_fake_tensor_quant(*args, **kwargs)
 
 
-#: backend name -> function with the signature of ``fake_tensor_quant``
+#: backend name -> function with the signature of ``fake_quant``
 FAKE_QUANT_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
-    "eager": fake_tensor_quant,
+    "eager": fake_quant,
     "fused": _fused,
 }
 

@@ -1,6 +1,6 @@
 """Fused fake quantization for QAT on GPUs: one Triton kernel forward, one backward.
 
-The eager path (:func:`qdq.tensor_quant.fake_tensor_quant`) runs about ten elementwise
+The eager path (:func:`qdq.tensor_quant.fake_quant`) runs about ten elementwise
 kernels per call and materialises an fp32 copy of every bf16 activation. Here the forward
 pass reads ``x`` once in its own dtype, computes in fp32 registers, writes the result in
 ``x``'s dtype and a bit-packed straight-through mask (1 bit per element); the backward
@@ -25,7 +25,7 @@ import warnings
 
 import torch
 
-from qdq.tensor_quant import AMAX_EPS, _check_args, fake_tensor_quant, quant_bounds
+from qdq.tensor_quant import AMAX_EPS, _check_args, fake_quant, quant_bounds, quant_step
 
 __all__ = ["fused_fake_tensor_quant", "triton_available", "fused_supported", "BLOCK"]
 
@@ -175,7 +175,7 @@ class _FusedFakeQuant(torch.autograd.Function):
         # bit for bit on every device (CUDA divides by a Python scalar as a multiply by
         # its reciprocal, the CPU does not).
         amax_f = amax.detach().float().clamp_min(AMAX_EPS)
-        scale = amax_f / divisor
+        scale = quant_step(amax, num_bits, unsigned, narrow_range)
         _fq_forward[grid](
             x, amax_f.reshape(-1).contiguous(), scale.reshape(-1).contiguous(), out, mask, n,
             inner, channels, float(qmin), float(qmax), PER_CHANNEL=axis is not None,
@@ -220,7 +220,7 @@ def fused_fake_tensor_quant(
     unsigned: bool = False,
     narrow_range: bool = False,
 ) -> torch.Tensor:
-    """Same contract and numbers as :func:`qdq.tensor_quant.fake_tensor_quant`, fused.
+    """Same contract and numbers as :func:`qdq.tensor_quant.fake_quant`, fused.
 
     Takes the eager path where the kernels do not apply (see the module docstring).
     """
@@ -230,4 +230,4 @@ def fused_fake_tensor_quant(
         out = _launch(x, amax.to(x.device), num_bits, unsigned, narrow_range)
         if out is not None:
             return out
-    return fake_tensor_quant(x, amax, num_bits, unsigned, narrow_range)
+    return fake_quant(x, amax, num_bits, unsigned, narrow_range)

@@ -10,6 +10,7 @@ from qdq.nn.attention import (
     attention_twin_of,
     register_attention,
 )
+from qdq.nn.clip import Clip
 from qdq.nn.conv import (
     QuantConv1d,
     QuantConv2d,
@@ -18,7 +19,6 @@ from qdq.nn.conv import (
     QuantConvTranspose2d,
     QuantConvTranspose3d,
 )
-from qdq.nn.clip import Clip
 from qdq.nn.functional import QuantAdd, QuantConcat, QuantMatMul
 from qdq.nn.instancenorm import QuantInstanceNorm1d, QuantInstanceNorm2d, QuantInstanceNorm3d
 from qdq.nn.linear import QuantLinear

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qdq.nn.functional import clip
+from qdq.clipping import clip
 
 __all__ = ["Clip"]
 
@@ -19,11 +19,11 @@ __all__ = ["Clip"]
 def _bound(value, learn: bool, which: str):
     if not learn:
         return value
-    tensor = torch.as_tensor(value, dtype=torch.float32)
-    if tensor.numel() != 1:
-        raise ValueError(f"Clip: a learnable {which} must be a scalar, got shape "
-                         f"{tuple(tensor.shape)}")
-    return nn.Parameter(tensor.reshape(()).clone())
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        # as in pytorch-quantization: a learnable range starts from a Python number
+        raise ValueError(f"Clip: a learnable {which} must be scalar (a Python float), got "
+                         f"{type(value).__name__}")
+    return nn.Parameter(torch.tensor(float(value)))
 
 
 class Clip(nn.Module):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qdq.descriptor import QuantDescriptor
-from qdq.nn.mixin import QuantMixin
+from qdq.nn.mixin import QuantMixin, check_float_kwargs
 from qdq.nn.registry import register_quant_twin
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
 
 class _QuantConvNd(QuantMixin):
     def __init__(self, *args, quant_desc_input=None, quant_desc_weight=None, **kwargs):
+        check_float_kwargs(type(self), kwargs)
         super().__init__(*args, **kwargs)
         self.init_quantizer(quant_desc_input, quant_desc_weight)
 
@@ -53,6 +54,7 @@ class _QuantConvTransposeNd(QuantMixin):
     _num_spatial: int
 
     def __init__(self, *args, quant_desc_input=None, quant_desc_weight=None, **kwargs):
+        check_float_kwargs(type(self), kwargs)
         super().__init__(*args, **kwargs)
         self.init_quantizer(quant_desc_input, quant_desc_weight)
 
@@ -82,3 +84,9 @@ class QuantConvTranspose2d(_QuantConvTransposeNd, nn.ConvTranspose2d):
 @register_quant_twin(nn.ConvTranspose3d)
 class QuantConvTranspose3d(_QuantConvTransposeNd, nn.ConvTranspose3d):
     _num_spatial = 3
+
+
+# pytorch-quantization's short names
+Conv1d, Conv2d, Conv3d = QuantConv1d, QuantConv2d, QuantConv3d
+ConvTranspose1d, ConvTranspose2d, ConvTranspose3d = (
+    QuantConvTranspose1d, QuantConvTranspose2d, QuantConvTranspose3d)

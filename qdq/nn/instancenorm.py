@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from qdq.nn.mixin import QuantInputMixin
+from qdq.nn.mixin import QuantInputMixin, check_float_kwargs
 
 __all__ = ["QuantInstanceNorm1d", "QuantInstanceNorm2d", "QuantInstanceNorm3d"]
 
 
 class _QuantInstanceNorm(QuantInputMixin):
     def __init__(self, *args, quant_desc_input=None, **kwargs):
+        check_float_kwargs(type(self), kwargs)
         super().__init__(*args, **kwargs)
         self.init_quantizer(quant_desc_input)
 

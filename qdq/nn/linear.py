@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qdq.nn.mixin import QuantMixin
+from qdq.nn.mixin import QuantMixin, check_float_kwargs
 from qdq.nn.registry import register_quant_twin
 
 __all__ = ["QuantLinear"]
@@ -21,6 +21,7 @@ __all__ = ["QuantLinear"]
 @register_quant_twin(nn.Linear)
 class QuantLinear(QuantMixin, nn.Linear):
     def __init__(self, *args, quant_desc_input=None, quant_desc_weight=None, **kwargs):
+        check_float_kwargs(type(self), kwargs)
         super().__init__(*args, **kwargs)
         self.init_quantizer(quant_desc_input, quant_desc_weight)
 
@@ -60,3 +61,6 @@ class QuantLinear(QuantMixin, nn.Linear):
                                                            device=self.weight.device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
+
+
+Linear = QuantLinear  # pytorch-quantization's short name

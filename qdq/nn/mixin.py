@@ -19,12 +19,16 @@ Example (a custom layer)::
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 from torch import nn
 
 from qdq.descriptor import QuantDescriptor
 from qdq.quantizer import TensorQuantizer
 
-__all__ = ["QuantMixin", "QuantInputMixin", "DEFAULT_INPUT_DESC", "DEFAULT_WEIGHT_DESC"]
+__all__ = ["QuantMixin", "QuantInputMixin", "DEFAULT_INPUT_DESC", "DEFAULT_WEIGHT_DESC",
+           "check_float_kwargs"]
 
 DEFAULT_INPUT_DESC = QuantDescriptor(num_bits=8, calib_method="max")
 DEFAULT_WEIGHT_DESC = QuantDescriptor(num_bits=8, axis=0, calib_method="max")
@@ -35,7 +39,33 @@ def _check_desc(value, what: str, owner: type) -> QuantDescriptor:
         raise TypeError(
             f"{owner.__name__}: {what} must be a QuantDescriptor, got {type(value).__name__}"
         )
+    if not value.fake_quant:
+        # integer outputs would feed the float op as if they were activations
+        raise ValueError(f"{owner.__name__}: {what} has fake_quant=False. Only fake "
+                         "quantization is supported in quant layers")
     return value
+
+
+@functools.cache
+def _init_parameters(cls: type) -> frozenset[str] | None:
+    """Keyword names ``cls.__init__`` takes; None when it takes any (``**kwargs``)."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params if p.kind is not p.VAR_POSITIONAL)
+
+
+def check_float_kwargs(quant_cls: type, kwargs: dict) -> None:
+    """Refuse keyword arguments neither the float layer nor the quant twin takes, with
+    the names (pytorch-quantization's "Unused keys"), before the float layer is built."""
+    float_cls = getattr(quant_cls, "_float_cls", None)
+    known = _init_parameters(float_cls) if float_cls is not None else None
+    if known is None:
+        return
+    unused = sorted(set(kwargs) - known)
+    if unused:
+        raise TypeError(f"{quant_cls.__name__}: Unused keys: {unused} (not arguments of "
+                        f"{float_cls.__name__} nor quant_desc_input/quant_desc_weight)")
 
 
 class QuantInputMixin:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from qdq.nn.mixin import QuantInputMixin
+from qdq.nn.mixin import QuantInputMixin, check_float_kwargs
 from qdq.nn.registry import register_quant_twin
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
 
 class _QuantPool(QuantInputMixin):
     def __init__(self, *args, quant_desc_input=None, **kwargs):
+        check_float_kwargs(type(self), kwargs)
         super().__init__(*args, **kwargs)
         self.init_quantizer(quant_desc_input)
 
@@ -43,3 +44,9 @@ QuantAvgPool3d = _pool_twin(nn.AvgPool3d)
 QuantAdaptiveAvgPool1d = _pool_twin(nn.AdaptiveAvgPool1d)
 QuantAdaptiveAvgPool2d = _pool_twin(nn.AdaptiveAvgPool2d)
 QuantAdaptiveAvgPool3d = _pool_twin(nn.AdaptiveAvgPool3d)
+
+# pytorch-quantization's short names
+MaxPool1d, MaxPool2d, MaxPool3d = QuantMaxPool1d, QuantMaxPool2d, QuantMaxPool3d
+AvgPool1d, AvgPool2d, AvgPool3d = QuantAvgPool1d, QuantAvgPool2d, QuantAvgPool3d
+AdaptiveAvgPool1d, AdaptiveAvgPool2d, AdaptiveAvgPool3d = (
+    QuantAdaptiveAvgPool1d, QuantAdaptiveAvgPool2d, QuantAdaptiveAvgPool3d)

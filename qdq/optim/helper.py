@@ -37,15 +37,15 @@ def group_parameters(model: nn.Module, patterns_list: Sequence[Sequence[str]],
     groups = []
     for patterns in patterns_list:
         if not isinstance(patterns, list):
-            raise TypeError("group_parameters: patterns_list must be a list of lists of "
-                            f"patterns, got an item of type {type(patterns).__name__}")
+            raise TypeError("group_parameters: patterns_list must be list of list of patterns, "
+                            f"got an item of type {type(patterns).__name__}")
         groups.append({"params": match_parameters(model, patterns)})
     for key, values in (("lr", lrs), ("momentum", momentums), ("weight_decay", weight_decays)):
         if values is None:
             continue
         if len(values) != len(patterns_list):
-            raise TypeError(f"group_parameters: {len(values)} {key} values for "
-                            f"{len(patterns_list)} pattern lists")
+            raise TypeError(f"group_parameters: the number of {key} values must match the "
+                            f"number of pattern lists ({len(values)} vs {len(patterns_list)})")
         for group, value in zip(groups, values, strict=True):
             group[key] = value
     return groups

@@ -64,7 +64,7 @@ def test_onnx_runtime_runs_int4_dequantize_linear_21_with_block_size(rng):
 
 def test_ort_session_keeps_a_relu_in_front_of_an_fp8_quantize_linear(rng):
     from export.verify import ort_session
-    from qdq.tensor_quant import fake_tensor_quant
+    from qdq.tensor_quant import fake_quant
 
     x = torch.randn(2, 64, generator=rng)
     zp = helper.make_tensor("zp", TensorProto.FLOAT8E4M3FN, [], [0.0])
@@ -77,7 +77,7 @@ def test_ort_session_keeps_a_relu_in_front_of_an_fp8_quantize_linear(rng):
         [zp, numpy_helper.from_array(np.array(0.01, np.float32), "s")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
     y = ort_session(model).run(None, {"x": x.numpy()})[0]
-    expected = fake_tensor_quant(torch.relu(x), torch.tensor(0.01 * 448), (4, 3))
+    expected = fake_quant(torch.relu(x), torch.tensor(0.01 * 448), (4, 3))
     assert np.array_equal(y, expected.numpy()) and (y >= 0).all()
 
 

@@ -108,8 +108,8 @@ def test_histogram_request_on_a_max_quantizer_names_it_and_the_fix(args, kwargs)
     assert q.amax is not None
 
 
-def test_if_clip_is_refused_not_ignored():
-    with pytest.raises(QuantizerError, match="if_clip=True is not available.*learn_amax"):
+def test_if_clip_needs_a_learned_amax_not_ignored():
+    with pytest.raises(QuantizerError, match="if_clip=True needs.*learn_amax"):
         TensorQuantizer(if_clip=True)
     assert TensorQuantizer(if_clip=False).is_enabled
 

@@ -22,7 +22,7 @@ from qdq.fp8 import (
     fp8_mse_amax,
     round_to_fp8,
 )
-from qdq.tensor_quant import fake_tensor_quant, scale_from_amax, tensor_quant
+from qdq.tensor_quant import fake_quant, scale_from_amax, tensor_quant
 from tests.conftest import needs_cuda
 
 FP8 = (4, 3)
@@ -88,11 +88,11 @@ def test_fake_quant_is_torchs_cast_times_the_scale(rng, shape, amax_shape):
     amax = torch.rand(amax_shape, generator=rng) * 4 + 0.1
     scale = amax / 448
     expected = (x / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * scale
-    assert torch.equal(fake_tensor_quant(x, amax, FP8), expected)
+    assert torch.equal(fake_quant(x, amax, FP8), expected)
     assert torch.equal(scale_from_amax(amax, FP8), scale)
     grid, step = tensor_quant(x, amax, FP8)
     assert torch.equal(grid, (x / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float())
-    assert torch.equal(step, scale)
+    assert torch.equal(step, 448 / amax)  # pytorch-quantization's scale: 1 / step
 
 
 def test_fake_quant_equals_onnx_runtime_quantize_dequantize_19(rng):
@@ -114,14 +114,14 @@ def test_fake_quant_equals_onnx_runtime_quantize_dequantize_19(rng):
     session = ort.InferenceSession(model.SerializeToString(),
                                    providers=["CPUExecutionProvider"])
     y = session.run(None, {"x": x})[0]
-    ours = fake_tensor_quant(torch.from_numpy(x), torch.tensor(scale * 448), FP8).numpy()
+    ours = fake_quant(torch.from_numpy(x), torch.tensor(scale * 448), FP8).numpy()
     assert np.array_equal(ours, y)
 
 
 def test_straight_through_gradient_and_amax_gradient():
     x = torch.tensor([0.1, -0.7, 2.0, -3.0], requires_grad=True)
     amax = torch.tensor(1.0, requires_grad=True)
-    fake_tensor_quant(x, amax, FP8).sum().backward()
+    fake_quant(x, amax, FP8).sum().backward()
     assert x.grad.tolist() == [1.0, 1.0, 0.0, 0.0]
     # saturated values move with amax (+1 and -1); the inside ones by their rounding error
     inside = [(round_to_fp8(torch.tensor(v * 448)) - v * 448) / 448 for v in (0.1, -0.7)]
@@ -188,9 +188,9 @@ def test_quantizer_calibrates_fp8_with_max_and_histogram(rng):
         q.enable_quant()
         q.disable_calib()
         assert 0 < float(q.amax) <= top
-        assert torch.equal(q.scale, q.amax / 448)
+        assert torch.equal(q.step_size, q.amax / 448)
         x = torch.randn(100, generator=rng)
-        assert torch.equal(q(x), fake_tensor_quant(x, q.amax, FP8))
+        assert torch.equal(q(x), fake_quant(x, q.amax, FP8))
     assert "fp8 e4m3" in repr(q)
 
 

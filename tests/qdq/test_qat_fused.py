@@ -16,7 +16,7 @@ from torch import nn
 
 from qdq.kernels import FAKE_QUANT_BACKENDS, resolve_backend
 from qdq.quantizer import TensorQuantizer
-from qdq.tensor_quant import fake_tensor_quant
+from qdq.tensor_quant import fake_quant
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -73,7 +73,7 @@ def run_cases(device: str) -> int:
         if x.dim() == 4 and not x.is_contiguous():
             xe = x.detach().clone(memory_format=torch.channels_last).requires_grad_(True)
             xf = x.detach().clone(memory_format=torch.channels_last).requires_grad_(True)
-        out_e = fake_tensor_quant(xe, amax, **kw)
+        out_e = fake_quant(xe, amax, **kw)
         out_f = fused_fake_tensor_quant(xf, amax, **kw)
         assert out_f.dtype == out_e.dtype and out_f.stride() == x.stride(), name
         assert _same_bits(out_e, out_f), f"{name}: forward differs"
@@ -164,7 +164,7 @@ def test_auto_backend_uses_eager_on_cpu_and_names_are_checked():
     q = TensorQuantizer()
     q.amax = 1.0
     q.backend = "fused"  # no Triton launch on CPU tensors: the eager numbers come back
-    assert torch.equal(q(x), fake_tensor_quant(x, torch.tensor(1.0)))
+    assert torch.equal(q(x), fake_quant(x, torch.tensor(1.0)))
     q.backend = "nope"
     with pytest.raises(ValueError, match="nope"):
         q(x)

@@ -1,12 +1,15 @@
 """TensorQuantizer: states, calibration, amax storage, errors, export path."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
 from qdq import QuantDescriptor, TensorQuantizer
 from qdq.calib import CalibrationError, MaxCalibrator
-from qdq.quantizer import QuantizerError
+from qdq.quantizer import DynamicAmaxWarning, QuantizerError
+from qdq.tensor_quant import fake_quant
 from tests.conftest import needs_cuda
 
 
@@ -43,7 +46,7 @@ def test_calibrate_then_quantize():
     assert float(q.amax) == 3.0
     out = q(torch.tensor([3.0, 10.0, -10.0, 0.01]))
     assert out.tolist()[:3] == pytest.approx([3.0, 3.0, -3.0 * 128 / 127])
-    assert float(q.scale) == pytest.approx(3 / 127)
+    assert float(q.step_size) == pytest.approx(3 / 127)
 
 
 def test_calibrating_while_quantizing_feeds_calibrator():
@@ -59,11 +62,17 @@ def test_per_channel_weight_amax_shape():
     assert q.amax.shape == (6, 1, 1, 1)
 
 
-def test_quantizing_without_amax_names_the_quantizer():
+def test_quantizing_without_amax_is_dynamic_and_warns_once_by_name():
     q = TensorQuantizer()
     q.name = "layer1.conv._input_quantizer"
-    with pytest.raises(QuantizerError, match="layer1.conv._input_quantizer"):
-        q(torch.randn(3))
+    x = torch.randn(3)
+    with pytest.warns(DynamicAmaxWarning, match="layer1.conv._input_quantizer"):
+        out = q(x)
+    assert torch.equal(out, fake_quant(x, x.abs().max()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q(torch.randn(3))  # once per quantizer
+    assert q.amax is None and q.is_dynamic
 
 
 def test_load_calib_amax_without_data_is_clear():
@@ -86,7 +95,7 @@ def test_all_zero_data_warns_and_keeps_a_usable_amax():
     assert float(q.amax) == 0.0
     q.enable_quant()
     assert torch.equal(q(torch.zeros(3)), torch.zeros(3))
-    assert float(q.scale) > 0
+    assert float(q.step_size) > 0
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -170,9 +179,17 @@ def test_learn_amax_makes_a_parameter_that_trains():
     assert float(fresh.amax) == float(q.amax.detach())
 
 
-def test_learn_amax_from_descriptor_needs_initial_amax():
-    with pytest.raises(QuantizerError, match="initial amax"):
-        TensorQuantizer(QuantDescriptor(learn_amax=True))
+def test_learn_amax_from_descriptor_without_amax_learns_after_calibration():
+    q = TensorQuantizer(QuantDescriptor(learn_amax=True))
+    assert not q.learn_amax and q.amax is None          # dynamic until calibrated
+    with pytest.raises(QuantizerError, match="calibrate first"):
+        q.init_learn_amax()
+    q.enable_calib()
+    q(torch.tensor([0.5, -1.5]))
+    q.load_calib_amax()
+    q.init_learn_amax()
+    assert q.learn_amax and isinstance(q._amax, nn.Parameter) and float(q.amax) == 1.5
+    assert float(q.clip.clip_value_min) == -1.5 and float(q.clip.clip_value_max) == 1.5
     q = TensorQuantizer(QuantDescriptor(learn_amax=True, amax=2.0))
     assert q.learn_amax and float(q.amax) == 2.0
 
@@ -188,7 +205,7 @@ def test_repr_is_one_line_with_the_essentials():
     assert "\n" not in text
     for word in ("8bit", "axis=0", "amax=[", "MaxCalibrator", "state=quant"):
         assert word in text
-    assert "amax=None" in repr(TensorQuantizer())
+    assert "amax=dynamic" in repr(TensorQuantizer())
 
 
 @pytest.mark.parametrize("axis", [None, 0])

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qdq.tensor_quant import (
     AMAX_EPS,
-    fake_tensor_quant,
+    fake_quant,
     quant_bounds,
     scale_from_amax,
     tensor_quant,
@@ -48,7 +48,7 @@ def _boundary_values(scale: float, n: int, gen: torch.Generator) -> torch.Tensor
 def test_per_tensor_matches_onnx_runtime_bit_for_bit(amax, rng):
     scale = amax / 127
     x = torch.cat([torch.randn(20000, generator=rng) * amax, _boundary_values(scale, 5000, rng)])
-    ours = fake_tensor_quant(x, torch.tensor(amax))
+    ours = fake_quant(x, torch.tensor(amax))
     ref = _ort_qdq(x.numpy(), scale_from_amax(torch.tensor(amax)).numpy())
     assert np.array_equal(ours.numpy(), ref)
 
@@ -58,7 +58,7 @@ def test_per_channel_matches_onnx_runtime_bit_for_bit(rng):
     amax = w.abs().amax(dim=(1, 2, 3), keepdim=True)
     amax[3] = 0.0  # a dead channel still quantizes (to exact zeros)
     w[3] = 0.0
-    ours = fake_tensor_quant(w, amax)
+    ours = fake_quant(w, amax)
     scale = scale_from_amax(amax).reshape(-1).numpy()
     assert np.all(scale > 0) and np.all(np.isfinite(scale))
     ref = _ort_qdq(w.numpy(), scale, axis=0)
@@ -73,7 +73,7 @@ def test_matches_torch_fake_quant_except_reciprocal_rounding(rng):
     scale = scale_from_amax(amax)
     x = torch.cat([torch.randn(50000, generator=rng) * 3,
                    _boundary_values(float(scale), 3000, rng)])
-    ours = fake_tensor_quant(x, amax)
+    ours = fake_quant(x, amax)
     theirs = torch.fake_quantize_per_tensor_affine(x, scale, torch.tensor(0, dtype=torch.int32),
                                                    -128, 127)
     xs = x.numpy()
@@ -91,20 +91,21 @@ def test_per_channel_matches_torch_per_channel_op(rng):
     scale = scale_from_amax(amax).reshape(-1)
     theirs = torch.fake_quantize_per_channel_affine(
         w, scale, torch.zeros(8, dtype=torch.int32), 0, -128, 127)
-    ours = fake_tensor_quant(w, amax)
+    ours = fake_quant(w, amax)
     assert (ours != theirs).float().mean() < 1e-4
 
 
 def test_round_half_to_even_and_saturation():
     amax = torch.tensor(127.0)  # scale 1
     x = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, 127.4, 200.0, -127.5, -128.4, -300.0])
-    q, scale = tensor_quant(x, amax)
+    q, scale = tensor_quant(x, amax, narrow_range=False)
     assert float(scale) == 1.0
     assert q.tolist() == [0, 2, 2, -0, -2, -2, 126, 127, 127, -128, -128, -128]
-    qn, _ = tensor_quant(x, amax, narrow_range=True)
+    qn, _ = tensor_quant(x, amax)  # pytorch-quantization's default: narrow range
     assert qn.min() == -127
     qu, su = tensor_quant(x.abs(), amax, unsigned=True)
-    assert float(su) == pytest.approx(127 / 255) and qu.max() == 255 and qu.min() >= 0
+    # pytorch-quantization's scale: qmax / amax (multiply to quantize)
+    assert float(su) == pytest.approx(255 / 127) and qu.max() == 255 and qu.min() >= 0
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8, 16])
@@ -119,16 +120,16 @@ def test_bounds_and_scale_for_widths(bits):
 @pytest.mark.parametrize("bits", [1, 17, 0])
 def test_num_bits_out_of_range(bits):
     with pytest.raises(ValueError, match="num_bits"):
-        fake_tensor_quant(torch.ones(3), torch.tensor(1.0), num_bits=bits)
+        fake_quant(torch.ones(3), torch.tensor(1.0), num_bits=bits)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_inputs_compute_in_fp32(dtype, rng):
     x = torch.randn(4096, generator=rng)
     amax = torch.tensor(2.5)
-    out = fake_tensor_quant(x.to(dtype), amax)
+    out = fake_quant(x.to(dtype), amax)
     assert out.dtype == dtype
-    ref = fake_tensor_quant(x.to(dtype).float(), amax).to(dtype)
+    ref = fake_quant(x.to(dtype).float(), amax).to(dtype)
     assert torch.equal(out, ref)
 
 
@@ -136,19 +137,19 @@ def test_zero_amax_gives_positive_scale_and_zeros():
     scale = scale_from_amax(torch.tensor([0.0, 1.0]))
     assert torch.all(scale > 0) and torch.all(torch.isfinite(scale))
     assert float(scale[0]) == pytest.approx(AMAX_EPS / 127)
-    assert torch.equal(fake_tensor_quant(torch.zeros(5), torch.tensor(0.0)), torch.zeros(5))
+    assert torch.equal(fake_quant(torch.zeros(5), torch.tensor(0.0)), torch.zeros(5))
 
 
 def test_straight_through_gradient_mask():
     x = torch.tensor([-3.0, -1.0, -0.2, 0.0, 0.7, 1.0, 1.01, 5.0], requires_grad=True)
-    fake_tensor_quant(x, torch.tensor(1.0)).sum().backward()
+    fake_quant(x, torch.tensor(1.0)).sum().backward()
     assert x.grad.tolist() == [0, 1, 1, 1, 1, 1, 0, 0]
 
 
 def test_amax_gradient_matches_its_definition():
     x = torch.tensor([0.3, -0.45, 2.0, -3.0])
     amax = torch.tensor(1.0, requires_grad=True)
-    out = fake_tensor_quant(x, amax)
+    out = fake_quant(x, amax)
     out.sum().backward()
     s = 1.0 / 127
     q = torch.clamp(torch.round(x / s), -128, 127)
@@ -161,14 +162,14 @@ def test_amax_gradient_matches_its_definition():
 def test_per_channel_amax_gradient_has_amax_shape():
     w = torch.randn(4, 3, 2, 2)
     amax = w.abs().amax(dim=(1, 2, 3), keepdim=True).mul(0.5).requires_grad_()
-    fake_tensor_quant(w, amax).pow(2).sum().backward()
+    fake_quant(w, amax).pow(2).sum().backward()
     assert amax.grad.shape == amax.shape and torch.isfinite(amax.grad).all()
 
 
 def test_no_gradient_work_without_learnable_amax():
     x = torch.randn(10, requires_grad=True)
     amax = torch.tensor(1.0)
-    fake_tensor_quant(x, amax).sum().backward()
+    fake_quant(x, amax).sum().backward()
     assert amax.grad is None and x.grad is not None
 
 
@@ -182,7 +183,7 @@ def test_no_gradient_work_without_learnable_amax():
 def test_quantizer_invariants(values, amax, bits, narrow):
     x = torch.tensor(values, dtype=torch.float32)
     a = torch.tensor(amax, dtype=torch.float32)
-    out = fake_tensor_quant(x, a, num_bits=bits, narrow_range=narrow)
+    out = fake_quant(x, a, num_bits=bits, narrow_range=narrow)
     qmin, qmax, _ = quant_bounds(bits, narrow_range=narrow)
     scale = scale_from_amax(a, bits, narrow_range=narrow)
     steps = out / scale
@@ -192,13 +193,13 @@ def test_quantizer_invariants(values, amax, bits, narrow):
     # bounded by the representable range
     assert out.abs().max() <= scale * max(-qmin, qmax) * (1 + 1e-6)
     # idempotent
-    assert torch.equal(fake_tensor_quant(out, a, num_bits=bits, narrow_range=narrow), out)
+    assert torch.equal(fake_quant(out, a, num_bits=bits, narrow_range=narrow), out)
     # within half a step of the input where the input is in range
     inside = x.abs() <= a
     assert torch.all((out - x)[inside].abs() <= scale * 0.5 * (1 + 1e-5) + 1e-6)
     # gradient mask: 1 exactly inside [-amax, amax]
     xg = x.clone().requires_grad_()
-    fake_tensor_quant(xg, a, num_bits=bits, narrow_range=narrow).sum().backward()
+    fake_quant(xg, a, num_bits=bits, narrow_range=narrow).sum().backward()
     assert torch.equal(xg.grad, inside.float())
 
 
@@ -206,11 +207,11 @@ def test_quantizer_invariants(values, amax, bits, narrow):
 def test_cuda_matches_cpu_and_does_not_sync():
     x = torch.randn(1 << 16)
     amax = torch.tensor(2.0)
-    cpu = fake_tensor_quant(x, amax)
+    cpu = fake_quant(x, amax)
     xc, ac = x.cuda(), amax.cuda()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        gpu = fake_tensor_quant(xc, ac)
+        gpu = fake_quant(xc, ac)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(gpu.cpu(), cpu)
