@@ -283,8 +283,9 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *,
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8
                                           else "")
-        raise ExportError(f"{len(missing)} enabled quantizers have no amax (calibrate them or "
-                          f"disable them): {shown}")
+        raise ExportError(f"{len(missing)} enabled quantizers have no calibrated amax (in "
+                          f"PyTorch they quantize with each input's own amax; ONNX and "
+                          f"TensorRT need a fixed one): calibrate them or disable them: {shown}")
 
     work = copy.deepcopy(model).eval()
     device = next((p.device for p in work.parameters()), torch.device("cpu"))

@@ -95,6 +95,14 @@ class QuantDescriptor:
                 raise TypeError(f"{label}: axis must be None, an int or ints, got {self.axis!r}")
         if self.amax is not None and hasattr(self.amax, "tolist"):  # numpy array / tensor
             object.__setattr__(self, "amax", self.amax.tolist())
+        if isinstance(self.amax, (list, tuple)) and any(isinstance(v, (list, tuple))
+                                                        for v in self.amax):
+            # a per-channel amax shaped to broadcast ([C, 1, 1, 1]): one value per channel
+            flat = torch.tensor(self.amax, dtype=torch.float64)
+            if sum(n > 1 for n in flat.shape) > 1:
+                raise ValueError(f"{label}: amax of shape {tuple(flat.shape)} varies along "
+                                 "more than one axis; give one value per channel of one axis")
+            object.__setattr__(self, "amax", flat.reshape(-1).tolist())
         if self.amax is not None and (isinstance(self.amax, (str, bytes, bool))
                                       or not isinstance(self.amax, (int, float, list, tuple))):
             raise TypeError(f"{label}: amax must be float, list or ndarray, got "

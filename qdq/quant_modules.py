@@ -138,7 +138,9 @@ def enable_onnx_export() -> Iterator[None]:
 
     qdq's quantizers notice the export by themselves and emit QuantizeLinear /
     DequantizeLinear either way; inside this block they also run torch's own fake-quant
-    ops in eager mode, as pytorch-quantization's did. Export still needs calibrated amax.
+    ops in eager mode, as pytorch-quantization's did (those multiply by ``1/scale``, so an
+    eager value within float rounding of a .5 step can land one step away from qdq's usual
+    result; the exported graph is the same). Export still needs calibrated amax.
     """
     from qdq.quantizer import TensorQuantizer
 

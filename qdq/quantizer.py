@@ -457,7 +457,8 @@ class TensorQuantizer(nn.Module):
         device = self._device_anchor.device
         key = prefix + "_amax"
         clip_keys = (prefix + "clip.clip_value_min", prefix + "clip.clip_value_max")
-        if key not in state_dict and all(k in state_dict for k in clip_keys):
+        from_clip = key not in state_dict and all(k in state_dict for k in clip_keys)
+        if from_clip:
             # a pytorch-quantization checkpoint of a learned amax: its clip bounds
             lo, hi = (state_dict[k].detach().float() for k in clip_keys)
             learned = torch.maximum(-lo, hi)
@@ -488,6 +489,8 @@ class TensorQuantizer(nn.Module):
         for k in clip_keys:
             if k in unexpected_keys:
                 unexpected_keys.remove(k)
+        if from_clip and key in missing_keys:
+            missing_keys.remove(key)
 
     # ------------------------------------------------------------------ forward
     def _get_amax(self, x: torch.Tensor) -> torch.Tensor:

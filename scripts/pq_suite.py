@@ -11,13 +11,14 @@ in total. Nothing of the suite is added to qdq's behaviour beyond the module-pat
 Usage::
 
     PYTHONPATH=. python scripts/pq_suite.py --pq-dir /path/to/TensorRT/tools/pytorch-quantization
-    PYTHONPATH=. python scripts/pq_suite.py --pq-dir DIR --keep-going -k tensor_quant  # one file
+    PYTHONPATH=. python scripts/pq_suite.py --pq-dir DIR --failures -- -k tensor_quant  # one file
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import os
 import re
 import shutil
 import subprocess
@@ -62,7 +63,6 @@ def main() -> int:
     ap.add_argument("--pq-dir", type=Path, required=True,
                     help="tools/pytorch-quantization of an NVIDIA/TensorRT checkout")
     ap.add_argument("--failures", action="store_true", help="list every failing test")
-    ap.add_argument("--exitfirst", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments")
     args = ap.parse_args()
     if not (args.pq_dir / "tests").is_dir():
@@ -73,10 +73,11 @@ def main() -> int:
         root = prepare(args.pq_dir, Path(tmp))
         report = Path(tmp) / "junit.xml"
         env_path = f"{repo}:{root}"
-        cmd = [sys.executable, "-m", "pytest", "-q", "-x" if args.exitfirst else "-q", "-p", "qdq_compat_plugin",
-               "-p", "no:cacheprovider", "--continue-on-collection-errors", f"--junitxml={report}", "tests", *args.pytest_args]
-        subprocess.run(cmd, cwd=root, env={**__import__("os").environ, "PYTHONPATH": env_path},
-                       stdout=subprocess.DEVNULL if not args.failures else None)
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "qdq_compat_plugin",
+               "-p", "no:cacheprovider", "--continue-on-collection-errors",
+               f"--junitxml={report}", "tests", *args.pytest_args]
+        subprocess.run(cmd, cwd=root, env={**os.environ, "PYTHONPATH": env_path},
+                       stdout=None if args.failures else subprocess.DEVNULL)
         counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         failing = []
         for case in ET.parse(report).getroot().iter("testcase"):

@@ -109,7 +109,8 @@ def test_dead_channel_exports_positive_scale(net, tmp_path):
 def test_uncalibrated_is_refused_by_name(tmp_path):
     model = small_net()
     qdq.replace_modules(model)
-    with pytest.raises(ExportError, match=r"6 enabled quantizers have no amax.*0\._input_q"):
+    with pytest.raises(ExportError,
+                       match=r"6 enabled quantizers have no calibrated amax.*0\._input_q"):
         to_onnx(model, torch.randn(1, 3, 8, 8), tmp_path / "n.onnx")
     assert _leftovers(tmp_path) == []
 

@@ -19,6 +19,7 @@ from qdq.calib import (
 )
 from qdq.descriptor import CALIB_METHODS, QuantDescriptor
 from qdq.quantizer import QuantizerError, TensorQuantizer, load_calib_amaxes
+from qdq.tensor_quant import fake_quant
 
 # ------------------------------------------------------------------ registry
 
@@ -79,8 +80,10 @@ def test_descriptor_amax_list_must_match_the_channels():
         q(torch.randn(3, 4))
     with pytest.raises(QuantizerError, match="one quantization axis"):
         TensorQuantizer(QuantDescriptor(axis=(0, 1), amax=[1.0, 2.0]))
-    with pytest.raises(QuantizerError, match="one quantization axis"):
-        TensorQuantizer(QuantDescriptor(amax=[1.0, 2.0]))
+    # without an axis a list broadcasts against the input as it is (pytorch-quantization)
+    q = TensorQuantizer(QuantDescriptor(amax=[1.0, 2.0]))
+    x = torch.tensor([[0.5, 0.5], [3.0, 3.0]])
+    assert torch.equal(q(x), fake_quant(x, torch.tensor([1.0, 2.0])))
 
 
 # ------------------------------------------------------------------ quantizer errors
