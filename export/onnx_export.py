@@ -23,7 +23,6 @@ The export runs on a copy of the model, so the caller's model is never changed:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
 import os
@@ -39,10 +38,11 @@ from onnx import numpy_helper
 from torch import nn
 
 from export import formats as onnx_formats
-from qdq import TensorQuantizer, quantizers
+from qdq import quantizers
 from qdq.fileio import atomic_write
 from qdq.formats import FORMATS, format_of
 from qdq.nn.weight_only import QuantizedWeight
+from qdq.quant_modules import enable_onnx_export
 
 __all__ = ["ExportError", "ExportResult", "KeywordPlan", "dynamo_exporter_available",
            "fold_constants", "flat_outputs", "keyword_args", "keyword_plan", "to_onnx",
@@ -363,16 +363,10 @@ def _needed_opset(model: nn.Module) -> tuple[int, str]:
     return 13, "Q/DQ with per-channel weights"
 
 
-@contextlib.contextmanager
 def _torch_fake_quant_ops():
     """Make quantizers call torch's fake-quant ops, which the dynamo exporter maps to Q/DQ
     (it does not set ``is_in_onnx_export``); restored whatever happens."""
-    saved = TensorQuantizer.use_fb_fake_quant
-    TensorQuantizer.use_fb_fake_quant = True
-    try:
-        yield
-    finally:
-        TensorQuantizer.use_fb_fake_quant = saved
+    return enable_onnx_export()
 
 
 def dynamo_exporter_available() -> bool:

@@ -11,29 +11,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from qdq.nn.mixin import QuantInputMixin, check_float_kwargs
+from qdq.nn.mixin import input_quant_twin
 
 __all__ = ["QuantInstanceNorm1d", "QuantInstanceNorm2d", "QuantInstanceNorm3d"]
 
 
-class _QuantInstanceNorm(QuantInputMixin):
-    def __init__(self, *args, quant_desc_input=None, **kwargs):
-        check_float_kwargs(type(self), kwargs)
-        super().__init__(*args, **kwargs)
-        self.init_quantizer(quant_desc_input)
-
-    def forward(self, input):
-        return super().forward(self._input_quantizer(input))
-
-
-def _norm_twin(float_cls: type[nn.Module]) -> type[nn.Module]:
-    name = "Quant" + float_cls.__name__
-    cls = type(name, (_QuantInstanceNorm, float_cls), {"__module__": __name__,
-                                                       "__qualname__": name})
-    cls._float_cls = float_cls
-    return cls
-
-
-QuantInstanceNorm1d = _norm_twin(nn.InstanceNorm1d)
-QuantInstanceNorm2d = _norm_twin(nn.InstanceNorm2d)
-QuantInstanceNorm3d = _norm_twin(nn.InstanceNorm3d)
+QuantInstanceNorm1d = input_quant_twin(nn.InstanceNorm1d, __name__)
+QuantInstanceNorm2d = input_quant_twin(nn.InstanceNorm2d, __name__)
+QuantInstanceNorm3d = input_quant_twin(nn.InstanceNorm3d, __name__)

@@ -28,7 +28,7 @@ from qdq.descriptor import QuantDescriptor
 from qdq.quantizer import TensorQuantizer
 
 __all__ = ["QuantMixin", "QuantInputMixin", "DEFAULT_INPUT_DESC", "DEFAULT_WEIGHT_DESC",
-           "check_float_kwargs"]
+           "check_float_kwargs", "input_quant_twin"]
 
 DEFAULT_INPUT_DESC = QuantDescriptor(num_bits=8, calib_method="max")
 DEFAULT_WEIGHT_DESC = QuantDescriptor(num_bits=8, axis=0, calib_method="max")
@@ -141,3 +141,25 @@ def twin_shell(cls: type, module: nn.Module) -> nn.Module:
         if key in module.__dict__:
             twin.__dict__[key] = type(module.__dict__[key])(module.__dict__[key])
     return twin
+
+
+class _QuantInputOnly(QuantInputMixin):
+    """A float layer whose input is quantized and whose computation is unchanged."""
+
+    def __init__(self, *args, quant_desc_input=None, **kwargs):
+        check_float_kwargs(type(self), kwargs)
+        super().__init__(*args, **kwargs)
+        self.init_quantizer(quant_desc_input)
+
+    def forward(self, input):
+        return super().forward(self._input_quantizer(input))
+
+
+def input_quant_twin(float_cls: type[nn.Module], module: str) -> type[nn.Module]:
+    """``Quant<float_cls>``: ``float_cls`` with its input quantized (pooling, norms), a
+    class of module ``module``. Registering it as the automatic twin is the caller's
+    choice (:func:`qdq.nn.registry.register_quant_twin`)."""
+    name = "Quant" + float_cls.__name__
+    cls = type(name, (_QuantInputOnly, float_cls), {"__module__": module, "__qualname__": name})
+    cls._float_cls = float_cls
+    return cls

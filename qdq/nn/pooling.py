@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from qdq.nn.mixin import QuantInputMixin, check_float_kwargs
+from qdq.nn.mixin import input_quant_twin
 from qdq.nn.registry import register_quant_twin
 
 __all__ = [
@@ -18,21 +18,8 @@ __all__ = [
 ]
 
 
-class _QuantPool(QuantInputMixin):
-    def __init__(self, *args, quant_desc_input=None, **kwargs):
-        check_float_kwargs(type(self), kwargs)
-        super().__init__(*args, **kwargs)
-        self.init_quantizer(quant_desc_input)
-
-    def forward(self, input):
-        return super().forward(self._input_quantizer(input))
-
-
 def _pool_twin(float_cls: type[nn.Module]) -> type[nn.Module]:
-    name = "Quant" + float_cls.__name__
-    cls = type(name, (_QuantPool, float_cls), {"__module__": __name__,
-                                               "__qualname__": name})
-    return register_quant_twin(float_cls)(cls)
+    return register_quant_twin(float_cls)(input_quant_twin(float_cls, __name__))
 
 
 QuantMaxPool1d = _pool_twin(nn.MaxPool1d)
