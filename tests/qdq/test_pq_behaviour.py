@@ -233,3 +233,25 @@ def test_descriptor_amax_is_stored_in_fp32():
     assert d.amax == tuple(np.float32([3.142, 2.718]).tolist())
     q = TensorQuantizer(d)
     assert q.amax.tolist() == list(d.amax)
+
+
+def test_pre_quant_scale_exports_as_one_mul_and_matches_onnx_runtime(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from export import to_onnx
+
+    torch.manual_seed(0)
+    layer = quant_nn.QuantLinear(6, 4).eval()
+    layer._input_quantizer.pre_quant_scale = torch.linspace(0.5, 2.0, 6)
+    layer._input_quantizer.amax = 3.0
+    layer._weight_quantizer.amax = layer.weight.detach().abs().amax(1, keepdim=True)
+    path = tmp_path / "pqs.onnx"
+    to_onnx(layer, torch.randn(2, 6), path)
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    assert ops.count("Mul") == 1 and ops.index("Mul") < ops.index("QuantizeLinear")
+    x = torch.randn(5, 6)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        assert np.allclose(got, layer(x).numpy(), atol=1e-6)
