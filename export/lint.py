@@ -22,6 +22,12 @@ residual-add           warning   Add of a quantized conv branch and an unquantiz
 shared-scale           warning   Concat/MaxPool whose inputs and output have other scales
 =====================  ========  ==========================================================
 
+A scale gathered (``Gather`` on axis 0) from a constant table counts as constant for the
+``scale`` rule: that is a weight-only embedding dequantized after its lookup
+(:func:`export.formats.lower_weight_dq`). ONNX Runtime runs it; TensorRT documents
+DequantizeLinear scales as build-time constants, so for TensorRT export such tables with
+``to_onnx(..., gather_first=False)`` (whole-table DQ with a constant scale, then Gather).
+
 Example::
 
     findings = check_qdq("model.onnx")
@@ -175,10 +181,22 @@ def _zero_point(g: _Graph):
             yield _label(node), f"non-zero {kind}zero point {values}; TensorRT needs 0"
 
 
+def _gathered_scale_table(g: _Graph, node: onnx.NodeProto) -> np.ndarray | None:
+    """The constant table a DQ's scale is gathered from (a weight-only embedding lookup
+    dequantized after the Gather, :func:`export.formats.lower_weight_dq`), if it is."""
+    gather = g.producer.get(node.input[1])
+    if (node.op_type != "DequantizeLinear" or gather is None or gather.op_type != "Gather"
+            or _attr(gather, "axis", 0) != 0):
+        return None
+    return g.consts.get(gather.input[0])
+
+
 @rule("scale", ERROR)
 def _scale(g: _Graph):
     for node in g.nodes("QuantizeLinear", "DequantizeLinear"):
         scale = g.consts.get(node.input[1])
+        if scale is None:
+            scale = _gathered_scale_table(g, node)
         if scale is None:
             yield _label(node), f"scale {node.input[1]!r} is not a constant"
             continue

@@ -227,7 +227,8 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *,
             opset: int | None = None,
             dynamic_batch: bool = True, input_names: list[str] | None = None,
             output_names: list[str] | None = None, fold_bn: bool = True,
-            int8_weights: bool = False, dynamo: bool = False) -> ExportResult:
+            int8_weights: bool = False, dynamo: bool = False,
+            gather_first: bool = True) -> ExportResult:
     """Export ``model`` (quantized, calibrated) to ``path``.
 
     Args:
@@ -244,6 +245,9 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *,
             always store their integer weights.
         dynamo: use torch's dynamo exporter (it picks its own opset, 18 or newer; static
             shapes only).
+        gather_first: weight-only embedding tables at opset >= 21: Gather the integer rows
+            and their scales, then dequantize only those (False: dequantize the whole
+            table, then Gather; constant scales, as TensorRT documents them).
 
     Example::
 
@@ -338,7 +342,7 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *,
     if int8_weights:
         _weights_to_int8(onnx_model)
     onnx_model = onnx_formats.set_opset(onnx_model, opset)
-    onnx_formats.lower_weight_dq(onnx_model)
+    onnx_formats.lower_weight_dq(onnx_model, gather_first=gather_first)
     onnx.checker.check_model(onnx_model)
     atomic_write(path, lambda tmp: onnx.save(onnx_model, str(tmp)), parents=False)
     ops = [n.op_type for n in onnx_model.graph.node]

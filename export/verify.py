@@ -25,7 +25,7 @@ Formats (:mod:`qdq.formats`): FP8 E4M3 quantizers get the same analysis on their
 (a step is one E4M3 grid position, a boundary the midpoint between two of them). A
 weight-only graph has no activation quantizer, so its forced run is the free run; instead
 every weight DequantizeLinear is compared with the layer's dequantized weight (expected:
-equal, bit for bit).
+equal, bit for bit); one that dequantizes gathered embedding rows, with those rows.
 
 Quantizers are matched to Q nodes through the scope names the TorchScript exporter gives
 them (``/layer1/layer1.0/conv1/_input_quantizer/QuantizeLinear``); the k-th call of a
@@ -46,9 +46,9 @@ import onnx
 import torch
 from torch import nn
 
-from export.formats import onnx_format
+from export.formats import gathered_dq_table, onnx_format, weight_source
 from export.onnx_export import flat_outputs
-from export.onnx_io import constant_values
+from export.onnx_io import constant_values, producers
 from export.onnx_io import load_onnx as _load
 from qdq import quantizers as iter_quantizers
 from qdq.formats import FORMATS
@@ -563,9 +563,12 @@ def verify(model: nn.Module, onnx_path: str | os.PathLike, inputs, *, forced: bo
     pairs = [_Pair(q, dq, consts.get(q.input[1])) for q, dq in activation_qdq_pairs(graph)
              ] if forced else []
     weight_dqs, unmatched_weights = _weight_dqs(graph, model)
+    made_by = producers(graph)
+    gathered = {name: gathered_dq_table(graph, dq, made_by) for name, dq in weight_dqs.items()}
     existing = set(output_names)
     for name in ([n for p in pairs for n in (p.q.input[0], p.dq.output[0])]
-                 + [dq.output[0] for dq in weight_dqs.values()]):
+                 + [dq.output[0] for dq in weight_dqs.values()]
+                 + [i for i in gathered.values() if i and i not in feeds and i not in consts]):
         if name not in existing:
             graph.output.append(onnx.ValueInfoProto(name=name))
             existing.add(name)
@@ -605,8 +608,10 @@ def verify(model: nn.Module, onnx_path: str | os.PathLike, inputs, *, forced: bo
         [_diff(n, o, f.float().cpu().numpy(), steps.get(n), classifier)
          for n, o, f in zip(output_names, ort_outputs, free, strict=True)], format=fmt,
         unmatched_weights=unmatched_weights)
+    known = {**consts, **feeds, **ort_values}
     report.weights = [_weight_check(name, model.get_submodule(name), dq,
-                                    ort_values[dq.output[0]])
+                                    ort_values[dq.output[0]],
+                                    None if gathered[name] is None else known[gathered[name]])
                       for name, dq in weight_dqs.items()]
     if forced and not pairs:
         report.forced_outputs = list(report.outputs)  # nothing to force: the same run
@@ -690,7 +695,9 @@ def _weight_dqs(graph: onnx.GraphProto, model: nn.Module
     """Weight-only weights of ``model`` -> the DequantizeLinear reading their codes
     (initializer ``<module>.codes``, or ``model.<module>.codes`` behind the export's
     wrappers for keyword inputs), and the weights with none."""
-    by_codes = {n.input[0]: n for n in graph.node if n.op_type == "DequantizeLinear"}
+    made_by = producers(graph)
+    by_codes = {weight_source(graph, n.input[0], made_by): n for n in graph.node
+                if n.op_type == "DequantizeLinear"}
     for name, node in list(by_codes.items()):  # exact names first, then unwrapped ones
         while name.startswith(_WRAPPER):
             name = name[len(_WRAPPER):]
@@ -707,9 +714,12 @@ def _weight_dqs(graph: onnx.GraphProto, model: nn.Module
 
 
 def _weight_check(name: str, module: QuantizedWeight, dq: onnx.NodeProto,
-                  ort_value: np.ndarray) -> WeightCheck:
+                  ort_value: np.ndarray, rows: np.ndarray | None = None) -> WeightCheck:
+    """``rows``: the indices a DQ of gathered embedding rows looked up (None: whole weight)."""
     with torch.no_grad():
         ours = module().float().cpu().numpy()
+    if rows is not None:
+        ours = np.take(ours, np.asarray(rows, np.int64), axis=0)
     if ours.shape != ort_value.shape:
         return WeightCheck(name, dq.name, int(ours.size), int(ours.size), float("inf"))
     delta = np.abs(ours - ort_value)

@@ -37,7 +37,8 @@ import torch
 from qdq.tensor_quant import quant_bounds, scale_from_amax
 
 __all__ = ["WEIGHT_BITS", "AMAX_METHODS", "MSE_CLIP_RATIOS", "check_block_size",
-           "weight_amax", "quantize_weight", "dequantize_weight", "expand_scale"]
+           "weight_amax", "quantize_weight", "quantize_with_amax", "dequantize_weight",
+           "expand_scale"]
 
 #: Integer widths of weight-only quantization.
 WEIGHT_BITS = (8, 4)
@@ -129,6 +130,14 @@ def quantize_weight(w: torch.Tensor, bits: int = 8, block_size: int | None = Non
         raise ValueError(f"weight-only quantization needs a weight of 2 or more dimensions, "
                          f"got shape {tuple(w.shape)}")
     amax = weight_amax(w, bits, block_size, amax_method, clip_ratios)
+    return quantize_with_amax(w, amax, bits, block_size)
+
+
+@torch.no_grad()
+def quantize_with_amax(w: torch.Tensor, amax: torch.Tensor, bits: int,
+                       block_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, scale)`` of ``w`` for a given amax (laid out as :func:`weight_amax`
+    returns it): the one rounding rule every search (max, mse, AWQ clipping) ends in."""
     scale = scale_from_amax(amax, bits)
     qmin, qmax, _ = quant_bounds(bits)
     codes = torch.clamp(torch.round(w.detach().float() / expand_scale(scale, w.shape,

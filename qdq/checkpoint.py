@@ -18,9 +18,12 @@ the state (weights and amax), the *recipe* that rebuilds that structure:
                 ``[4, 3]`` for FP8 E4M3), calibrator kind, switches,
                 ``learn_amax`` and the rule that placed it
 ``weight_only`` every weight-only layer (:mod:`qdq.nn.weight_only`): its path, class,
-                float class, ``bits`` (8 or 4), ``block_size`` and the dtype of
-                each quantized weight; the int8 codes (4-bit ones one per byte)
-                and fp32 scales are state
+                float class, ``bits`` (8 or 4), ``block_size``, the dtype of
+                each quantized weight, the ``method`` that chose the codes (mse,
+                awq, gptq, awq+gptq; absent: max) and ``input_scale: True`` when
+                it holds an AWQ input scale; the int8 codes (4-bit ones one per byte), fp32
+                scales and input scales are state (GPTQ and AWQ need no data to
+                restore)
 ``format``      :func:`qdq.formats.format_of` of the saved model (int8, fp8, w8,
                 w4, float or mixed)
 ==============  ================================================================
@@ -64,7 +67,9 @@ __all__ = ["save", "restore", "read", "load_plain", "is_quantized_model_file", "
            "recorded_format", "FORMAT", "VERSION"]
 
 FORMAT = "qdq.quantized_model"
-#: version 2 added ``weight_only`` and ``format``; version 1 files (Q/DQ quantizers
+#: version 2 added ``weight_only`` and ``format`` (its entries' ``method`` and
+#: ``input_scale`` came later, optional: an older reader restores GPTQ files as they are
+#: and refuses AWQ input scales as unexpected state); version 1 files (Q/DQ quantizers
 #: only) are still read
 VERSION = 2
 _READABLE = (1, 2)
@@ -143,11 +148,17 @@ def _weight_only_entries(model: nn.Module) -> list[dict[str, Any]]:
             raise ValueError(f"save: weight-only layer '{path}' holds weights of several "
                              f"bit widths or block sizes {sorted(kinds, key=str)}")
         bits, block_size = kinds.pop()
-        out.append({"path": path, "layer": _type_name(type(layer)),
-                    "float": _type_name(layer._float_cls), "bits": bits,
-                    "block_size": block_size,
-                    "dtypes": {name: str(w.dtype).removeprefix("torch.")
-                               for name, w in weights.items()}})
+        entry = {"path": path, "layer": _type_name(type(layer)),
+                 "float": _type_name(layer._float_cls), "bits": bits,
+                 "block_size": block_size,
+                 "dtypes": {name: str(w.dtype).removeprefix("torch.")
+                            for name, w in weights.items()}}
+        method = getattr(layer, "method", "max")
+        if method != "max":  # absent: max, so round-to-nearest files stay as they were
+            entry["method"] = method
+        if getattr(layer, "input_scale", None) is not None:
+            entry["input_scale"] = True
+        out.append(entry)
     return out
 
 
@@ -344,6 +355,9 @@ def _swap_weight_only(model: nn.Module, entries: list[dict],
         for name, dtype in entry["dtypes"].items():
             weight = layer.get_submodule(name)
             weight.dtype = getattr(torch, dtype)
+        layer.method = entry.get("method", "max")
+        if entry.get("input_scale"):  # AWQ's 1/s; the values come with the state
+            layer.set_input_scale(torch.ones(state[f"{path}.input_scale"].shape))
         _set(model, path, layer)
 
 

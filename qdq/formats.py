@@ -13,8 +13,10 @@ name        what                        activations     weights      ONNX
   ``quant_modules.initialize()``), apply the placement rules, then
   :func:`set_format` re-describes every quantizer (rule-placed ones included) in the
   format, before calibration.
-* Weight-only formats: :func:`weight_only` swaps Linear, Conv and LSTM layers of a float
-  model for layers holding integer weights (:mod:`qdq.nn.weight_only`); no calibration.
+* Weight-only formats: :func:`weight_only` swaps Linear, Conv, LSTM and Embedding layers of a float
+  model for layers holding integer weights (:mod:`qdq.nn.weight_only`). Round to nearest
+  (``method="max"`` or ``"mse"``) needs no data; ``"gptq"`` (:mod:`qdq.gptq`), ``"awq"``
+  (:mod:`qdq.awq`) and ``"awq+gptq"`` read calibration ``batches``.
 
 :func:`apply_format` does whichever the name asks for, and :func:`format_of` tells which
 format a model is in (what export and reports print).
@@ -31,18 +33,44 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from qdq.blockwise import AMAX_METHODS, MSE_CLIP_RATIOS, WEIGHT_BITS
+from qdq.awq import AWQConfig, AWQReport, apply_scales, search_clip
+from qdq.blockwise import AMAX_METHODS, MSE_CLIP_RATIOS, WEIGHT_BITS, quantize_with_amax
 from qdq.fp8 import FP8_E4M3
-from qdq.nn.weight_only import WEIGHT_ONLY_TWINS, QuantizedWeight
+from qdq.gptq import (
+    GPTQConfig,
+    InputStatistics,
+    _to_device,
+    collect_statistics,
+    feed_batch,
+    gptq_quantize,
+    matrix_scale_to_layout,
+    supports_statistics,
+    to_matrix,
+)
+from qdq.nn.weight_only import WEIGHT_ONLY_TWINS, QuantizedWeight, WeightOnlyLayer
 from qdq.quantizer import TensorQuantizer
 from qdq.replace import Replacement, _ignore_predicate, name_quantizers, quantizers
 
 __all__ = ["Format", "FORMATS", "FormatError", "get_format", "set_format", "weight_only",
-           "weight_only_candidates", "indivisible_weights", "apply_format", "format_of"]
+           "weight_only_candidates", "indivisible_weights", "apply_format", "format_of",
+           "WEIGHT_METHODS", "weight_method_of"]
+
+#: How weight-only codes are chosen: round to nearest with the max or mse amax, or from
+#: calibration data (GPTQ, AWQ, AWQ scales then GPTQ).
+WEIGHT_METHODS = ("max", "mse", "awq", "gptq", "awq+gptq")
+_DATA_METHODS = ("awq", "gptq", "awq+gptq")
+#: ``X^T X`` bytes one calibration pass may collect when passes are not sequential
+STATISTICS_BYTES = 256 * 2**20
 
 
 class FormatError(ValueError):
@@ -174,6 +202,56 @@ def indivisible_weights(model: nn.Module, block_size: int | None, ignore=None
             if w.shape[1] % block_size]
 
 
+def _method_configs(method: str, options: Mapping[str, Any] | None
+                    ) -> tuple[AWQConfig | None, GPTQConfig | None, bool]:
+    """The AWQ and GPTQ configs ``method`` uses, from ``options`` (their field names), and
+    ``sequential`` (default True: each layer calibrated after the earlier ones are
+    quantized, one pass over the data per layer or input group; False: a pass per
+    chunk of layers, on float inputs)."""
+    kinds = [cls for name, cls in (("awq", AWQConfig), ("gptq", GPTQConfig))
+             if name in method.split("+")]
+    options = dict(options or {})
+    sequential = options.pop("sequential", True) if kinds else True
+    if not isinstance(sequential, bool):
+        raise FormatError(f"method_options sequential must be True or False, got "
+                          f"{sequential!r}")
+    known = {f.name for cls in kinds for f in dataclasses.fields(cls)}
+    if kinds:
+        known.add("sequential")
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise FormatError(f"method_options {unknown} do not apply to method {method!r}"
+                          + (f"; it takes {sorted(known)}" if known else ""))
+    made: dict[type, Any] = {}
+    for cls in kinds:
+        mine = {k: v for k, v in options.items()
+                if k in {f.name for f in dataclasses.fields(cls)}}
+        try:
+            made[cls] = cls(**{k: tuple(v) if isinstance(v, list) else v
+                               for k, v in mine.items()})
+        except (TypeError, ValueError) as err:
+            raise FormatError(f"method {method!r}: {err}") from None
+    return made.get(AWQConfig), made.get(GPTQConfig), sequential
+
+
+def _check_batches(method: str, batches) -> list:
+    """The calibration batches as a list; one FormatError if they are missing or empty."""
+    if batches is None:
+        raise FormatError(f"method {method!r} needs calibration data: pass batches=... (an "
+                          "iterable of model inputs: tensors, tuples or keyword dicts)")
+    if isinstance(batches, (torch.Tensor, Mapping)):
+        raise FormatError(f"method {method!r}: batches must be an iterable of batches, got "
+                          f"one {type(batches).__name__} (wrap it in a list)")
+    try:
+        data = list(batches)
+    except TypeError:
+        raise FormatError(f"method {method!r}: batches must be an iterable of batches, got "
+                          f"{type(batches).__name__}") from None
+    if not data:
+        raise FormatError(f"method {method!r}: the calibration batches are empty")
+    return data
+
+
 def _check_weight_only_args(model, bits, block_size, amax_method, clip_ratios) -> None:
     if not isinstance(model, nn.Module):
         raise FormatError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -191,9 +269,14 @@ def _check_weight_only_args(model, bits, block_size, amax_method, clip_ratios) -
 
 def weight_only(model: nn.Module, bits: int = 8, block_size: int | None = None, ignore=None,
                 amax_method: str = "max", clip_ratios: tuple[float, ...] = MSE_CLIP_RATIOS,
-                fold_bn: bool = True) -> list[Replacement]:
-    """Quantize the weights of every Linear, Conv1d/2d/3d and LSTM in place; activations
-    stay float.
+                fold_bn: bool = True, *, method: str | None = None,
+                batches: Iterable | None = None,
+                forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+                method_options: Mapping[str, Any] | None = None,
+                embedding_bits: int | None = 8,
+                progress: bool = True) -> list[Replacement]:
+    """Quantize the weights of every Linear, Conv1d/2d/3d, LSTM and Embedding in place;
+    activations stay float.
 
     Args:
         bits: 8 (INT8, one scale per output channel by default) or 4 (INT4).
@@ -209,12 +292,49 @@ def weight_only(model: nn.Module, bits: int = 8, block_size: int | None = None, 
             (the best of ``clip_ratios`` times that, by squared error).
         fold_bn: fold eval-mode BatchNorm into the conv before it first, so the weights
             quantized are the ones the folded ONNX graph runs.
+        embedding_bits: bits of ``nn.Embedding`` tables, rounded to nearest whatever
+            ``method`` is: a table is looked up, not multiplied, so nothing compensates
+            its rounding, and INT8 keeps it nearly exact at a quarter of its size (the
+            default, also in INT4 models, whose INT8 tables get one scale per row);
+            otherwise blocks of ``block_size`` along a row. None: ``bits``.
+        method: how the codes are chosen (:data:`WEIGHT_METHODS`; None: ``amax_method``).
+            ``"max"``/``"mse"`` round each weight to nearest. ``"gptq"`` compensates
+            rounding errors with the layer's calibration inputs (:mod:`qdq.gptq`; the grid
+            per block follows ``amax_method``), ``"awq"`` scales input channels by their
+            activations and searches clips (:mod:`qdq.awq`), ``"awq+gptq"`` does AWQ's
+            scaling then GPTQ. Layers whose inputs cannot be read (LSTM, grouped or 3-d
+            convs) or that the data never reaches fall back to ``amax_method``, with a
+            warning.
+        batches: calibration inputs for the data methods (tensors, ``(inputs, labels)``
+            tuples or keyword dicts, as ``sensitivity.calibrate`` takes them).
+        forward_fn: ``forward_fn(model, batch)`` for models with their own signature.
+        method_options: :class:`qdq.gptq.GPTQConfig` / :class:`qdq.awq.AWQConfig` fields,
+            e.g. ``{"act_order": True}``, and ``sequential`` (default True: each layer's
+            statistics come from the model with the earlier layers already quantized, one
+            pass over ``batches`` per layer or group of layers reading one input, each
+            pass stopping once those layers have their inputs; False: float inputs, one
+            pass per 256 MiB of ``X^T X``).
 
-    Returns the replacements made. Example::
+    Every layer records its ``method``, and AWQ layers their ``input_scale``, so
+    ``qdq.save`` / ``qdq.restore`` rebuild them without data. Returns the replacements
+    made. Example::
 
         weight_only(model, bits=4, block_size=128, ignore=["classifier"])
+        weight_only(model2, 4, 128, method="gptq", batches=calib,
+                    method_options={"act_order": True})
     """
     _check_weight_only_args(model, bits, block_size, amax_method, clip_ratios)
+    if embedding_bits is not None and embedding_bits not in WEIGHT_BITS:
+        raise FormatError(f"embedding_bits must be None or one of {WEIGHT_BITS}, got "
+                          f"{embedding_bits!r}")
+    method = amax_method if method is None else method
+    if method not in WEIGHT_METHODS:
+        raise FormatError(f"weight-only method {method!r}: choose one of "
+                          f"{', '.join(WEIGHT_METHODS)}")
+    if method in AMAX_METHODS:
+        amax_method = method
+    awq_config, gptq_config, sequential = _method_configs(method, method_options)
+    data = _check_batches(method, batches) if method in _DATA_METHODS else None
     layers = weight_only_candidates(model, ignore)
     bad = [f"{name}.{wname} ({dim})"
            for name, wname, dim in indivisible_weights(model, block_size, ignore)]
@@ -227,14 +347,189 @@ def weight_only(model: nn.Module, bits: int = 8, block_size: int | None = None, 
         from qdq.rules.fold import fold_batchnorm
 
         fold_batchnorm(model)
-    done: list[Replacement] = []
-    for name, layer in layers:
+    tables = [(n, m) for n, m in layers if isinstance(m, nn.Embedding)]
+    rest = [(n, m) for n, m in layers if not isinstance(m, nn.Embedding)]
+    if data is not None:
+        rest = _calibrated(model, rest, bits, block_size, amax_method, tuple(clip_ratios),
+                           method, data, forward_fn or feed_batch, awq_config, gptq_config,
+                           sequential, progress)
+    for name, layer in rest:
         cls = WEIGHT_ONLY_TWINS[type(layer)]
-        new = cls.from_float(layer, bits, block_size, amax_method, tuple(clip_ratios))
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
-        done.append(Replacement(name, type(layer).__name__, cls.__name__))
-    return done
+        _put(model, name, cls.from_float(layer, bits, block_size, amax_method,
+                                         tuple(clip_ratios)))
+    table_bits = embedding_bits or bits
+    for name, table in tables:
+        cls = WEIGHT_ONLY_TWINS[type(table)]
+        # INT8 tables of an INT4 model: one scale per row (the INT4 blocks would only add
+        # scales to store); otherwise the model's own block size
+        table_block = None if (table_bits, bits) == (8, 4) else block_size
+        _put(model, name, cls.from_float(table, table_bits, table_block, amax_method,
+                                         tuple(clip_ratios)))
+    return [Replacement(name, type(layer).__name__, WEIGHT_ONLY_TWINS[type(layer)].__name__)
+            for name, layer in layers]
+
+
+def _put(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
+
+
+# ------------------------------------------------------- weight-only from calibration data
+def _on_device(forward: Callable[[nn.Module, Any], Any], model: nn.Module):
+    device = next((t.device for t in [*model.parameters(), *model.buffers()]),
+                  torch.device("cpu"))
+
+    def run(m: nn.Module, batch: Any) -> Any:
+        return forward(m, _to_device(batch, device))
+    return run
+
+
+@torch.no_grad()
+def _input_groups(model: nn.Module, layers: list[tuple[str, nn.Module]], batch: Any,
+                  forward: Callable[[nn.Module, Any], Any]) -> list[list[tuple[str, nn.Module]]]:
+    """``layers`` in the order the model first calls them, consecutive layers that read
+    the very same input tensor (q/k/v) in one group; layers never called come last,
+    alone."""
+    order: list[int] = []
+    groups: list[list[int]] = []
+    last: list[Any] = [None]
+
+    def hook(i: int):
+        def record(module, args, kwargs):
+            if i in order:
+                return
+            x = args[0] if args else kwargs.get("input")
+            if groups and x is not None and x is last[0]:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+            order.append(i)
+            last[0] = x
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(i), with_kwargs=True)
+               for i, (_, m) in enumerate(layers)]
+    try:
+        forward(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    last[0] = None
+    groups += [[i] for i in range(len(layers)) if i not in order]
+    return [[layers[i] for i in g] for g in groups]
+
+
+def _quantized_layer(name: str, module: nn.Module, stats: InputStatistics, bits: int,
+                     block_size: int | None, amax_method: str, clip_ratios: tuple[float, ...],
+                     method: str, awq_config: AWQConfig | None,
+                     gptq_config: GPTQConfig | None, input_scale: torch.Tensor | None
+                     ) -> nn.Module:
+    """The weight-only layer for ``module`` from its input statistics."""
+    weight = module.weight.detach()
+    if gptq_config is not None:
+        codes, scale = gptq_quantize(weight, stats.hessian(), bits, block_size, amax_method,
+                                     clip_ratios, gptq_config)
+    elif awq_config.clip_ratios:
+        amax = search_clip(to_matrix(weight), stats.hessian(), bits, block_size,
+                           awq_config.clip_ratios)
+        amax = matrix_scale_to_layout(amax, weight.shape, block_size)
+        codes, scale = quantize_with_amax(weight, amax, bits, block_size)
+    else:
+        weight_q = QuantizedWeight.from_weight(weight, bits, block_size, amax_method,
+                                               clip_ratios)
+        codes, scale = weight_q.codes, weight_q.scale
+    cls = WEIGHT_ONLY_TWINS[type(module)]
+    weight_q = QuantizedWeight(codes.to(weight.device), scale.to(weight.device), bits,
+                               block_size, weight.dtype)
+    return cls.from_quantized(module, weight_q, method, input_scale)
+
+
+def _chunks(groups: list[list[tuple[str, nn.Module]]], sequential: bool
+            ) -> list[list[list[tuple[str, nn.Module]]]]:
+    """Groups read in one calibration pass: one each when ``sequential``, else as many
+    consecutive groups as fit :data:`STATISTICS_BYTES` of ``X^T X``."""
+    if sequential:
+        return [[g] for g in groups]
+    chunks: list[list] = []
+    used = STATISTICS_BYTES + 1
+    for group in groups:
+        size = sum(4 * to_matrix(m.weight).shape[1] ** 2 for _, m in group)
+        if used + size > STATISTICS_BYTES:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(group)
+        used += size
+    return chunks
+
+
+class _StandIns:
+    """While later layers are calibrated, a quantized float layer keeps running with its
+    dequantized weight in place of the float one (no dequantization per call); the
+    weight-only layers go in at the end, and the float weights come back on failure."""
+
+    def __init__(self) -> None:
+        self.saved: list[tuple[nn.Module, torch.Tensor]] = []
+        self.made: list[tuple[str, nn.Module]] = []
+
+    def add(self, name: str, module: nn.Module, new: nn.Module) -> None:
+        self.saved.append((module, module.weight.data))
+        module.weight.data = new.weight_q().to(module.weight.dtype)
+        self.made.append((name, new))
+
+    def undo(self) -> None:
+        for module, data in self.saved:
+            module.weight.data = data
+
+
+def _calibrated(model: nn.Module, layers: list[tuple[str, nn.Module]], bits: int,
+                block_size: int | None, amax_method: str, clip_ratios: tuple[float, ...],
+                method: str, data: list, forward: Callable[[nn.Module, Any], Any],
+                awq_config: AWQConfig | None, gptq_config: GPTQConfig | None,
+                sequential: bool, progress: bool) -> list[tuple[str, nn.Module]]:
+    """Replace the layers whose inputs can be read, in model order, one pass over the data
+    per group (``sequential``: its statistics then come from the model with every earlier
+    layer quantized) or per chunk of groups; returns the layers left for round to
+    nearest."""
+    readable = [(n, m) for n, m in layers if supports_statistics(m) is None]
+    rest = [(n, m) for n, m in layers if supports_statistics(m) is not None]
+    forward = _on_device(forward, model)
+    was_training = model.training
+    model.eval()
+    report, stand_ins, unseen = AWQReport(), _StandIns(), []
+    try:
+        groups = _input_groups(model, readable, data[0], forward)
+        if awq_config is not None:
+            try:
+                report = apply_scales(model, _chunks(groups, False), data, forward, bits,
+                                      block_size, amax_method, clip_ratios, awq_config,
+                                      progress)
+            except ValueError as err:
+                raise FormatError(f"weight-only {method}: {err}") from None
+        for chunk in tqdm(_chunks(groups, sequential), desc=f"weight-only {method}",
+                          unit="pass", leave=False, disable=not progress):
+            members = [layer for group in chunk for layer in group]
+            stats = collect_statistics(model, [m for _, m in members], data, forward)
+            for (name, module), st in zip(members, stats, strict=True):
+                if st.rows == 0:
+                    unseen.append((name, module))
+                    continue
+                stand_ins.add(name, module, _quantized_layer(
+                    name, module, st, bits, block_size, amax_method, clip_ratios, method,
+                    awq_config, gptq_config, report.input_scales.get(id(module))))
+        for name, new in stand_ins.made:
+            _put(model, name, new)
+    except BaseException:
+        stand_ins.undo()
+        raise
+    finally:
+        report.remove_hooks()
+        model.train(was_training)
+    fallback = [f"{n} ({supports_statistics(m)})" for n, m in rest]
+    fallback += [f"{n} (the calibration data never reaches it)" for n, _ in unseen]
+    if fallback:
+        warnings.warn(f"weight-only {method}: {len(fallback)} layer(s) rounded to nearest "
+                      f"({amax_method}) instead: {'; '.join(fallback[:6])}", stacklevel=3)
+    return rest + unseen
 
 
 # ---------------------------------------------------------------------------- dispatch
@@ -253,11 +548,9 @@ def apply_format(model: nn.Module, name: str | Format, **options) -> list[Replac
 def format_of(model: nn.Module) -> str:
     """The name of the format ``model`` is in: one of :data:`FORMATS`, ``"float"`` (nothing
     quantized) or ``"mixed"`` (quantizers of several kinds, or quantizers and
-    weight-only layers together)."""
-    kinds = set()
-    for module in model.modules():
-        if isinstance(module, QuantizedWeight):
-            kinds.add("w8" if module.bits == 8 else "w4")
+    weight-only layers together). Embedding tables, INT8 by default in both weight-only
+    formats, count only in a model with no other weight-only layer."""
+    kinds = {"w8" if w.bits == 8 else "w4" for w in _format_weights(model)}
     for _, q in quantizers(model):
         if q.is_enabled:
             kinds.add("fp8" if q.is_fp8 else "int8" if q.num_bits == 8 else f"int{q.num_bits}")
@@ -266,3 +559,27 @@ def format_of(model: nn.Module) -> str:
     if len(kinds) == 1:
         return kinds.pop()
     return "mixed"
+
+
+def _is_table(layer: nn.Module) -> bool:
+    return getattr(layer, "_float_cls", None) is nn.Embedding
+
+
+def _format_weights(model: nn.Module) -> list[QuantizedWeight]:
+    """The quantized weights that decide a weight-only model's format: those of every
+    weight-only layer but the embedding tables, or the tables when there is nothing else."""
+    layers = [m for m in model.modules() if isinstance(m, WeightOnlyLayer)]
+    chosen = [m for m in layers if not _is_table(m)] or layers
+    return [w for m in chosen for w in m.modules() if isinstance(w, QuantizedWeight)]
+
+
+def weight_method_of(model: nn.Module) -> str | None:
+    """How the weight-only layers of ``model`` got their codes (one of
+    :data:`WEIGHT_METHODS`), ``"mixed"`` if they differ, None without such layers."""
+    layers = [m for m in model.modules() if isinstance(m, WeightOnlyLayer)]
+    # embedding tables are always rounded to nearest: the method is the other layers'
+    methods = {getattr(m, "method", "max") for m in layers if not _is_table(m)} or {
+        getattr(m, "method", "max") for m in layers}
+    if not methods:
+        return None
+    return methods.pop() if len(methods) == 1 else "mixed"

@@ -10,7 +10,7 @@
     -> int8, fp8:  quant twins (qdq.replace_modules, --ignore kept float)
                    -> placement rules (qdq.rules.apply_rules; on unless --no-rules)
     -> --format (qdqapp.formats.apply_format_step): fp8 re-describes every quantizer;
-       w8/w4 turn the float model's Linear/Conv/LSTM weights into integer codes
+       w8/w4 turn the float model's Linear/Conv/LSTM/Embedding weights into integer codes
     -> SmoothQuant (--smoothquant, int8 and fp8: sensitivity.smoothquant on the
        calibration batches)
     -> calibrate (--calibrator), modules never called left in float, by name; nothing
@@ -43,7 +43,13 @@ from torch import nn
 import qdq
 from qdqapp.calibrators import calibrator_settings
 from qdqapp.errors import CliError, first_line
-from qdqapp.formats import FormatChoice, apply_format_step, check_calibrators, format_choice
+from qdqapp.formats import (
+    DATA_METHODS,
+    FormatChoice,
+    apply_format_step,
+    check_calibrators,
+    format_choice,
+)
 from qdqapp.models import (
     Checkpoint,
     ExampleShape,
@@ -75,10 +81,10 @@ class ModelOptions:
     seed: int = 0
     device: str | None = None
     #: --format (None: int8, or the format of a quantized-model --checkpoint), and the
-    #: weight-only formats' --block-size and --weight-amax (None: per channel, max)
+    #: weight-only formats' --block-size and --weight-method (None: per channel, max)
     format: str | None = None
     block_size: int | None = None
-    weight_amax: str | None = None
+    weight_method: str | None = None
     smoothquant: bool = False
     smoothquant_alpha: str | float = "auto"
 
@@ -280,7 +286,8 @@ def prepare_model(opts: ModelOptions, example: Example | None = None,
                 model = apply_rules(model, inputs)
             for w in caught:
                 log.info("%s", w.message)
-    apply_format_step(model, choice, opts.ignore)
+    if not choice.needs_data:  # awq/gptq: Session.open runs the step on the data
+        apply_format_step(model, choice, opts.ignore)
     if float_model is not None:
         float_model.to(device).eval()
     return Prepared(model.to(device).eval(), device, checkpoint, example, choice, float_model)
@@ -365,6 +372,9 @@ class Session:
         elif opts.smoothquant:
             raise CliError("--smoothquant needs --data: it measures the activations on the "
                            "calibration batches")
+        elif opts.weight_method in DATA_METHODS and not opts.checkpoint:
+            raise CliError(f"--weight-method {opts.weight_method} needs --data: it quantizes "
+                           "the weights from the calibration batches")
         if checkpoint is None:
             checkpoint = check_model_options(opts)
         source = None
@@ -375,6 +385,9 @@ class Session:
             source = open_data(data_spec, data_opts)
         example = source.example() if source is not None else None
         prepared = prepare_model(opts, example, data_spec, checkpoint)
+        if prepared.choice.needs_data:
+            apply_format_step(prepared.model, prepared.choice, opts.ignore,
+                              batches=[on_device(b, prepared.device) for b in source.calib()])
         if opts.smoothquant:
             prepared.smoothquant = smooth(prepared, source.calib(),
                                           smoothquant_alpha(opts.smoothquant_alpha), progress)

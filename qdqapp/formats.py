@@ -5,12 +5,14 @@ that makes it so.
 ``int8``      quant twins, placement rules, INT8 quantizers; calibrated (the default)
 ``fp8``       the same, then every quantizer re-described as FP8 E4M3; calibrated with
               max, mse or percentile-P (entropy searches INT8's 128 even levels)
-``w8``        Linear/Conv/LSTM weights as int8 codes per output channel (or per block
+``w8``        Linear/Conv/LSTM/Embedding weights as int8 codes per output channel (or per block
               of ``--block-size`` inputs); activations float; nothing calibrated
 ``w4``        the same with int4 codes
 ============  =====================================================================
 
-``--block-size B`` and ``--weight-amax max|mse`` belong to ``w8``/``w4``. A
+``--block-size B`` and ``--weight-method`` (max, mse, awq, gptq, awq+gptq) belong to
+``w8``/``w4``; the data-driven methods learn from the calibration batches and need
+``--data``. A
 quantized-model ``--checkpoint`` carries its format: ``--format`` may repeat it, not
 change it.
 
@@ -31,13 +33,24 @@ from torch import nn
 
 import qdq
 from qdq.blockwise import AMAX_METHODS
-from qdq.formats import FORMATS, Format, indivisible_weights, weight_only_candidates
+from qdq.formats import (
+    FORMATS,
+    WEIGHT_METHODS,
+    Format,
+    indivisible_weights,
+    weight_only_candidates,
+)
 from qdq.fp8 import FP8_AMAX_METHODS
 from qdq.nn.weight_only import WEIGHT_ONLY_TWINS
 from qdqapp.calibrators import DEFAULT_COMPARISON, calibrator_settings
 from qdqapp.errors import CliError
 
-__all__ = ["FormatChoice", "format_choice", "check_format_options", "check_calibrators",
+#: ``--weight-method`` values that run on the calibration batches (the others, the amax
+#: searches, need no data)
+DATA_METHODS = tuple(m for m in WEIGHT_METHODS if m not in AMAX_METHODS)
+
+__all__ = ["WEIGHT_METHODS", "DATA_METHODS", "FormatChoice", "format_choice",
+           "check_format_options", "check_calibrators",
            "default_calibrators", "apply_format_step", "weight_only_rows",
            "weight_only_table", "size_text", "DEFAULT_FORMAT"]
 
@@ -51,12 +64,13 @@ class FormatChoice:
 
     ``name`` is a :data:`qdq.FORMATS` name, or ``"mixed"``/``"float"`` for a file holding
     such a model (nothing is then applied; it is used as it is). For a file, the weight-only
-    options come from its metadata when it recorded them (``weight_amax`` None otherwise).
+    options come from its metadata when it recorded them (``weight_method`` None otherwise;
+    files written before ``--weight-method`` recorded it as ``weight_amax``).
     """
 
     name: str = DEFAULT_FORMAT
     block_size: int | None = None
-    weight_amax: str | None = "max"
+    weight_method: str | None = "max"
     from_file: bool = False
 
     @property
@@ -72,10 +86,19 @@ class FormatChoice:
         """``INT8 Q/DQ``, ``INT4 weight-only (block 32, amax max)``, ..."""
         if self.format is None:
             return f"{self.name} (as found in the file)"
-        if not self.weight_only or self.weight_amax is None:
+        if not self.weight_only or self.weight_method is None:
             return self.format.title
         how = "per channel" if self.block_size is None else f"block {self.block_size}"
-        return f"{self.format.title} ({how}, amax {self.weight_amax})"
+        method = (self.weight_method.upper() if self.weight_method in DATA_METHODS
+                  else f"amax {self.weight_method}")
+        return f"{self.format.title} ({how}, {method})"
+
+    @property
+    def needs_data(self) -> bool:
+        """The weights are quantized from calibration batches (``--weight-method`` awq,
+        gptq), so the format step waits for the data."""
+        return (self.weight_only and not self.from_file
+                and self.weight_method in DATA_METHODS)
 
     @property
     def short(self) -> str:
@@ -91,24 +114,24 @@ class FormatChoice:
 
     def as_dict(self) -> dict:
         out = {"format": self.name, "format_title": self.title}
-        if self.weight_only and self.weight_amax is not None:
-            out.update(block_size=self.block_size, weight_amax=self.weight_amax)
+        if self.weight_only and self.weight_method is not None:
+            out.update(block_size=self.block_size, weight_method=self.weight_method)
         return out
 
 
 def check_format_options(name: str | None, block_size: int | None = None,
-                         weight_amax: str | None = None) -> None:
+                         weight_method: str | None = None) -> None:
     """The checks that need no model: a known name, options that belong to it."""
     if name is not None and name not in FORMATS:
         raise CliError(f"--format {name!r}: unknown format; choose one of {_NAMES}")
     if block_size is not None and (isinstance(block_size, bool)
                                    or not isinstance(block_size, int) or block_size < 1):
         raise CliError(f"--block-size {block_size!r}: expected a positive integer")
-    if weight_amax is not None and weight_amax not in AMAX_METHODS:
-        raise CliError(f"--weight-amax {weight_amax!r}: choose one of "
-                       f"{', '.join(AMAX_METHODS)}")
+    if weight_method is not None and weight_method not in WEIGHT_METHODS:
+        raise CliError(f"--weight-method {weight_method!r}: choose one of "
+                       f"{', '.join(WEIGHT_METHODS)}")
     weight_only = name is not None and FORMATS[name].weight_only
-    for flag, value in (("--block-size", block_size), ("--weight-amax", weight_amax)):
+    for flag, value in (("--block-size", block_size), ("--weight-method", weight_method)):
         if value is not None and not weight_only:
             raise CliError(f"{flag} applies to the weight-only formats (--format w8 or w4), "
                            f"not to {name or DEFAULT_FORMAT}")
@@ -117,7 +140,7 @@ def check_format_options(name: str | None, block_size: int | None = None,
 def format_choice(opts, checkpoint=None) -> FormatChoice:
     """``opts`` (a :class:`qdqapp.flow.ModelOptions`) and the ``--checkpoint`` read, as one
     checked :class:`FormatChoice`."""
-    check_format_options(opts.format, opts.block_size, opts.weight_amax)
+    check_format_options(opts.format, opts.block_size, opts.weight_method)
     if checkpoint is not None and checkpoint.quantized:
         found = checkpoint.format or DEFAULT_FORMAT
         if opts.format is not None and opts.format != found:
@@ -125,16 +148,17 @@ def format_choice(opts, checkpoint=None) -> FormatChoice:
                            f"format {found} (a quantized-model file keeps the format it was "
                            "made in); omit --format, or quantize the float model")
         for flag, value in (("--block-size", opts.block_size),
-                            ("--weight-amax", opts.weight_amax)):
+                            ("--weight-method", opts.weight_method)):
             if value is not None:
                 raise CliError(f"{flag}: the weights of {checkpoint.path} are already "
                                "quantized; it applies when quantizing a float model")
         meta = checkpoint.metadata or {}
-        recorded = meta.get("format") == found and meta.get("weight_amax") is not None
+        method = meta.get("weight_method", meta.get("weight_amax"))
+        recorded = meta.get("format") == found and method is not None
         return FormatChoice(found, meta.get("block_size") if recorded else None,
-                            meta.get("weight_amax") if recorded else None, from_file=True)
+                            method if recorded else None, from_file=True)
     return FormatChoice(opts.format or DEFAULT_FORMAT, opts.block_size,
-                        opts.weight_amax or "max")
+                        opts.weight_method or "max")
 
 
 def default_calibrators(choice: FormatChoice) -> list[str]:
@@ -158,7 +182,7 @@ def check_calibrators(choice: FormatChoice, names: Iterable[str], flag: str = "-
     for name in names:
         if choice.weight_only and name != default:
             raise CliError(f"{flag} {name}: {choice.name} is weight-only, nothing is "
-                           "calibrated (the weights' amax: --weight-amax max or mse)")
+                           "calibrated (how the weights are quantized: --weight-method)")
         if not _fits(choice, name):
             raise CliError(f"{flag} {name}: FP8 E4M3 calibrates with max, mse or "
                            "percentile-P; entropy searches INT8's 128 even levels, not the "
@@ -184,12 +208,14 @@ def _block_size_hint(model: nn.Module, choice: FormatChoice, ignore: list[str]) 
             f"{other}, or leave --block-size out (one scale per output channel)")
 
 
-def apply_format_step(model: nn.Module, choice: FormatChoice, ignore: list[str]) -> None:
+def apply_format_step(model: nn.Module, choice: FormatChoice, ignore: list[str],
+                      batches=None) -> None:
     """The flow's format step, in place. ``int8``/``fp8``: on the model with its quantizers
     (after the placement rules, before calibration) every quantizer takes the format.
-    ``w8``/``w4``: on the float model, Linear/Conv/LSTM weights (except ``ignore``) become
+    ``w8``/``w4``: on the float model, Linear/Conv/LSTM/Embedding weights (except ``ignore``) become
     integer codes, BatchNorm folded first; a block size that does not divide some layer's
-    input dimension is one CliError naming them."""
+    input dimension is one CliError naming them. ``batches`` (calibration inputs) feed
+    the data-driven weight methods (:attr:`FormatChoice.needs_data`)."""
     fmt = choice.format
     if fmt is None:
         return
@@ -200,8 +226,15 @@ def apply_format_step(model: nn.Module, choice: FormatChoice, ignore: list[str])
     hint = _block_size_hint(model, choice, ignore)
     if hint is not None:
         raise CliError(hint)
-    qdq.weight_only(model, bits=fmt.weight_bits, block_size=choice.block_size,
-                    ignore=list(ignore) or None, amax_method=choice.weight_amax)
+    if choice.needs_data and batches is None:
+        raise CliError(f"--weight-method {choice.weight_method} needs --data: it quantizes "
+                       "the weights from the calibration batches")
+    try:
+        qdq.weight_only(model, bits=fmt.weight_bits, block_size=choice.block_size,
+                        ignore=list(ignore) or None, method=choice.weight_method,
+                        batches=batches if choice.needs_data else None)
+    except qdq.formats.FormatError as err:
+        raise CliError(f"--weight-method {choice.weight_method}: {err}") from err
 
 
 def weight_only_rows(model: nn.Module) -> list[dict]:

@@ -11,7 +11,9 @@ boundaries; weight-only: every weight DequantizeLinear equal to PyTorch's weight
 Q/DQ rows quantize every Linear (inputs per tensor, weights per output channel; the
 attention matmuls stay float, as in the INT8 headline of BENCHMARKS.md) and store the
 weights as int8 / float8 initializers. Weight-only rows quantize the weights of every
-Linear (embeddings and LayerNorms stay float; activations float).
+Linear and the three embedding tables (word, position, token type: one scale per row, or
+blocks along the row; in ONNX the integer rows are gathered, then dequantized), unless the
+label says "Linear only"; LayerNorms and activations stay float.
 
 Usage::
 
@@ -73,9 +75,11 @@ def qdq_format(name: str, method: str, amax_method: str | None, smooth: bool) ->
     return build
 
 
-def weight_only_format(bits: int, block: int | None = None) -> Builder:
+def weight_only_format(bits: int, block: int | None = None, tables: bool = True) -> Builder:
+    """Weight-only on every Linear, and on the embedding tables unless ``tables=False``."""
     def build(model: nn.Module, calib: list) -> nn.Module:
-        qdq.weight_only(model, bits=bits, block_size=block)
+        ignore = None if tables else (lambda name, m: isinstance(m, nn.Embedding))
+        qdq.weight_only(model, bits=bits, block_size=block, ignore=ignore)
         return model
 
     return build
@@ -91,7 +95,9 @@ FORMATS: list[tuple[str, Builder | None, bool]] = [
     ("FP8 E4M3 Q/DQ, histogram mse", qdq_format("fp8", "histogram", "mse", False), True),
     ("FP8 E4M3 Q/DQ, SmoothQuant + max", qdq_format("fp8", "max", None, True), True),
     ("W8 (per channel)", weight_only_format(8), False),
+    ("W8 (per channel, Linear only)", weight_only_format(8, tables=False), False),
     ("W4 (block 128)", weight_only_format(4, 128), False),
+    ("W4 (block 128, Linear only)", weight_only_format(4, 128, tables=False), False),
     ("W4 (block 64)", weight_only_format(4, 64), False),
     ("W4 (block 32)", weight_only_format(4, 32), False),
 ]

@@ -14,6 +14,23 @@ Linear's input quantizer (``amax_percentile_P``: module path -> amax).
 ``EXTRA_SITE_PACKAGES`` is appended to ``sys.path`` (after the environment's own
 packages), for transformers when the modelopt environment lacks it.
 
+Optional keys of the input file choose another suite (``scripts/bench_weight_methods.py``):
+
+- ``"suite": "weights"``: weight-only INT4 on MiniLM's Linear layers instead of the INT8
+  suite, for every block size in ``"blocks"`` (default ``[128, 32]``) and every method in
+  ``"methods"`` (default: all of :data:`WEIGHT_METHODS`; ``gptq`` only where this modelopt
+  has it), embeddings keyed ``w4_b{block}_{method}`` (``errors``: name -> message for a
+  method that failed);
+- ``"smoothquant_repeats": N``: also time INT8_SMOOTHQUANT_CFG on the Linears N times
+  (``smoothquant_seconds``: a list; the last one's embeddings as
+  ``int8_smoothquant_linear``); with ``"suite": "smoothquant"``, only that;
+- ``"threads": N``: ``torch.set_num_threads(N)``.
+
+- ``"timings": True``: the output also holds ``seconds`` (name -> wall time of the
+  ``mtq.quantize`` call: module replacement, calibration and the algorithm; not the
+  scoring) and ``versions`` (modelopt, torch, transformers, threads); the weights suite
+  implies it.
+
     python scripts/modelopt_minilm.py IN.pt OUT.pt [EXTRA_SITE_PACKAGES]
 """
 
@@ -21,9 +38,24 @@ from __future__ import annotations
 
 import copy
 import sys
+import time
 
 import torch
 from torch import nn
+
+#: weight-only INT4 methods: name -> modelopt ``algorithm`` (``awq_lite`` is INT4_AWQ_CFG's
+#: own, with its alpha step of 0.1). Every one quantizes the weights block-wise (one scale
+#: per ``block`` inputs); ``max`` and ``mse`` choose the scales only, the AWQ methods
+#: also scale input channels (lite: a per-layer alpha; clip: a searched clip per block;
+#: full: both), GPTQ also moves the rounded weights by second-order error feedback.
+WEIGHT_METHODS = {
+    "max": "max",
+    "mse": {"method": "mse"},
+    "awq_lite": {"method": "awq_lite", "alpha_step": 0.1},
+    "awq_clip": {"method": "awq_clip"},
+    "awq_full": {"method": "awq_full", "alpha_step": 0.1},
+    "gptq": {"method": "gptq"},
+}
 
 
 def _embed(model, batches) -> torch.Tensor:
@@ -49,14 +81,33 @@ def _linear_only(model, mtq_nn) -> int:
     return off
 
 
+def int4_config(mtq, block: int, algorithm) -> dict:
+    """INT4_AWQ_CFG (weights INT4 block-wise, inputs float) with ``block`` inputs per
+    scale and ``algorithm`` in place of its awq_lite."""
+    cfg = copy.deepcopy(mtq.INT4_AWQ_CFG)
+    found = 0
+    for entry in cfg["quant_cfg"]:
+        if entry.get("quantizer_name") == "*weight_quantizer" and "cfg" in entry:
+            entry["cfg"] = dict(entry["cfg"], num_bits=4,
+                                block_sizes={-1: block, "type": "static"})
+            found += 1
+    if found != 1:
+        raise SystemExit(f"INT4_AWQ_CFG has {found} '*weight_quantizer' entries; expected 1")
+    cfg["algorithm"] = copy.deepcopy(algorithm)
+    return cfg
+
+
 def main(src: str, dst: str, extra_path: str | None = None) -> None:
     if extra_path:
         sys.path.append(extra_path)  # after this environment's own packages
+    import modelopt
     import modelopt.torch.quantization as mtq
     import modelopt.torch.quantization.nn as mtq_nn
     from transformers import AutoModel
 
     job = torch.load(src, weights_only=True)
+    if job.get("threads"):
+        torch.set_num_threads(int(job["threads"]))
     base = AutoModel.from_pretrained(job["folder"], local_files_only=True,
                                      attn_implementation="eager").eval()
     calib, test = job["calib"], job["test"]
@@ -66,14 +117,52 @@ def main(src: str, dst: str, extra_path: str | None = None) -> None:
             for batch in calib:
                 model(**batch)
 
-    results = {"fp32": _embed(base, test)}
+    results = {"fp32": _embed(base, test), "seconds": {},
+               "versions": {"modelopt": str(modelopt.__version__),
+                            "torch": str(torch.__version__),
+                            "transformers": str(sys.modules["transformers"].__version__),
+                            "threads": torch.get_num_threads()}}
 
-    def run(name, cfg, linear_only):
-        model = mtq.quantize(copy.deepcopy(base), copy.deepcopy(cfg), loop)
+    def quantize(cfg, linear_only):
+        model = copy.deepcopy(base)
+        start = time.perf_counter()
+        model = mtq.quantize(model, copy.deepcopy(cfg), loop)
+        seconds = time.perf_counter() - start
         if linear_only:
             _linear_only(model, mtq_nn)
+        return model, seconds
+
+    def run(name, cfg, linear_only):
+        model, results["seconds"][name] = quantize(cfg, linear_only)
         results[name] = _embed(model, test)
-        print(f"modelopt {name}: done", flush=True)
+        print(f"modelopt {name}: {results['seconds'][name]:.2f} s", flush=True)
+
+    repeats = int(job.get("smoothquant_repeats", 0))
+    if repeats:
+        results["smoothquant_seconds"] = []
+        for _ in range(repeats):
+            model, seconds = quantize(mtq.INT8_SMOOTHQUANT_CFG, True)
+            results["smoothquant_seconds"].append(seconds)
+        results["int8_smoothquant_linear"] = _embed(model, test)
+        print("modelopt INT8_SMOOTHQUANT_CFG: " + ", ".join(
+            f"{t:.2f}" for t in results["smoothquant_seconds"]) + " s", flush=True)
+    if job.get("suite") == "smoothquant":
+        torch.save(results, dst)
+        return
+    if job.get("suite", "int8") == "weights":
+        for block in job.get("blocks", [128, 32]):
+            for method in job.get("methods", list(WEIGHT_METHODS)):
+                if method == "gptq" and not hasattr(mtq.config, "GPTQCalibConfig"):
+                    print("modelopt has no GPTQ: skipped", flush=True)
+                    continue
+                name = f"w4_b{block}_{method}"
+                try:  # one method failing leaves the others' rows
+                    run(name, int4_config(mtq, block, WEIGHT_METHODS[method]), True)
+                except Exception as err:  # noqa: BLE001 - reported in the output
+                    results.setdefault("errors", {})[name] = f"{type(err).__name__}: {err}"
+                    print(f"modelopt {name}: failed ({err})", flush=True)
+        torch.save(results, dst)
+        return
 
     run("int8_default_linear", mtq.INT8_DEFAULT_CFG, True)
     run("int8_default_unmodified", mtq.INT8_DEFAULT_CFG, False)
@@ -109,6 +198,8 @@ def main(src: str, dst: str, extra_path: str | None = None) -> None:
         print(f"modelopt histogram percentile {p}: done", flush=True)
     run("int8_smoothquant_linear", mtq.INT8_SMOOTHQUANT_CFG, True)
     run("int8_smoothquant_unmodified", mtq.INT8_SMOOTHQUANT_CFG, False)
+    if not job.get("timings"):  # the INT8 suite's output as scripts/minilm_ptq.py reads it
+        del results["seconds"], results["versions"]
     torch.save(results, dst)
 
 

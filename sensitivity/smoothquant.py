@@ -8,6 +8,21 @@ the rest of the channels better. ``a`` is searched per layer on calibration data
 grid, by the error of the quantized layer output against the float one); a layer whose
 error no ``a`` improves is left alone.
 
+How the search stays cheap (one float pass over the data, then about one more pass's
+worth of arithmetic for the whole model):
+
+- one forward pass collects, per layer, the per-channel max ``|x_j|`` over every row and
+  a uniform seeded sample of ``max_rows`` input rows (512 by default);
+- the grid is searched coarse to fine: five evenly spaced alphas (both ends included),
+  then downhill from the best of them, one grid step at a time, until neither neighbour
+  is lower. On all-MiniLM-L6-v2 (2,160 calibration rows) that measures 7.3 of the 21
+  default alphas per layer on average; measured on every row, the alpha it picks is the
+  full grid's in 30 of 37 layers and at most 2 % worse in the others;
+- each error is measured exactly on the sample, for 8-bit (or narrower) integer inputs
+  and weights with an integer matrix product (``torch._int_mm``: the products of the
+  quantized integers are summed exactly, then scaled once); other formats (FP8, unsigned
+  8-bit, wider integers) use ``fake_quant`` and a float product.
+
 Where ``1/s`` goes, so that the float model is unchanged:
 
 - a LayerNorm whose output feeds only Linear layers (in a torch.fx graph: pre-LN blocks
@@ -36,7 +51,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +65,7 @@ from qdq.nn.linear import QuantLinear
 from qdq.quantizer import TensorQuantizer
 from qdq.rules.check import largest_difference, mismatch
 from qdq.rules.trace import trace_parts
-from qdq.tensor_quant import fake_quant
+from qdq.tensor_quant import fake_quant, quant_bounds, quant_step
 from sensitivity.batches import ForwardFn, default_forward, model_device, take, to_device
 from sensitivity.errors import SensitivityError
 from sensitivity.layers import saved_states
@@ -276,67 +291,119 @@ def _units(model: nn.Module, found: list[tuple[str, QuantLinear]]) -> list[_Unit
 
 # ----------------------------------------------------------------- the statistics
 class _Inputs:
-    """Per-channel max |x| over all rows, and up to ``max_rows`` rows kept for the search."""
+    """Per-channel max |x| over all rows, a uniform seeded sample of ``max_rows`` rows, and
+    the float outputs ``x W^T`` of the unit's Linears on those rows.
 
-    def __init__(self, max_rows: int, generator: torch.Generator) -> None:
+    Every row gets a random key; the rows with the ``max_rows`` smallest keys are the
+    sample (so every row seen is equally likely to be in it, whatever the batch). A call
+    keeps only its own ``max_rows`` smallest keys before its rows leave the device. The
+    outputs come from the forward pass itself (the Linear's output less its bias, on the
+    same rows), so the search need not compute them again; where they cannot be matched
+    to the inputs (Linears of a group called before the one whose input is recorded, a
+    weight quantizer with a ``pre_quant_scale``, outputs not in fp32) they are dropped
+    and :class:`_Measure` computes them.
+    """
+
+    def __init__(self, max_rows: int, generator: torch.Generator, layers: int) -> None:
         self.max_rows = max_rows
         self.generator = generator
+        self.layers = layers
         self.act_max: torch.Tensor | None = None
-        self.rows: list[torch.Tensor] = []
+        #: per call: [keys, rows, output of Linear 0, output of Linear 1, ...]
+        self.parts: list[list[torch.Tensor]] = []
+        self.outputs_ok = True
+        self._pick: tuple[int, torch.Tensor | None] | None = None  # (rows, pick) of the last call
         self.seen = 0
 
     def add(self, x: torch.Tensor) -> None:
-        rows = x.detach().reshape(-1, x.shape[-1]).float().cpu()
-        peak = rows.abs().amax(0).double()
+        if sum(p[0].shape[0] for p in self.parts) > 2 * self.max_rows:
+            self._shrink()
+        rows = x.detach().reshape(-1, x.shape[-1])
+        peak = rows.abs().amax(0).double().cpu()
         self.act_max = peak if self.act_max is None else torch.maximum(self.act_max, peak)
-        self.rows.append(rows)
+        keys = torch.rand(rows.shape[0], generator=self.generator)
+        pick = None
+        if rows.shape[0] > self.max_rows:
+            pick = keys.topk(self.max_rows, largest=False).indices.sort().values
+            keys = keys[pick]
+            pick = pick.to(rows.device)
+        self._pick = (rows.shape[0], pick)
+        self.parts.append([keys, (rows if pick is None else rows[pick]).float().cpu()])
         self.seen += rows.shape[0]
-        kept = sum(r.shape[0] for r in self.rows)
-        if kept > 2 * self.max_rows:
-            self.rows = [self._sample(torch.cat(self.rows))]
 
-    def _sample(self, rows: torch.Tensor) -> torch.Tensor:
-        if rows.shape[0] <= self.max_rows:
-            return rows
-        pick = torch.randperm(rows.shape[0], generator=self.generator)[:self.max_rows]
-        return rows[pick.sort().values]
+    def add_output(self, index: int, out: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """The output of the unit's Linear ``index`` for the input recorded last."""
+        rows = out.detach().reshape(-1, out.shape[-1])
+        if (not self.outputs_ok or self._pick is None or rows.dtype != torch.float32
+                or len(self.parts[-1]) != 2 + index or rows.shape[0] != self._pick[0]):
+            self.outputs_ok = False
+            return
+        pick = self._pick[1]
+        rows = rows if pick is None else rows[pick]
+        if bias is not None:
+            rows = rows - bias.detach()
+        self.parts[-1].append(rows.float().cpu())
 
-    def sample(self) -> torch.Tensor:
-        return self._sample(torch.cat(self.rows))
+    def _shrink(self) -> None:
+        if not (self.outputs_ok and all(len(p) == 2 + self.layers for p in self.parts)):
+            self.outputs_ok = False
+            self.parts = [p[:2] for p in self.parts]
+        columns = [torch.cat(c) for c in zip(*self.parts, strict=True)]
+        if columns[0].shape[0] > self.max_rows:
+            pick = columns[0].topk(self.max_rows, largest=False).indices.sort().values
+            columns = [c[pick] for c in columns]
+        self.parts = [columns]
+
+    def sample(self) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """The sampled rows, and the Linears' outputs on them (None if not known)."""
+        self._shrink()
+        _, rows, *outputs = self.parts[0]
+        return rows, (outputs if self.outputs_ok else None)
 
 
 def _collect(model: nn.Module, units: list[_Unit], batches: Iterable, max_rows: int,
-             forward: ForwardFn, progress: bool) -> dict[int, _Inputs]:
-    """Run ``batches`` in float; what each unit's input quantizer receives."""
+             forward: ForwardFn, progress: bool) -> tuple[dict[int, _Inputs], Any]:
+    """Run ``batches`` in float (every quantizer disabled: a disabled quantizer is still
+    called, so its hooks see its input); what each unit's input quantizer receives and
+    its Linears output, and the float output of the first batch."""
     generator = torch.Generator().manual_seed(0)
-    stats = {id(u): _Inputs(max_rows, generator) for u in units}
+    stats = {id(u): _Inputs(max_rows, generator, len(u.linears)) for u in units}
     def recorder(inputs: _Inputs):
         def hook(module, args) -> None:
             inputs.add(args[0])
         return hook
 
+    def output_recorder(inputs: _Inputs, index: int):
+        def hook(module, args, out) -> None:
+            inputs.add_output(index, out, module.bias)
+        return hook
+
     handles = []
     for unit in units:
+        inputs = stats[id(unit)]
         q = unit.linears[0][1]._input_quantizer  # a group's Linears read one tensor
-        handles.append(q.register_forward_pre_hook(recorder(stats[id(unit)])))
+        handles.append(q.register_forward_pre_hook(recorder(inputs)))
+        if any(m._weight_quantizer.pre_quant_scale is not None for _, m in unit.linears):
+            inputs.outputs_ok = False  # the Linear's weight is not m.weight
+            continue
+        for index, (_, m) in enumerate(unit.linears):
+            handles.append(m.register_forward_hook(output_recorder(inputs, index)))
     device = model_device(model)
     quantizers = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
     try:
         with torch.no_grad(), saved_states(quantizers):
             for q in quantizers:
                 q.disable()
-            for q in {id(u.linears[0][1]._input_quantizer): u.linears[0][1]._input_quantizer
-                      for u in units}.values():
-                q.enable()  # on, but neither calibrating nor quantizing: hooks see inputs
-                q.disable_calib()
-                q.disable_quant()
-            for batch in tqdm(batches, desc="smoothquant", unit="batch", leave=False,
-                              disable=not progress):
-                forward(model, to_device(batch, device))
+            first = None
+            for i, batch in enumerate(tqdm(batches, desc="smoothquant", unit="batch",
+                                           leave=False, disable=not progress)):
+                out = forward(model, to_device(batch, device))
+                if i == 0:
+                    first = out
     finally:
         for h in handles:
             h.remove()
-    return stats
+    return stats, first
 
 
 # ------------------------------------------------------------------------ the search
@@ -345,36 +412,121 @@ def _weight_max(unit: _Unit) -> torch.Tensor:
                         for _, m in unit.linears]).amax(0)
 
 
-def _search(unit: _Unit, stats: _Inputs, alphas: Sequence[float]) -> tuple[float | None, float,
-                                                                           float, torch.Tensor]:
+def _coarse_to_fine(n: int, error: Callable[[int], float]) -> dict[int, float]:
+    """The errors measured at positions of a sorted grid of ``n`` values, by position.
+
+    Every position when ``n <= 7``. Otherwise five evenly spaced
+    positions (both ends), then downhill from the best of them: the neighbours of the
+    best position so far, until neither is lower. The result holds a local minimum of the
+    grid, and the global one wherever the error falls and then rises across the coarse
+    positions.
+    """
+    found: dict[int, float] = {}
+    if n <= 7:
+        coarse = range(n)
+    else:
+        coarse = sorted({round(k * (n - 1) / 4) for k in range(5)})
+    for i in coarse:
+        found[i] = error(i)
+    while True:
+        best = min(sorted(found), key=found.__getitem__)
+        todo = [i for i in (best - 1, best + 1) if 0 <= i < n and i not in found]
+        if not todo:
+            return found
+        for i in todo:
+            found[i] = error(i)
+
+
+#: the integer matrix product (int8 x int8 -> int32) of this torch, if it has one
+_INT_MM = getattr(torch, "_int_mm", None)
+#: widest input an int32 sum of int8 products cannot overflow: 2^31 / 128^2
+_INT_MM_MAX_COLUMNS = 2**31 // 128**2 - 1
+
+
+def _fits_int8(num_bits, unsigned: bool, narrow_range: bool) -> bool:
+    if isinstance(num_bits, (tuple, list)):
+        return False  # FP8
+    qmin, qmax, _ = quant_bounds(num_bits, unsigned, narrow_range)
+    return qmin >= -128 and qmax <= 127
+
+
+def _to_int8(v: torch.Tensor, step: torch.Tensor, fmt) -> torch.Tensor:
+    """``clamp(round(v / step))`` as int8 (``v`` is overwritten); as ``fake_quant``
+    rounds, before it multiplies back."""
+    qmin, qmax, _ = quant_bounds(*fmt)
+    return v.div_(step).round_().clamp_(qmin, qmax).to(torch.int8)
+
+
+class _Measure:
+    """The relative output error of a unit's quantized Linears for a smoothing scale ``s``,
+    on the sampled rows ``x`` (see :func:`quantized_output_error`; the activation amax is
+    ``max(act_max / s)`` over all the data, as max calibration will find it). ``outputs``:
+    ``x W^T`` of each Linear, if already known."""
+
+    def __init__(self, unit: _Unit, x: torch.Tensor, act_max: torch.Tensor,
+                 outputs: list[torch.Tensor] | None = None) -> None:
+        self.x, self.act_max = x, act_max
+        q_in = unit.linears[0][1]._input_quantizer
+        self.x_format = (q_in.num_bits, q_in.unsigned, q_in.narrow_range)
+        self.layers = []
+        for i, (_, m) in enumerate(unit.linears):
+            w = m.weight.detach().float().cpu()
+            y = x @ w.T if outputs is None else outputs[i]
+            q_w = m._weight_quantizer
+            self.layers.append((w, y, float(y.pow(2).mean()) or 1.0,
+                                (q_w.num_bits, q_w.unsigned, q_w.narrow_range)))
+        formats = [self.x_format] + [f for *_, f in self.layers]
+        self.integer = (_INT_MM is not None and x.shape[1] <= _INT_MM_MAX_COLUMNS
+                        and all(_fits_int8(*f) for f in formats))
+
+    def __call__(self, s: torch.Tensor) -> float:
+        amax = (self.act_max / s).max().float()
+        s = s.float()
+        xs = self.x / s
+        errors = (self._integer(xs, s, amax) if self.integer else self._float(xs, s, amax))
+        return sum(errors) / len(errors)
+
+    def _integer(self, xs: torch.Tensor, s: torch.Tensor, amax: torch.Tensor) -> list[float]:
+        step = quant_step(amax, *self.x_format)
+        qx = _to_int8(xs, step, self.x_format)
+        errors = []
+        for w, y, power, w_format in self.layers:
+            ws = w * s
+            w_step = quant_step(ws.abs().amax(1), *w_format)
+            qw = _to_int8(ws, w_step[:, None], w_format)
+            e = torch.mul(_INT_MM(qx, qw.T), w_step * step).sub_(y)
+            errors.append(float(torch.dot(e.view(-1), e.view(-1))) / e.numel() / power)
+        return errors
+
+    def _float(self, xs: torch.Tensor, s: torch.Tensor, amax: torch.Tensor) -> list[float]:
+        xq = fake_quant(xs, amax, *self.x_format)
+        errors = []
+        for w, y, power, w_format in self.layers:
+            ws = w * s
+            wq = fake_quant(ws, ws.abs().amax(1, keepdim=True), *w_format)
+            errors.append(float((xq @ wq.T - y).pow(2).mean()) / power)
+        return errors
+
+
+def _search(unit: _Unit, stats: _Inputs, weight_max: torch.Tensor, alphas: Sequence[float]
+            ) -> tuple[float | None, float, float, torch.Tensor]:
     """(best alpha or None, error unsmoothed, error at best, s at best).
 
     The error of a unit is the output MSE of each of its quantized Linears relative to
     that output's mean power, averaged over the Linears.
     """
-    x = stats.sample()
     act_max = stats.act_max
-    layers = []
-    for _, m in unit.linears:
-        w = m.weight.detach().float().cpu()
-        y = x @ w.T
-        layers.append((w, y, float(y.pow(2).mean()) or 1.0, m._input_quantizer.num_bits))
-
-    def error(s: torch.Tensor) -> float:
-        amax = float((act_max / s).max())
-        return sum(quantized_output_error(x, w, s.float(), amax, bits, y) / power
-                   for w, y, power, bits in layers) / len(layers)
-
+    x, outputs = stats.sample()
+    measure = _Measure(unit, x, act_max, outputs)
     ones = torch.ones_like(act_max)
-    base = error(ones)
-    weight_max = _weight_max(unit)
-    best = (None, base, ones)
-    for alpha in alphas:
-        s = smoothing_scale(act_max, weight_max, alpha)
-        err = error(s)
-        if err < best[1]:
-            best = (alpha, err, s)
-    return best[0], base, best[1], best[2]
+    base = measure(ones)
+    grid = sorted(set(float(a) for a in alphas))
+    errors = _coarse_to_fine(
+        len(grid), lambda i: measure(smoothing_scale(act_max, weight_max, grid[i])))
+    i = min(sorted(errors), key=errors.__getitem__)
+    if errors[i] < base:
+        return grid[i], base, errors[i], smoothing_scale(act_max, weight_max, grid[i])
+    return None, base, base, ones
 
 
 # ---------------------------------------------------------------------- applying it
@@ -422,7 +574,7 @@ def _float_output(model: nn.Module, batch, forward: ForwardFn):
 
 def smoothquant(model: nn.Module, batches: Iterable, alpha: float | str = "auto", *,
                 layers: Sequence[str] | None = None, alphas: Sequence[float] = ALPHAS,
-                num_batches: int | None = None, max_rows: int = 4096,
+                num_batches: int | None = None, max_rows: int = 512,
                 forward_fn: ForwardFn | None = None, progress: bool = True
                 ) -> SmoothQuantReport:
     """Smooth the quantized Linears of ``model`` in place; returns a per-layer report.
@@ -430,12 +582,14 @@ def smoothquant(model: nn.Module, batches: Iterable, alpha: float | str = "auto"
     Args:
         model: a model with quantizers (``qdq.replace_modules`` or the rules), eval mode.
         batches: calibration batches (tensors, tuples or keyword dicts, as ``calibrate``).
-        alpha: ``"auto"`` (searched per layer over ``alphas``) or one value in [0, 1]
-            used for every layer (a layer is still left alone where it would get worse).
+        alpha: ``"auto"`` (searched per layer over ``alphas``, coarse to fine: see the
+            module notes) or one value in [0, 1] used for every layer (a layer is still
+            left alone where it would get worse).
         layers: module paths of the Linears to smooth (default: every quantized Linear
             with a per-tensor input and per-row weight quantizer).
         num_batches: use the first ``num_batches`` batches only.
-        max_rows: input rows per layer kept for the search (a seeded subsample).
+        max_rows: input rows per layer the search measures on (a uniform seeded sample
+            of all the rows; the activation max always comes from every row).
         forward_fn: ``forward_fn(model, batch)`` for models with their own signature.
 
     Raises :class:`SensitivityError` for bad arguments, and when the smoothed model's
@@ -461,8 +615,7 @@ def smoothquant(model: nn.Module, batches: Iterable, alpha: float | str = "auto"
     model.eval()
     try:
         units = _units(model, found)
-        reference = _float_output(model, data[0], forward)
-        stats = _collect(model, units, data, max_rows, forward, progress)
+        stats, reference = _collect(model, units, data, max_rows, forward, progress)
         report = SmoothQuantReport(skipped=skipped)
         saved = _snapshot(units)
         for unit in units:
@@ -471,8 +624,8 @@ def smoothquant(model: nn.Module, batches: Iterable, alpha: float | str = "auto"
             if inputs.act_max is None:
                 report.skipped.append(f"{', '.join(names)} (saw no data)")
                 continue
-            best, before, after, s = _search(unit, inputs, alphas)
             weight_max = _weight_max(unit)
+            best, before, after, s = _search(unit, inputs, weight_max, alphas)
             if best is not None:
                 _apply(unit, s)
             into = "-" if best is None else (

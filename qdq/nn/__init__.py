@@ -36,6 +36,7 @@ from qdq.nn.pooling import (
 )
 from qdq.nn.registry import QUANT_TWINS, quant_twin_of, register_quant_twin
 from qdq.nn.rnn import QuantLSTM, QuantLSTMCell
+from qdq.nn.weight_only_embedding import WeightOnlyEmbedding  # noqa: F401 (registers it)
 from qdq.quantizer import TensorQuantizer
 
 # pytorch-quantization's short spellings (quant_nn.Conv2d is QuantConv2d, ...)

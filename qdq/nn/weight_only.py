@@ -105,15 +105,55 @@ class QuantizedWeight(nn.Module):
 
 class WeightOnlyLayer(nn.Module):
     """Common part of the layers with one weight (``weight_q``) and an optional bias: the
-    float class they replace and how they are built from one."""
+    float class they replace and how they are built from one.
+
+    ``method`` names how the codes were chosen (``"max"``, ``"mse"``, ``"awq"``,
+    ``"gptq"``, ``"awq+gptq"``); it is a record for reports and checkpoints, the codes and
+    scales alone define the layer. AWQ layers may hold ``input_scale``, one factor per
+    input channel multiplied into the input first (exported as one ``Mul``): the
+    ``1/s`` of activation-aware scaling where no preceding op could absorb it.
+    """
 
     _float_cls: type[nn.Module]
+    #: the input dimension ``input_scale`` applies to: -1 (last, Linear) or 1 (Conv)
+    _input_channel_dim = -1
 
     def __init__(self, weight_q: QuantizedWeight, bias: nn.Parameter | None,
                  float_layer: nn.Module) -> None:
         super().__init__()
         self.weight_q = weight_q
         self.bias = bias
+        self.method = "max"
+        self.register_buffer("input_scale", None)
+
+    @classmethod
+    def from_quantized(cls, module: nn.Module, weight_q: QuantizedWeight, method: str,
+                       input_scale: torch.Tensor | None = None) -> WeightOnlyLayer:
+        """The layer for ``module`` with codes and scales chosen elsewhere (GPTQ, AWQ)."""
+        layer = cls(weight_q, module.bias, module)
+        layer.method = method
+        layer.set_input_scale(input_scale)
+        return layer
+
+    def set_input_scale(self, scale: torch.Tensor | None) -> None:
+        """Multiply the input by ``scale`` (one fp32 factor per input channel) first;
+        ``None`` removes it."""
+        if scale is None:
+            self.input_scale = None
+            return
+        channels = self.weight_q.shape[1] * getattr(self, "groups", 1)
+        if scale.dim() != 1 or scale.numel() != channels:
+            raise ValueError(f"input_scale must have one value per input channel ({channels}),"
+                             f" got shape {tuple(scale.shape)}")
+        self.input_scale = scale.detach().float().to(self.weight_q.codes.device).clone()
+
+    def _prescale(self, input: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is None:
+            return input
+        scale = self.input_scale.to(input.dtype)
+        if self._input_channel_dim == 1:  # [C, 1, ..] broadcasts over (N,) C, spatial
+            scale = scale.reshape(-1, *([1] * len(self.kernel_size)))
+        return input * scale
 
     @classmethod
     def weights_of(cls, module: nn.Module) -> dict[str, torch.Tensor]:
@@ -126,7 +166,9 @@ class WeightOnlyLayer(nn.Module):
                    clip_ratios: tuple[float, ...] = MSE_CLIP_RATIOS) -> WeightOnlyLayer:
         weight_q = QuantizedWeight.from_weight(module.weight, bits, block_size, amax_method,
                                                clip_ratios)
-        return cls(weight_q, module.bias, module)
+        layer = cls(weight_q, module.bias, module)
+        layer.method = amax_method
+        return layer
 
     @property
     def weight(self) -> torch.Tensor:
@@ -142,7 +184,7 @@ class WeightOnlyLinear(WeightOnlyLayer):
         self.out_features, self.in_features = weight_q.shape
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.linear(input, self.weight_q(), self.bias)
+        return F.linear(self._prescale(input), self.weight_q(), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " \
@@ -156,6 +198,7 @@ _CONV_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding"
 
 class _WeightOnlyConvNd(WeightOnlyLayer):
     _dims: int
+    _input_channel_dim = 1
 
     def __init__(self, weight_q: QuantizedWeight, bias: nn.Parameter | None,
                  float_layer: nn.Module) -> None:
@@ -165,6 +208,7 @@ class _WeightOnlyConvNd(WeightOnlyLayer):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         conv = _CONV_FN[self._dims]
+        input = self._prescale(input)
         padding = self.padding
         if self.padding_mode != "zeros":
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
@@ -205,6 +249,7 @@ class WeightOnlyLSTM(WeightOnlyLayer):
 
     def __init__(self, lstm: nn.LSTM, weights: dict[str, QuantizedWeight]) -> None:
         nn.Module.__init__(self)
+        self.method = "max"
         for attr in self._CONFIG:
             setattr(self, attr, getattr(lstm, attr))
         self._flat_names = list(lstm._flat_weights_names)
@@ -226,7 +271,9 @@ class WeightOnlyLSTM(WeightOnlyLayer):
         weights = {name: QuantizedWeight.from_weight(w, bits, block_size, amax_method,
                                                      clip_ratios)
                    for name, w in cls.weights_of(module).items()}
-        return cls(module, weights)
+        layer = cls(module, weights)
+        layer.method = amax_method
+        return layer
 
     def _flat_weights(self) -> list[torch.Tensor]:
         return [self.weights[n]() if n in self.weights else getattr(self, n)

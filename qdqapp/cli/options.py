@@ -1,6 +1,6 @@
 """The options every command spells the same way, and their conversion to the flow's
 objects: the model (``MODEL``, ``--checkpoint``, ``--format`` with ``--block-size`` and
-``--weight-amax``, ``--no-rules``, ``--ignore``, ``--seed``, ``--device``,
+``--weight-method``, ``--no-rules``, ``--ignore``, ``--seed``, ``--device``,
 ``--smoothquant``), the data (``--data``, how much of it and ``--eval``) and the
 calibrator."""
 
@@ -65,9 +65,12 @@ def add_format_options(p: argparse.ArgumentParser) -> None:
                    help="w8/w4: one scale per B inputs of each output channel (B must "
                         "divide every quantized layer's input dimension; default: one "
                         "scale per output channel)")
-    p.add_argument("--weight-amax", metavar="METHOD",
-                   help="w8/w4: each channel's or block's amax, max (default) or mse (the "
-                        "best of 11 clip ratios of the max)")
+    p.add_argument("--weight-method", "--weight-amax", dest="weight_method", metavar="METHOD",
+                   help="w8/w4: how the weights are quantized: max (default: each channel's "
+                        "or block's largest |w|), mse (the best of 11 clip ratios of it), "
+                        "awq (activation-aware scales) or gptq (second-order error "
+                        "compensation); awq and gptq learn from the calibration batches "
+                        "(--data). --weight-amax is its old name")
 
 
 def add_data_options(p: argparse.ArgumentParser, required: bool = True,
@@ -99,7 +102,7 @@ def model_options(args: argparse.Namespace, spec: str | None = None) -> ModelOpt
     return ModelOptions(spec=spec or args.model, checkpoint=args.checkpoint,
                         rules=args.rules, ignore=list(args.ignore or []), seed=args.seed,
                         device=args.device, format=args.format, block_size=args.block_size,
-                        weight_amax=args.weight_amax, smoothquant=args.smoothquant,
+                        weight_method=args.weight_method, smoothquant=args.smoothquant,
                         smoothquant_alpha=args.smoothquant_alpha)
 
 

@@ -60,7 +60,7 @@ def _model_options(config: RunConfig) -> ModelOptions:
     return ModelOptions(spec=config.model, checkpoint=config.checkpoint, rules=config.rules,
                         ignore=list(config.ignore), seed=config.seed, device=config.device,
                         format=config.format, block_size=config.block_size,
-                        weight_amax=config.weight_amax, smoothquant=config.smoothquant,
+                        weight_method=config.weight_method, smoothquant=config.smoothquant,
                         smoothquant_alpha=config.smoothquant_alpha)
 
 
@@ -95,7 +95,7 @@ def _open_session(config: RunConfig, folder: RunFolder,
     if folder.resuming and saved.is_file():  # smoothed and placed already
         origin = opts
         opts = dataclasses.replace(opts, checkpoint=str(saved), ignore=[], block_size=None,
-                                   weight_amax=None, smoothquant=False)
+                                   weight_method=None, smoothquant=False)
         checkpoint = None
     return Session.open(opts, config.data, data, checkpoint, origin=origin,
                         progress=progress), calibrators

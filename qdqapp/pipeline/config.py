@@ -45,7 +45,7 @@ class RunConfig:
     #: int8, fp8, w8 or w4 (None: int8, or the format of a quantized-model checkpoint)
     format: str | None = None
     block_size: int | None = None
-    weight_amax: str | None = None
+    weight_method: str | None = None
     #: compared in the calibrate stage (None: every default the format can use)
     calibrators: list[str] | None = None
     calibrator: str | None = None
@@ -120,10 +120,10 @@ class RunConfig:
         """The format, its options and the flags that must suit it (a quantized-model
         checkpoint's own format is checked when the file is read)."""
         try:
-            check_format_options(self.format, self.block_size, self.weight_amax)
+            check_format_options(self.format, self.block_size, self.weight_method)
             if self.format is None:
                 return
-            choice = FormatChoice(self.format, self.block_size, self.weight_amax or "max")
+            choice = FormatChoice(self.format, self.block_size, self.weight_method or "max")
             if self.calibrator:
                 check_calibrators(choice, [self.calibrator], "calibrator", default=None)
             if self.calibrators:
@@ -180,6 +180,8 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
     """Config from ``path`` (YAML or TOML), then ``overrides`` that are not None."""
     data: dict[str, Any] = _read(Path(path)) if path else {}
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    if "weight_amax" in data and "weight_method" not in data:  # its old name
+        data["weight_method"] = data.pop("weight_amax")
     known = {f.name for f in dataclasses.fields(RunConfig)}
     unknown = sorted(set(data) - known)
     if unknown:

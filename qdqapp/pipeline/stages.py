@@ -205,8 +205,7 @@ def calibrate(run: Run) -> dict[str, Any]:
     if run.choice.weight_only:
         run.save_model()
         raise Skip(f"{run.choice.name} is weight-only: the weights were quantized from the "
-                   f"float model (amax {run.choice.weight_amax or 'max'}), nothing to "
-                   "calibrate")
+                   f"float model ({run.choice.title}), nothing to calibrate")
     names = run.calibrators
     if len(names) > 1 and run.eval_fn is not None:
         comparison = sensitivity.compare_calibrators(

@@ -104,7 +104,8 @@ def test_bert_exports_with_dynamic_batch_and_sequence(tmp_path, rng):
 
 def test_weight_only_keyword_model_verifies_its_weights(tmp_path, rng):
     """Behind the keyword wrapper the initializers are named ``model.<module>...``: verify
-    still pairs every weight DequantizeLinear with its layer."""
+    still pairs every weight DequantizeLinear with its layer (the embedding table's too,
+    gathered rows against the same rows of the table)."""
     model = KeywordNet().eval()
     qdq.weight_only(model, bits=4, block_size=8)
     path = tmp_path / "w4.onnx"
@@ -112,6 +113,6 @@ def test_weight_only_keyword_model_verifies_its_weights(tmp_path, rng):
     inits = {i.name for i in onnx.load(str(path)).graph.initializer}
     assert "model.proj.weight_q.codes" in inits  # the wrapper's prefix
     report = verify(model, path, _batch(3, 5, rng))
-    assert not report.unmatched_weights and len(report.weights) == 2
+    assert not report.unmatched_weights and len(report.weights) == 3
     assert report.weight_mismatches == 0 and report.ok(), str(report)
-    assert report.verdict() == "same (2 weights equal)"
+    assert report.verdict() == "same (3 weights equal)"

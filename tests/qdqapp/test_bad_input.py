@@ -103,8 +103,13 @@ CASES = [
     (("run", "--out", "{tmp}/r", "--format", "int3"), "--format 'int3': unknown format"),
     (("summary", R18, "--format", "int8", "--block-size", "32"),
      "--block-size applies to the weight-only formats (--format w8 or w4), not to int8"),
-    (("calibrate", R18, "--data", SMALL, "--format", "w4", "--weight-amax", "entropy",
-      "--out", "{tmp}/o"), "--weight-amax 'entropy': choose one of max, mse"),
+    (("calibrate", R18, "--data", SMALL, "--format", "w4", "--weight-method", "entropy",
+      "--out", "{tmp}/o"), "--weight-method 'entropy': choose one of max, mse"),
+    (("export", R18, "--format", "w4", "--weight-method", "gptq", "--out", "{tmp}/a.onnx"),
+     "--weight-method gptq needs --data: it quantizes the weights from the calibration "
+     "batches"),
+    (("calibrate", R18, "--data", SMALL, "--format", "int8", "--weight-method", "awq",
+      "--out", "{tmp}/o"), "--weight-method applies to the weight-only formats"),
     (("run", "--model", R18, "--data", SMALL, "--format", "fp8", "--calibrator", "entropy",
       "--out", "{tmp}/r"), "calibrator entropy: FP8 E4M3 calibrates with max, mse or "
      "percentile-P"),

@@ -30,7 +30,7 @@ needs_data = pytest.mark.skipif(not (DEFAULT_ROOT / "t10k-images-idx3-ubyte.gz")
 FORMATS = {
     "int8": ([], "INT8 Q/DQ", 13),
     "fp8": (["--calibrator", "mse"], "FP8 E4M3 Q/DQ", 19),
-    "w8": (["--weight-amax", "mse"], "INT8 weight-only", 13),
+    "w8": (["--weight-method", "mse"], "INT8 weight-only", 13),
     "w4": (["--block-size", "8", "--ignore", "conv1"], "INT4 weight-only", 21),
 }
 
@@ -116,10 +116,39 @@ def test_one_file_per_format_through_the_commands(tmp_path, fmt):
             np.testing.assert_allclose(got, restored(x).numpy(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_data_driven_weight_methods_through_the_commands(tmp_path, method):
+    """--weight-method gptq/awq quantize the weights from the calibration batches; the file
+    records the method, export and verify need no data for it, summary names it."""
+    flags = ["--format", "w4", "--block-size", "8", "--ignore", "conv1",
+             "--weight-method", method]
+    cal = tmp_path / "cal"
+    out = cli("calibrate", TINY, "--data", DATA, "--calib-batches", "2", *flags, "--out", cal,
+              "--quiet")
+    assert out.code == 0, out.err
+    blob = read(cal / "quantized.pt")
+    assert blob["metadata"]["weight_method"] == method
+    onnx_path = tmp_path / "m.onnx"
+    out = cli("export", TINY, "--checkpoint", cal / "quantized.pt", "--out", onnx_path,
+              "--quiet")
+    assert out.code == 0, out.err
+    assert f"INT4 weight-only (block 8, {method.upper()})" in out.out
+    out = cli("verify", TINY, onnx_path, "--checkpoint", cal / "quantized.pt", "--data", DATA,
+              "--quiet")
+    assert out.code == 0 and "OK: same function" in out.out, out.out + out.err
+    # the same flags on the float model give the same weights as the file
+    direct = tmp_path / "direct.onnx"
+    assert cli("export", TINY, "--data", DATA, "--calib-batches", "2", *flags, "--out", direct,
+               "--quiet").code == 0
+    a, b = ({i.name: numpy_helper.to_array(i) for i in onnx.load(str(p)).graph.initializer}
+            for p in (direct, onnx_path))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_the_same_flags_make_the_same_weights_in_export_and_calibrate(tmp_path):
     """export quantizes a float model in the format itself; its integer weights and scales
     equal those of the file calibrate wrote from the same flags."""
-    flags = ["--format", "w4", "--block-size", "8", "--ignore", "conv1", "--weight-amax",
+    flags = ["--format", "w4", "--block-size", "8", "--ignore", "conv1", "--weight-method",
              "mse", "--seed", "3"]
     direct = tmp_path / "direct.onnx"
     out = cli("export", TINY, "--data", DATA, *flags, "--out", direct, "--quiet")

@@ -60,9 +60,9 @@ def test_missing_and_unknown_kind_of_file(tmp_path):
 
 
 def test_format_keys_from_a_file(tmp_path):
-    (tmp_path / "run.yaml").write_text("format: w4\nblock-size: 32\nweight_amax: mse\n")
+    (tmp_path / "run.yaml").write_text("format: w4\nblock-size: 32\nweight_method: mse\n")
     cfg = load_config(tmp_path / "run.yaml")
-    assert (cfg.format, cfg.block_size, cfg.weight_amax) == ("w4", 32, "mse")
+    assert (cfg.format, cfg.block_size, cfg.weight_method) == ("w4", 32, "mse")
     assert cfg.calibrators is None and cfg.opset is None  # the format's defaults, later
     assert RunConfig(format="fp8", opset=19).opset == 19
 
