@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from qdq.blockwise import MSE_CLIP_RATIOS, weight_amax
 from qdq.gptq import InputStatistics, collect_statistics, to_matrix
 from qdq.rules.check import largest_difference, mismatch
-from qdq.rules.trace import trace_parts
+from qdq.rules.trace import single_call_modules
 from qdq.tensor_quant import quant_bounds, scale_from_amax
 
 __all__ = ["AWQConfig", "AWQUnit", "AWQReport", "search_scale", "search_clip",
@@ -248,36 +248,27 @@ def _foldable_producers(model: nn.Module, names: set[str]) -> dict[frozenset, tu
     Linear called once is read only by Linear/Conv layers of ``names``, each called once
     with it as its only argument (a Linear producer: by one layer)."""
     found: dict[frozenset, tuple[str, str]] = {}
-    for part in trace_parts(model):
+    for part, calls, node in single_call_modules(model):
         gm = part.graph_module
-        if gm is None:
+        producer = gm.get_submodule(node.target)
+        if isinstance(producer, _NORMS) and getattr(producer, "weight", None) is not None:
+            kind = "norm"
+        elif type(producer) is nn.Linear:
+            kind = "linear"
+        else:
             continue
-        calls: dict[str, int] = {}
-        for node in gm.graph.nodes:
-            if node.op == "call_module":
-                calls[node.target] = calls.get(node.target, 0) + 1
-        for node in gm.graph.nodes:
-            if node.op != "call_module" or calls[node.target] != 1:
-                continue
-            producer = gm.get_submodule(node.target)
-            if isinstance(producer, _NORMS) and getattr(producer, "weight", None) is not None:
-                kind = "norm"
-            elif type(producer) is nn.Linear:
-                kind = "linear"
-            else:
-                continue
-            readers = []
-            for user in node.users:
-                if user.op != "call_module" or calls.get(user.target) != 1 \
-                        or user.args != (node,) or user.kwargs:
-                    readers = None
-                    break
-                readers.append(part.qualify(user.target))
-            if not readers or any(r not in names for r in readers):
-                continue
-            if kind == "linear" and len(readers) != 1:
-                continue
-            found[frozenset(readers)] = (part.qualify(node.target), kind)
+        readers = []
+        for user in node.users:
+            if user.op != "call_module" or calls.get(user.target) != 1 \
+                    or user.args != (node,) or user.kwargs:
+                readers = None
+                break
+            readers.append(part.qualify(user.target))
+        if not readers or any(r not in names for r in readers):
+            continue
+        if kind == "linear" and len(readers) != 1:
+            continue
+        found[frozenset(readers)] = (part.qualify(node.target), kind)
     return found
 
 

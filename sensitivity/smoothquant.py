@@ -64,7 +64,7 @@ from qdq.fileio import atomic_write
 from qdq.nn.linear import QuantLinear
 from qdq.quantizer import TensorQuantizer
 from qdq.rules.check import largest_difference, mismatch
-from qdq.rules.trace import trace_parts
+from qdq.rules.trace import single_call_modules
 from qdq.tensor_quant import fake_quant, quant_bounds, quant_step
 from sensitivity.batches import ForwardFn, default_forward, model_device, take, to_device
 from sensitivity.errors import SensitivityError
@@ -239,25 +239,16 @@ def _layernorm_groups(model: nn.Module, linears: dict[str, QuantLinear]
     ``linears`` as users, each called once.
     """
     groups: dict[str, tuple[str, list[str]]] = {}
-    for part in trace_parts(model):
+    for part, calls, node in single_call_modules(model):
         gm = part.graph_module
-        if gm is None:
+        norm = gm.get_submodule(node.target)
+        if not isinstance(norm, nn.LayerNorm) or not norm.elementwise_affine \
+                or norm.bias is None or len(norm.normalized_shape) != 1:
             continue
-        calls: dict[str, int] = {}
-        for node in gm.graph.nodes:
-            if node.op == "call_module":
-                calls[node.target] = calls.get(node.target, 0) + 1
-        for node in gm.graph.nodes:
-            if node.op != "call_module" or calls[node.target] != 1:
-                continue
-            norm = gm.get_submodule(node.target)
-            if not isinstance(norm, nn.LayerNorm) or not norm.elementwise_affine \
-                    or norm.bias is None or len(norm.normalized_shape) != 1:
-                continue
-            readers = _linear_readers(node, calls, part.qualify)
-            if readers and all(r in linears for r in readers):
-                for r in readers:
-                    groups[r] = (part.qualify(node.target), readers)
+        readers = _linear_readers(node, calls, part.qualify)
+        if readers and all(r in linears for r in readers):
+            for r in readers:
+                groups[r] = (part.qualify(node.target), readers)
     return groups
 
 

@@ -17,7 +17,8 @@ from qdq.nn.attention import QuantAttentionMixin
 from qdq.nn.mixin import QuantInputMixin
 from qdq.quantizer import TensorQuantizer
 
-__all__ = ["QdqTracer", "TracedPart", "trace_parts", "module_path", "is_quant_leaf"]
+__all__ = ["QdqTracer", "TracedPart", "trace_parts", "module_path", "is_quant_leaf",
+           "single_call_modules"]
 
 
 class QdqTracer(fx.Tracer):
@@ -89,3 +90,21 @@ def trace_parts(model: nn.Module, tracer_cls: type[fx.Tracer] = QdqTracer,
         return
     yield TracedPart(prefix, model, gm)
 
+
+
+def single_call_modules(model: nn.Module, tracer_cls: type[fx.Tracer] = QdqTracer):
+    """``(part, calls, node)`` for every module call in the traced parts of ``model`` whose
+    module is called exactly once there (``calls``: module target -> times called in that
+    part): where rescaling that module's weights changes only this call (SmoothQuant's
+    and AWQ's exact folds)."""
+    for part in trace_parts(model, tracer_cls):
+        gm = part.graph_module
+        if gm is None:
+            continue
+        calls: dict[str, int] = {}
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                calls[node.target] = calls.get(node.target, 0) + 1
+        for node in gm.graph.nodes:
+            if node.op == "call_module" and calls[node.target] == 1:
+                yield part, calls, node
