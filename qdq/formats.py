@@ -44,7 +44,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qdq.awq import AWQConfig, AWQReport, apply_scales, search_clip
-from qdq.blockwise import AMAX_METHODS, MSE_CLIP_RATIOS, WEIGHT_BITS, quantize_with_amax
+from qdq.blockwise import (
+    AMAX_METHODS,
+    MSE_CLIP_RATIOS,
+    WEIGHT_BITS,
+    dequantize_weight,
+    quantize_with_amax,
+)
 from qdq.fp8 import FP8_E4M3
 from qdq.gptq import (
     GPTQConfig,
@@ -59,11 +65,17 @@ from qdq.gptq import (
 )
 from qdq.nn.weight_only import WEIGHT_ONLY_TWINS, QuantizedWeight, WeightOnlyLayer
 from qdq.quantizer import TensorQuantizer
-from qdq.replace import Replacement, _ignore_predicate, name_quantizers, quantizers
+from qdq.replace import (
+    Replacement,
+    _ignore_predicate,
+    disable_quantization,
+    name_quantizers,
+    quantizers,
+)
 
 __all__ = ["Format", "FORMATS", "FormatError", "get_format", "set_format", "weight_only",
            "weight_only_candidates", "indivisible_weights", "apply_format", "format_of",
-           "WEIGHT_METHODS", "weight_method_of"]
+           "WEIGHT_METHODS", "weight_method_of", "gptq_weights"]
 
 #: How weight-only codes are chosen: round to nearest with the max or mse amax, or from
 #: calibration data (GPTQ, AWQ, AWQ scales then GPTQ).
@@ -530,6 +542,64 @@ def _calibrated(model: nn.Module, layers: list[tuple[str, nn.Module]], bits: int
         warnings.warn(f"weight-only {method}: {len(fallback)} layer(s) rounded to nearest "
                       f"({amax_method}) instead: {'; '.join(fallback[:6])}", stacklevel=3)
     return rest + unseen
+
+
+# ------------------------------------------------------------- GPTQ for Q/DQ weights
+def _gptq_target(module: nn.Module) -> str | None:
+    """None when GPTQ can choose ``module``'s Q/DQ weights; else why not."""
+    q = getattr(module, "_weight_quantizer", None)
+    if not isinstance(q, TensorQuantizer) or not isinstance(module, (nn.Linear, nn.Conv1d,
+                                                                     nn.Conv2d)):
+        return "not a quantized Linear/Conv1d/Conv2d"
+    if not q.is_quant_enabled:
+        return "its weight quantizer is off"
+    if q.is_fp8 or q.num_bits != 8 or q.unsigned or q.axis not in (0, (0,)):
+        return ("GPTQ here chooses INT8 codes per output channel; the weight quantizer is "
+                f"{q.extra_repr().split(' amax')[0]}")
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups != 1:
+        return f"grouped convolution (groups={module.groups})"
+    return None
+
+
+@torch.no_grad()
+def gptq_weights(model: nn.Module, batches: Iterable, *,
+                 method_options: Mapping[str, Any] | None = None,
+                 forward_fn: Callable[[nn.Module, Any], Any] | None = None) -> list[str]:
+    """GPTQ for the weights of an INT8 Q/DQ model, in place: each quant Linear/Conv's
+    weight becomes the dequantized GPTQ codes (per output channel, from the Hessian of the
+    input the weight sees, after any SmoothQuant ``input_scale``), and its weight
+    quantizer's amax ``127 x`` GPTQ's scale, so fake quantization and the exported
+    QuantizeLinear reproduce GPTQ's codes exactly. Activation quantizers are untouched
+    (calibrate them before or after). ``method_options``: :class:`qdq.gptq.GPTQConfig`
+    fields. Returns the layers done; FP8 weight quantizers are refused (GPTQ's grid here is
+    integer), other layers are left as they are.
+    """
+    config = GPTQConfig(**dict(method_options or {}))
+    layers = [(name, m) for name, m in model.named_modules() if _gptq_target(m) is None]
+    fp8 = [name for name, m in model.named_modules()
+           if isinstance(getattr(m, "_weight_quantizer", None), TensorQuantizer)
+           and m._weight_quantizer.is_fp8]
+    if fp8:
+        raise FormatError(f"gptq_weights: {fp8[0]} has an FP8 weight quantizer; GPTQ here "
+                          "chooses integer codes (INT8 Q/DQ models, or weight_only)")
+    if not layers:
+        raise FormatError("gptq_weights: no quant Linear/Conv with an enabled INT8 "
+                          "per-channel weight quantizer")
+    data = _check_batches("gptq", batches)
+    with disable_quantization(model):
+        stats = collect_statistics(model, [m for _, m in layers], data,
+                                   _on_device(forward_fn or feed_batch, model))
+    for (_, layer), st in zip(layers, stats, strict=True):
+        h = st.hessian()
+        pre = layer._buffers.get("input_scale")
+        if pre is not None:  # the weight multiplies x * input_scale
+            pre = pre.to(h)
+            h = pre.reshape(-1, 1) * h * pre.reshape(1, -1)
+        codes, scale = gptq_quantize(layer.weight, h, 8, None, "max", config=config)
+        layer.weight.copy_(dequantize_weight(codes, scale).to(layer.weight.dtype))
+        layer._weight_quantizer.amax = (scale.float() * 127).reshape(
+            [-1] + [1] * (layer.weight.dim() - 1))
+    return [name for name, _ in layers]
 
 
 # ---------------------------------------------------------------------------- dispatch

@@ -32,10 +32,8 @@ from torch import nn
 
 import qdq
 import sensitivity
-from qdq.blockwise import dequantize_weight
-from qdq.gptq import collect_statistics, gptq_quantize
+from qdq.formats import gptq_weights
 from qdq.nn.linear import QuantLinear
-from qdq.replace import disable_quantization
 from qdq.rules import attention_matmuls
 from qdqapp.hf import (
     ASSETS,
@@ -127,23 +125,12 @@ def int8_gptq_row(float_model: nn.Module, calib: list, metric: TextAgreement) ->
         mm._input_quantizer.disable()
         mm._other_quantizer.disable()
     sensitivity.smoothquant(model, calib, progress=False)
-    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    with disable_quantization(model):
-        stats = collect_statistics(model, linears, calib)
-    scales = {}
-    with torch.no_grad():
-        for layer, st in zip(linears, stats, strict=True):
-            h = st.hessian()
-            pre = getattr(layer, "input_scale", None)
-            if pre is not None:  # the weight sees x * input_scale
-                h = pre.reshape(-1, 1) * h * pre.reshape(1, -1)
-            codes, scale = gptq_quantize(layer.weight, h, 8, None, "max")
-            layer.weight.copy_(dequantize_weight(codes, scale))
-            scales[layer] = scale
+    gptq_weights(model, calib, method_options={"act_order": False})  # per channel, INT8
+    chosen = {layer: layer._weight_quantizer.amax.clone() for layer in model.modules()
+              if isinstance(layer, QuantLinear)}
     sensitivity.calibrate(model, calib, method="max", progress=False)
-    for layer, scale in scales.items():
-        q = layer._weight_quantizer
-        q.amax = (scale * 127).reshape(q.amax.shape)
+    for layer, amax in chosen.items():  # the weights keep GPTQ's amax (127 x its scale)
+        layer._weight_quantizer.amax = amax
     seconds = time.perf_counter() - start
     score = metric.score(model)
     return Row("INT8 Q/DQ", "smoothquant + gptq", score.min_cosine, score.mean_cosine, seconds)

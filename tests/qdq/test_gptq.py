@@ -218,3 +218,42 @@ def test_layers_whose_inputs_are_not_read_fall_back_with_a_warning():
         weight_only(model, 4, None, method="gptq", batches=data, progress=False)
     assert model[0].method == "max" and model[2].method == "gptq"
     assert weight_method_of(model) == "mixed"
+
+
+def test_gptq_weights_of_an_int8_qdq_model(tmp_path):
+    """GPTQ chooses the INT8 weights of a Q/DQ model: the weight quantizer reproduces the
+    codes exactly (so the exported QuantizeLinear does too), and the layer output moves
+    less than with round-to-nearest weights on correlated inputs."""
+    import copy
+
+    import sensitivity
+    from export import to_onnx, verify
+    from qdq.formats import FormatError, gptq_weights
+
+    torch.manual_seed(0)
+    mix = torch.randn(32, 32)
+    batches = [torch.randn(64, 32) @ mix for _ in range(4)]
+    float_model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 16)).eval()
+    rtn = copy.deepcopy(float_model)
+    qdq.replace_modules(rtn)
+    sensitivity.calibrate(rtn, batches, progress=False)
+    model = copy.deepcopy(rtn)
+    done = gptq_weights(model, batches)
+    assert done == ["0", "2"]
+    for layer in (model[0], model[2]):
+        with torch.no_grad():
+            assert torch.equal(layer._weight_quantizer(layer.weight), layer.weight)
+    x = torch.randn(256, 32) @ mix
+    with torch.no_grad(), qdq.disable_quantization(model), qdq.disable_quantization(rtn):
+        # the first layer with float inputs: GPTQ's weights are already their codes, the
+        # round-to-nearest ones need their weight quantizer on
+        ref = float_model[0](x)
+        err_gptq = (model[0](x) - ref).pow(2).mean()
+        rtn[0]._weight_quantizer.enable()
+        err_rtn = (rtn[0](x) - ref).pow(2).mean()
+    assert err_gptq < err_rtn
+    path = tmp_path / "g.onnx"
+    to_onnx(model, x[:2], path)
+    assert verify(model, path, x[:8]).ok()
+    with pytest.raises(FormatError, match="no quant Linear/Conv"):
+        gptq_weights(copy.deepcopy(float_model), batches)
