@@ -23,6 +23,11 @@ side's min cosine after SmoothQuant + max calibration is printed too.
 ``--compare-smoothquant FILE`` also times another version of ``smoothquant`` (for example
 the last commit's: ``git show HEAD:sensitivity/smoothquant.py > /tmp/old_sq.py``).
 
+modelopt's environment, apart from the project's (never one of its dependencies)::
+
+    python3 -m venv .venv-modelopt
+    .venv-modelopt/bin/pip install torch==2.14.1 nvidia-modelopt requests huggingface_hub
+
 Usage::
 
     HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python scripts/bench_weight_methods.py \\
