@@ -255,13 +255,10 @@ def _dq_nodes(graph: onnx.GraphProto, consts: dict[str, np.ndarray]):
                 yield node, consts[source]
 
 
-def _is_table_dq(node: onnx.NodeProto, made_by, used_by) -> bool:
+def _is_table_dq(graph: onnx.GraphProto, node: onnx.NodeProto, made_by, used_by) -> bool:
     """A DequantizeLinear of an embedding table: it reads gathered rows, or a Gather reads
     its output as the data (input 0)."""
-    source = made_by.get(node.input[0])
-    while source is not None and source.op_type == "Cast":
-        source = made_by.get(source.input[0])
-    if source is not None and source.op_type == "Gather":
+    if gathered_dq_table(graph, node, made_by) is not None:
         return True
     return any(user.op_type == "Gather" and user.input[0] == node.output[0]
                for user in used_by.get(node.output[0], []))
@@ -288,7 +285,7 @@ def onnx_format(model: onnx.ModelProto) -> str:
         for node, codes in _dq_nodes(graph, consts):
             kind = ("w4" if is_int4_dtype(codes) else "fp8" if is_fp8_dtype(codes)
                     else "w8")
-            (tables if _is_table_dq(node, made_by, used_by) else weights).add(kind)
+            (tables if _is_table_dq(graph, node, made_by, used_by) else weights).add(kind)
         # embedding tables (INT8 by default in both weight-only formats) decide only when
         # nothing else is quantized, as qdq.formats.format_of does
         kinds = weights or tables

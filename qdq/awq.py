@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from qdq.blockwise import MSE_CLIP_RATIOS, weight_amax
 from qdq.gptq import InputStatistics, collect_statistics, to_matrix
 from qdq.rules.check import largest_difference, mismatch
-from qdq.rules.trace import single_call_modules
+from qdq.rules.trace import single_call_modules, single_call_readers
 from qdq.tensor_quant import quant_bounds, scale_from_amax
 
 __all__ = ["AWQConfig", "AWQUnit", "AWQReport", "search_scale", "search_clip",
@@ -257,13 +257,7 @@ def _foldable_producers(model: nn.Module, names: set[str]) -> dict[frozenset, tu
             kind = "linear"
         else:
             continue
-        readers = []
-        for user in node.users:
-            if user.op != "call_module" or calls.get(user.target) != 1 \
-                    or user.args != (node,) or user.kwargs:
-                readers = None
-                break
-            readers.append(part.qualify(user.target))
+        readers = single_call_readers(node, calls, part.qualify)
         if not readers or any(r not in names for r in readers):
             continue
         if kind == "linear" and len(readers) != 1:

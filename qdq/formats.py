@@ -64,6 +64,7 @@ from qdq.gptq import (
     to_matrix,
 )
 from qdq.nn.weight_only import WEIGHT_ONLY_TWINS, QuantizedWeight, WeightOnlyLayer
+from qdq.nn.weight_only_embedding import WeightOnlyEmbedding
 from qdq.quantizer import TensorQuantizer
 from qdq.replace import (
     Replacement,
@@ -631,25 +632,23 @@ def format_of(model: nn.Module) -> str:
     return "mixed"
 
 
-def _is_table(layer: nn.Module) -> bool:
-    return getattr(layer, "_float_cls", None) is nn.Embedding
+def _deciding_layers(model: nn.Module) -> list[WeightOnlyLayer]:
+    """The weight-only layers that say a model's format and method: all but the embedding
+    tables (INT8 and rounded to nearest by default), or the tables when there is nothing
+    else."""
+    layers = [m for m in model.modules() if isinstance(m, WeightOnlyLayer)]
+    return [m for m in layers if not isinstance(m, WeightOnlyEmbedding)] or layers
 
 
 def _format_weights(model: nn.Module) -> list[QuantizedWeight]:
-    """The quantized weights that decide a weight-only model's format: those of every
-    weight-only layer but the embedding tables, or the tables when there is nothing else."""
-    layers = [m for m in model.modules() if isinstance(m, WeightOnlyLayer)]
-    chosen = [m for m in layers if not _is_table(m)] or layers
-    return [w for m in chosen for w in m.modules() if isinstance(w, QuantizedWeight)]
+    return [w for m in _deciding_layers(model) for w in m.modules()
+            if isinstance(w, QuantizedWeight)]
 
 
 def weight_method_of(model: nn.Module) -> str | None:
     """How the weight-only layers of ``model`` got their codes (one of
     :data:`WEIGHT_METHODS`), ``"mixed"`` if they differ, None without such layers."""
-    layers = [m for m in model.modules() if isinstance(m, WeightOnlyLayer)]
-    # embedding tables are always rounded to nearest: the method is the other layers'
-    methods = {getattr(m, "method", "max") for m in layers if not _is_table(m)} or {
-        getattr(m, "method", "max") for m in layers}
+    methods = {getattr(m, "method", "max") for m in _deciding_layers(model)}
     if not methods:
         return None
     return methods.pop() if len(methods) == 1 else "mixed"

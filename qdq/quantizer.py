@@ -532,15 +532,13 @@ class TensorQuantizer(nn.Module):
             return x
         if self._if_calib:
             self._calibrator.collect(x)
-        if self._if_clip:
-            amax = self._get_amax(x)
-            x = clip_function(x, -amax, amax)
-            if not self._if_quant:
-                return x
-        if not self._if_quant:
+        if not (self._if_quant or self._if_clip):
             return x
         amax = self._get_amax(x)
         if self._if_clip:
+            x = clip_function(x, -amax, amax)
+            if not self._if_quant:
+                return x
             amax = amax.detach()  # the clip stage carries the amax gradient (PACT)
         if not self._fake_quant:
             q, scale = tensor_quant(x, amax, self._num_bits, self._unsigned, self._narrow_range)

@@ -57,14 +57,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 from tqdm.auto import tqdm
 
 from qdq.fileio import atomic_write
 from qdq.nn.linear import QuantLinear
 from qdq.quantizer import TensorQuantizer
 from qdq.rules.check import largest_difference, mismatch
-from qdq.rules.trace import single_call_modules
+from qdq.rules.trace import single_call_modules, single_call_readers
 from qdq.tensor_quant import fake_quant, quant_bounds, quant_step
 from sensitivity.batches import ForwardFn, default_forward, model_device, take, to_device
 from sensitivity.errors import SensitivityError
@@ -245,21 +245,11 @@ def _layernorm_groups(model: nn.Module, linears: dict[str, QuantLinear]
         if not isinstance(norm, nn.LayerNorm) or not norm.elementwise_affine \
                 or norm.bias is None or len(norm.normalized_shape) != 1:
             continue
-        readers = _linear_readers(node, calls, part.qualify)
+        readers = single_call_readers(node, calls, part.qualify)
         if readers and all(r in linears for r in readers):
             for r in readers:
                 groups[r] = (part.qualify(node.target), readers)
     return groups
-
-
-def _linear_readers(node: fx.Node, calls: dict[str, int], qualify) -> list[str] | None:
-    readers = []
-    for user in node.users:
-        if user.op != "call_module" or calls.get(user.target) != 1 \
-                or user.args[:1] != (node,) or len(user.args) != 1 or user.kwargs:
-            return None
-        readers.append(qualify(user.target))
-    return readers
 
 
 def _units(model: nn.Module, found: list[tuple[str, QuantLinear]]) -> list[_Unit]:

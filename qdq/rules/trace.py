@@ -18,7 +18,7 @@ from qdq.nn.mixin import QuantInputMixin
 from qdq.quantizer import TensorQuantizer
 
 __all__ = ["QdqTracer", "TracedPart", "trace_parts", "module_path", "is_quant_leaf",
-           "single_call_modules"]
+           "single_call_modules", "single_call_readers"]
 
 
 class QdqTracer(fx.Tracer):
@@ -108,3 +108,16 @@ def single_call_modules(model: nn.Module, tracer_cls: type[fx.Tracer] = QdqTrace
         for node in gm.graph.nodes:
             if node.op == "call_module" and calls[node.target] == 1:
                 yield part, calls, node
+
+
+def single_call_readers(node: fx.Node, calls: dict[str, int], qualify) -> list[str] | None:
+    """The qualified paths of the modules that read ``node``'s output, when every user is
+    a module called once (``calls``, as :func:`single_call_modules` gives it) with that
+    output as its only argument; None otherwise."""
+    readers = []
+    for user in node.users:
+        if user.op != "call_module" or calls.get(user.target) != 1 \
+                or user.args != (node,) or user.kwargs:
+            return None
+        readers.append(qualify(user.target))
+    return readers
