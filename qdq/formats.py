@@ -44,6 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qdq.awq import AWQConfig, AWQReport, apply_scales, search_clip
+from qdq.batches import feed_batch, to_device
 from qdq.blockwise import (
     AMAX_METHODS,
     MSE_CLIP_RATIOS,
@@ -55,9 +56,7 @@ from qdq.fp8 import FP8_E4M3
 from qdq.gptq import (
     GPTQConfig,
     InputStatistics,
-    _to_device,
     collect_statistics,
-    feed_batch,
     gptq_quantize,
     matrix_scale_to_layout,
     supports_statistics,
@@ -393,7 +392,7 @@ def _on_device(forward: Callable[[nn.Module, Any], Any], model: nn.Module):
                   torch.device("cpu"))
 
     def run(m: nn.Module, batch: Any) -> Any:
-        return forward(m, _to_device(batch, device))
+        return forward(m, to_device(batch, device))
     return run
 
 

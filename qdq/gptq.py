@@ -37,7 +37,7 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -46,12 +46,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qdq.batches import feed_batch, to_device
 from qdq.blockwise import MSE_CLIP_RATIOS, check_block_size, weight_amax
 from qdq.tensor_quant import quant_bounds, scale_from_amax
 
 __all__ = ["GPTQConfig", "gptq_quantize", "gptq_matrix", "InputStatistics", "to_matrix",
-           "from_matrix", "matrix_scale_to_layout", "supports_statistics", "feed_batch",
-           "collect_statistics", "LABEL_KEYS"]
+           "from_matrix", "matrix_scale_to_layout", "supports_statistics",
+           "collect_statistics"]
 
 
 @dataclass(frozen=True)
@@ -295,35 +296,6 @@ class InputStatistics:
         return (self.abs_sum / max(self.rows, 1)).float()
 
 
-# ------------------------------------------------------------------ feeding batches
-#: keys of a dict batch that are labels, never passed to the model
-LABEL_KEYS = ("label", "labels", "target", "targets", "y")
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
-def feed_batch(model: nn.Module, batch: Any) -> Any:
-    """Call ``model`` on a batch the way ``sensitivity.calibrate`` does: a tensor as the
-    input, ``(inputs, labels, ...)`` by its first item, a dict as keyword arguments (label
-    keys dropped)."""
-    if isinstance(batch, torch.Tensor):
-        return model(batch)
-    if isinstance(batch, Mapping):
-        return model(**{k: v for k, v in batch.items() if k not in LABEL_KEYS})
-    if isinstance(batch, (list, tuple)) and batch:
-        return model(batch[0])
-    raise TypeError(f"cannot feed a batch of type {type(batch).__name__} to the model: use "
-                    "tensors, (inputs, labels) tuples or keyword dicts, or pass forward_fn")
-
-
 class _Stop(Exception):
     """Raised from a hook once every watched layer has had its inputs for this batch."""
 
@@ -370,7 +342,7 @@ def collect_statistics(model: nn.Module, layers: list[nn.Module], batches: Itera
         for batch in batches:
             counts[:] = [0] * len(layers)
             try:
-                forward(model, _to_device(batch, device))
+                forward(model, to_device(batch, device))
             except _Stop:
                 pass
             if expected is None:

@@ -15,53 +15,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from qdq.batches import LABEL_KEYS, BatchError, feed_batch, to_device
 from sensitivity.errors import SensitivityError
 
 __all__ = ["LABEL_KEYS", "to_device", "default_forward", "split_labels", "model_device",
            "take", "ForwardFn"]
 
-#: Dict keys treated as labels (never passed to the model).
-LABEL_KEYS = ("label", "labels", "target", "targets", "y")
-
 ForwardFn = Callable[[nn.Module, Any], Any]
 
 
-def to_device(batch: Any, device: torch.device | None) -> Any:
-    """Move every tensor inside ``batch`` (nested lists, tuples, dicts) to ``device``."""
-    if device is None:
-        return batch
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
-
-
 def default_forward(model: nn.Module, batch: Any) -> Any:
-    """Call ``model`` on the input part of ``batch``.
-
-    ========================  ===============================
-    batch                     call
-    ========================  ===============================
-    tensor                    ``model(batch)``
-    (inputs, labels, ...)     ``model(inputs)``
-    dict                      ``model(**batch without labels)``
-    ========================  ===============================
-    """
-    if isinstance(batch, torch.Tensor):
-        return model(batch)
-    if isinstance(batch, Mapping):
-        return model(**{k: v for k, v in batch.items() if k not in LABEL_KEYS})
-    if isinstance(batch, (list, tuple)):
-        if not batch:
-            raise SensitivityError("a batch is an empty tuple: nothing to feed the model")
-        return model(batch[0])
-    raise SensitivityError(
-        f"cannot feed a batch of type {type(batch).__name__} to the model: use tensors, "
-        "(inputs, labels) tuples or dicts, or pass forward_fn(model, batch)"
-    )
+    """Call ``model`` on the input part of ``batch`` (:func:`qdq.batches.feed_batch`: a
+    tensor, the first item of a tuple, a dict's non-label keys as keywords)."""
+    try:
+        return feed_batch(model, batch)
+    except BatchError as err:
+        raise SensitivityError(str(err)) from None
 
 
 def split_labels(batch: Any) -> Any:

@@ -13,9 +13,10 @@ from torch import nn
 import export
 import qdq
 from qdq.awq import AWQConfig, apply_scales, search_clip, search_scale
+from qdq.batches import feed_batch
 from qdq.blockwise import dequantize_weight, quantize_weight
 from qdq.formats import FormatError, _input_groups, weight_method_of, weight_only
-from qdq.gptq import InputStatistics, feed_batch, to_matrix
+from qdq.gptq import InputStatistics, to_matrix
 from qdq.nn.weight_only import WeightOnlyLinear
 
 OUTLIERS = (3, 17, 40)
