@@ -7,7 +7,8 @@ the state (weights and amax), the *recipe* that rebuilds that structure:
 
 ==============  ================================================================
 ``modules``     every module path with its type (the structure restore must reach)
-``twins``       module paths swapped for quant twins: quant class and float class
+``twins``       module paths swapped for quant twins (layers and attention modules,
+                however they were swapped): quant class and float class
 ``kept_float``  paths of layers that have a quant twin but stayed float (the ignore
                 list in effect)
 ``rules``       each ``apply_rules`` call: where, which rules, the example inputs'
@@ -44,6 +45,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
@@ -58,6 +60,7 @@ from qdq.calib import HistogramCalibrator, MaxCalibrator
 from qdq.descriptor import QuantDescriptor
 from qdq.fileio import atomic_write
 from qdq.formats import format_of
+from qdq.nn.attention import QuantAttentionMixin, attention_twin_of
 from qdq.nn.mixin import QuantInputMixin
 from qdq.nn.weight_only import WEIGHT_ONLY_TWINS, QuantizedWeight, WeightOnlyLayer
 from qdq.quantizer import TensorQuantizer
@@ -187,7 +190,7 @@ def recipe_of(model: nn.Module) -> dict[str, Any]:
         if isinstance(module, TensorQuantizer):
             continue
         modules.append([path, _kind(module)])
-        if isinstance(module, QuantInputMixin):
+        if isinstance(module, (QuantInputMixin, QuantAttentionMixin)):
             float_cls = _float_class(type(module))
             twins.append([path, _type_name(type(module)),
                           None if float_cls is None else _type_name(float_cls)])
@@ -317,6 +320,9 @@ def _swap_twins(model: nn.Module, twins: list[list], classes: dict[str, type]) -
                           f"model, the file has a {quant_name} made from "
                           f"{float_name or 'nothing'} there")
         quant_cls = classes.get(quant_name)
+        if quant_cls is None:  # attention twins are made per float class, on demand
+            made = attention_twin_of(type(current))
+            quant_cls = made if made is not None and _type_name(made) == quant_name else None
         if quant_cls is None:
             raise _Misfit(f"'{path}' is a {quant_name} in the file, a class this process "
                           "has not defined: import the module that defines it first")
@@ -482,21 +488,49 @@ def _add_missing_biases(model: nn.Module, state: dict[str, torch.Tensor]) -> Non
 
 
 def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Rebuild the quantized model saved in ``path`` from ``model``, its float model.
+    """Turn ``model``, the float model, into the quantized model saved in ``path``, in
+    place, and return it (the same object).
 
     ``model`` is the same architecture, built the usual way (weights do not matter: the
-    file's replace them); it is changed in place where it can be, but a root the
-    placement rules traced comes back as a new ``fx.GraphModule``: use the returned
-    module. Custom quant classes must be defined (imported) before the call. Raises
-    :class:`RestoreError`, naming the file and the first module that differs, when the
-    file does not fit the model (the float model may then be partly converted: build it
-    again to retry).
+    file's replace them). Custom quant classes must be defined (imported) before the call.
+    The rebuild runs on a copy; only when it has succeeded does ``model`` take its place,
+    so a file that does not fit raises :class:`RestoreError` (naming the file and the first
+    module that differs) and leaves ``model`` exactly as it was. Where the placement rules
+    traced the root, ``model`` becomes that ``fx.GraphModule`` (its class changes; it is
+    still the object passed in). ``model`` keeps its train/eval mode, as
+    ``load_state_dict`` does: call ``.eval()`` for inference. Peak memory is two copies of
+    the model.
     """
     path = Path(path)
     blob = read(path)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"restore expects an nn.Module, got {type(model).__name__}")
+    was_training = model.training
+    try:
+        work = copy.deepcopy(model)
+    except Exception as err:  # noqa: BLE001 - any failure to copy has one meaning here
+        raise RestoreError(f"{path}: the model cannot be copied to rebuild it safely "
+                           f"(copy.deepcopy: {err})") from err
+    rebuilt = _rebuild(work, blob, path)
+    rebuilt.train(was_training)
+    _become(model, rebuilt)
+    return model
+
+
+def _become(target: nn.Module, source: nn.Module) -> None:
+    """``target`` takes ``source``'s class and state: the caller's object is the result."""
+    state = source.__dict__
+    target.__dict__.clear()
+    target.__dict__.update(state)
+    target.__class__ = type(source)
+    if isinstance(target, fx.GraphModule):
+        target.graph.owning_module = target
+
+
+def _rebuild(model: nn.Module, blob: dict[str, Any], path: Path) -> nn.Module:
+    """The recipe replayed on ``model`` (a private copy: it may be left half-changed)."""
     recipe, state = blob["recipe"], blob["state_dict"]
     modules = recipe["modules"]
-    was_training = model.training
     try:
         model.eval()
         _swap_twins(model, recipe["twins"], _quant_classes())
@@ -512,10 +546,8 @@ def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             raise _Misfit(f"{len(result.missing_keys)} missing and "
                           f"{len(result.unexpected_keys)} unexpected state keys, e.g. {shown}")
     except _Misfit as err:
-        model.train(was_training)
         raise RestoreError(f"{path} does not fit the model: {err}") from None
     except RuntimeError as err:  # load_state_dict: shapes differ
-        model.train(was_training)
         first = (str(err).strip().splitlines() or [""])[-1].strip()
         raise RestoreError(f"{path} does not fit the model: {first}") from err
     for q, entry in zip(made, recipe["quantizers"], strict=True):
@@ -524,5 +556,4 @@ def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if entry["learn_amax"] and not q.learn_amax and q.amax is not None:
             q.init_learn_amax()
     name_quantizers(model)
-    model.train(recipe["training"])
     return model

@@ -10,7 +10,8 @@ its ``forward`` under a :class:`torch.overrides.TorchFunctionMode` that sends:
 - the k-th matrix product to the k-th :class:`~qdq.nn.QuantMatMul` child (``qk``, ``av``):
   both operands quantized. ``einsum`` equations that are batched matrix products run as
   ``matmul`` (what TensorRT runs in INT8), and ``scaled_dot_product_attention`` runs as
-  ``qk`` -> scale, mask -> softmax -> ``av``;
+  ``qk`` -> scale, mask -> softmax -> ``av`` (a row the mask hides throughout gives
+  zeros, as torch's SDPA does, not NaN);
 - ``F.linear(x, child.weight, b)`` through that child's quantizers, when the class
   declares ``linear_weights`` (the child Linear itself is never called).
 
@@ -185,6 +186,9 @@ class _CallRouter(TorchFunctionMode):
             scores = (scores.masked_fill(~attn_mask, float("-inf"))
                       if attn_mask.dtype == torch.bool else scores + attn_mask)
         attn = torch.softmax(scores, dim=-1)
+        if attn_mask is not None:  # a row masked throughout gives zeros, as torch's SDPA
+            masked = scores.amax(dim=-1, keepdim=True) == float("-inf")
+            attn = torch.where(masked, torch.zeros_like(attn), attn)
         if dropout_p > 0:
             attn = F.dropout(attn, dropout_p, training=True)
         return self._next()(attn, value)

@@ -48,7 +48,7 @@ def _roundtrip(model: nn.Module, fresh: nn.Module, x: torch.Tensor, tmp_path) ->
     with torch.no_grad():
         before = model(x)
     path = qdq.save(model, tmp_path / "model.qdq.pt", metadata={"note": "test"})
-    restored = qdq.restore(fresh, path)
+    restored = qdq.restore(fresh, path).train(model.training)  # restore keeps fresh's mode
     with torch.no_grad():
         after = restored(x)
     assert torch.equal(before, after)
@@ -158,7 +158,7 @@ def test_restored_model_saves_the_same_recipe(tmp_path):
     model = apply_rules(model, x)
     _calibrate(model, x)
     first = qdq.save(model, tmp_path / "a.pt")
-    again = qdq.save(qdq.restore(torchvision.models.resnet18(), first), tmp_path / "b.pt")
+    again = qdq.save(qdq.restore(torchvision.models.resnet18().eval(), first), tmp_path / "b.pt")
     assert read(first)["recipe"] == read(again)["recipe"]
 
 
