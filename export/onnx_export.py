@@ -43,10 +43,11 @@ from qdq.fileio import atomic_write
 from qdq.formats import FORMATS, format_of
 from qdq.nn.weight_only import QuantizedWeight
 from qdq.quant_modules import enable_onnx_export
+from qdq.quantizer import TensorQuantizer
 
 __all__ = ["ExportError", "ExportResult", "KeywordPlan", "dynamo_exporter_available",
-           "fold_constants", "flat_outputs", "keyword_args", "keyword_plan", "to_onnx",
-           "uncalibrated_quantizers"]
+           "fold_constants", "flat_outputs", "keyword_args", "keyword_plan",
+           "non_finite_tensors", "to_onnx", "uncalibrated_quantizers"]
 
 
 class ExportError(RuntimeError):
@@ -89,6 +90,48 @@ def uncalibrated_quantizers(model: nn.Module) -> list[str]:
     return [name for name, q in quantizers(model) if q.is_quant_enabled and q.amax is None]
 
 
+def non_finite_tensors(model: nn.Module) -> list[str]:
+    """State names (``layer1.0.conv1.weight``, ``fc._input_quantizer._amax``) holding NaN
+    or infinity: parameters, enabled quantizers' state and BatchNorm statistics. Other
+    buffers are only refused for NaN (some models keep ``-inf`` attention masks)."""
+    owners = dict(model.named_modules())
+    bad = []
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        owner = owners.get(name.rpartition(".")[0])
+        if not t.is_floating_point() or (isinstance(owner, TensorQuantizer)
+                                          and not owner.is_quant_enabled):
+            continue
+        strict = isinstance(t, nn.Parameter) or isinstance(
+            owner, (TensorQuantizer, QuantizedWeight, nn.modules.batchnorm._NormBase))
+        t = t.detach()
+        if not bool((torch.isfinite(t) if strict else ~torch.isnan(t)).all()):
+            bad.append(name)
+    return bad
+
+
+def _nan_initializers(onnx_model: onnx.ModelProto) -> list[str]:
+    """Initializers of the written graph holding NaN, each with the node reading it
+    (BatchNorm folding makes them out of a negative variance). Infinity is legal there:
+    attention masks fold into ``-inf`` constants."""
+    readers = {i: n.name or n.op_type for n in onnx_model.graph.node for i in n.input}
+    bad = []
+    for init in onnx_model.graph.initializer:
+        if init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                                  onnx.TensorProto.DOUBLE):
+            continue
+        if np.isnan(numpy_helper.to_array(init)).any():
+            bad.append(f"{init.name} (read by {readers.get(init.name, 'no node')})")
+    return bad
+
+
+def _refuse_non_finite(names: list[str], where: str) -> None:
+    if names:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5
+                                        else "")
+        raise ExportError(f"{len(names)} tensor(s) {where} hold NaN or infinity (a corrupted "
+                          f"checkpoint or a diverged run?); nothing was written: {shown}")
+
+
 def _as_tuple(example_inputs) -> tuple:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
@@ -125,9 +168,15 @@ def _needs_wrapper(model: nn.Module, n_args: int) -> bool:
 
 
 def _fold(model: nn.Module, args: tuple) -> list[str]:
+    from qdq.quantizer import QuantizerError
     from qdq.rules import fold_batchnorm
 
-    return [str(item) for item in fold_batchnorm(model, args)]
+    try:
+        return [str(item) for item in fold_batchnorm(model, args)]
+    except QuantizerError as err:  # a folded weight's amax: NaN out of a negative variance
+        raise ExportError(f"folding BatchNorm gave a weight that cannot be quantized ({err}); "
+                          "check the BatchNorm statistics (running_var must be >= 0); "
+                          "nothing was written") from err
 
 
 #: Ops that may be evaluated ahead of time when every input is a constant. The scale
@@ -291,6 +340,8 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *,
                           f"PyTorch they quantize with each input's own amax; ONNX and "
                           f"TensorRT need a fixed one): calibrate them or disable them: {shown}")
 
+    _refuse_non_finite(non_finite_tensors(model), "of the model")
+
     work = copy.deepcopy(model).eval()
     device = next((p.device for p in work.parameters()), torch.device("cpu"))
     args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
@@ -339,6 +390,7 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *,
             raise ExportError(f"torch.onnx.export failed: {first}") from err
         onnx_model = onnx.load(str(raw))
     fold_constants(onnx_model)
+    _refuse_non_finite(_nan_initializers(onnx_model), "of the exported graph")
     if int8_weights:
         _weights_to_int8(onnx_model)
     onnx_model = onnx_formats.set_opset(onnx_model, opset)
