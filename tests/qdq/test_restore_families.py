@@ -48,7 +48,39 @@ def _bert(attn: str):
     return build
 
 
-_IMAGE = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+class _Encoder(nn.Module):
+    """nn.TransformerEncoder: MultiheadAttention, whose matmuls the rules quantize."""
+
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+
+class _Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(8, 8, batch_first=True)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(self.lstm(x)[0])
+
+
+def _reference() -> nn.Module:
+    from qdqapp.reference import build_reference_model
+    return build_reference_model()
+
+
+def _randn(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+_IMAGE = _randn(2, 3, 32, 32, seed=1)
 _IDS = torch.randint(1, 50, (3, 7), generator=torch.Generator().manual_seed(2))
 _MASK = torch.ones_like(_IDS)
 _MASK[1, 4:] = 0  # a padded sentence
@@ -57,10 +89,20 @@ _TEXT = {"input_ids": _IDS, "attention_mask": _MASK}
 
 FAMILIES = {
     "resnet18": (_resnet, _IMAGE),
+    "mobilenet_v3": (lambda: torchvision.models.mobilenet_v3_small(num_classes=4), _IMAGE),
+    "reference": (_reference, _randn(4, 1, 28, 28, seed=3)),
+    "transformer-encoder": (_Encoder, _randn(2, 5, 16, seed=4)),
+    "lstm": (_Recurrent, _randn(2, 5, 8, seed=5)),
     "swin": (_swin, _IMAGE),
     "bert-eager": (_bert("eager"), _TEXT),
     "bert-sdpa": (_bert("sdpa"), _TEXT),
 }
+
+
+def _structure(model: nn.Module) -> list[tuple[str, str]]:
+    """Module paths and types (every traced part counts as one GraphModule type)."""
+    return [(n, "GraphModule" if isinstance(m, torch.fx.GraphModule) else type(m).__qualname__)
+            for n, m in model.named_modules()]
 
 
 def _run(batch):
@@ -70,23 +112,35 @@ def _run(batch):
     return run
 
 
-def _quantized(family: str, rules: bool) -> tuple[nn.Module, object]:
+def _quantized(family: str, rules: bool, fmt: str = "int8") -> tuple[nn.Module, object]:
     build, batch = FAMILIES[family]
     torch.manual_seed(0)
     model = build().eval()
+    run = _run(batch)
+    if fmt in ("w8", "w4"):
+        qdq.weight_only(model, bits=int(fmt[1]), block_size=8 if fmt == "w4" else None,
+                        progress=False)
+        return model, run
     qdq.replace_modules(model)
+    if fmt == "fp8":
+        qdq.set_format(model, "fp8")
     if rules:
         example = {k: v[:1] for k, v in batch.items()} if isinstance(batch, dict) else batch[:1]
         model = apply_rules(model, example)
-    run = _run(batch)
     _calibrate(model, run)
     return model, run
 
 
-@pytest.mark.parametrize("rules", [False, True], ids=["replace_modules", "rules"])
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_restore_rebuilds_in_place_bit_for_bit(tmp_path, family, rules):
-    model, run = _quantized(family, rules)
+CASES = [(family, rules, "int8") for family in FAMILIES for rules in (False, True)
+         if not (family == "lstm" and rules)]  # torch.fx cannot trace nn.LSTM's packing
+CASES += [("bert-sdpa", True, "fp8"), ("swin", True, "fp8"), ("bert-eager", False, "w4"),
+          ("resnet18", False, "w8"), ("lstm", False, "w4")]
+
+
+@pytest.mark.parametrize("family, rules, fmt", CASES,
+                         ids=[f"{f}-{'rules' if r else 'replace'}-{fmt}" for f, r, fmt in CASES])
+def test_restore_rebuilds_in_place_bit_for_bit(tmp_path, family, rules, fmt):
+    model, run = _quantized(family, rules, fmt)
     with torch.no_grad():
         before = run(model)
     assert torch.isfinite(before).all()  # the all-padding row too
@@ -104,7 +158,8 @@ def test_restore_rebuilds_in_place_bit_for_bit(tmp_path, family, rules):
     assert torch.equal(before, after)
     ours = sorted(n for n, _ in qdq.quantizers(fresh))
     assert ours == sorted(n for n, _ in qdq.quantizers(model))
-    assert len(ours) > 0
+    assert qdq.format_of(fresh) == fmt
+    assert _structure(fresh) == _structure(model)
     again = qdq.save(fresh, tmp_path / "again.qdq.pt")
     recipe = qdq.checkpoint.read(again)["recipe"]
     first = qdq.checkpoint.read(path)["recipe"]
