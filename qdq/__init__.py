@@ -14,6 +14,7 @@ from qdq import calib, nn, quant_modules, tensor_quant
 from qdq.checkpoint import RestoreError, restore, save
 from qdq.descriptor import QuantDescriptor
 from qdq.formats import FORMATS, apply_format, format_of, get_format, set_format, weight_only
+from qdq.layer_kinds import FloatLayer, FloatLayersWarning, float_layers
 from qdq.quantizer import QuantizerError, TensorQuantizer
 from qdq.replace import (
     Replacement,
@@ -34,4 +35,5 @@ __all__ = [
     "disable_quantization", "enable_quantization", "summary", "summary_rows",
     "FORMATS", "get_format", "set_format", "weight_only", "apply_format", "format_of",
     "save", "restore", "RestoreError",
+    "float_layers", "FloatLayer", "FloatLayersWarning",
 ]

@@ -60,6 +60,7 @@ from qdq.calib import HistogramCalibrator, MaxCalibrator
 from qdq.descriptor import QuantDescriptor
 from qdq.fileio import atomic_write
 from qdq.formats import format_of
+from qdq.layer_kinds import twin_class
 from qdq.nn.attention import QuantAttentionMixin, attention_twin_of
 from qdq.nn.mixin import QuantInputMixin
 from qdq.nn.weight_only import WEIGHT_ONLY_TWINS, QuantizedWeight, WeightOnlyLayer
@@ -152,7 +153,8 @@ def _weight_only_entries(model: nn.Module) -> list[dict[str, Any]]:
                              f"bit widths or block sizes {sorted(kinds, key=str)}")
         bits, block_size = kinds.pop()
         entry = {"path": path, "layer": _type_name(type(layer)),
-                 "float": _type_name(layer._float_cls), "bits": bits,
+                 "float": _type_name(getattr(layer, "_from_cls", None) or layer._float_cls),
+                 "bits": bits,
                  "block_size": block_size,
                  "dtypes": {name: str(w.dtype).removeprefix("torch.")
                             for name, w in weights.items()}}
@@ -184,17 +186,16 @@ def recipe_of(model: nn.Module) -> dict[str, Any]:
     """The recipe :func:`save` writes (plain Python values only)."""
     from qdq.nn.registry import QUANT_TWINS
 
-    twinned = {cls for cls in QUANT_TWINS}
     modules, twins, kept_float = [], [], []
     for path, module in model.named_modules():
         if isinstance(module, TensorQuantizer):
             continue
         modules.append([path, _kind(module)])
         if isinstance(module, (QuantInputMixin, QuantAttentionMixin)):
-            float_cls = _float_class(type(module))
+            float_cls = getattr(module, "_from_cls", None) or _float_class(type(module))
             twins.append([path, _type_name(type(module)),
                           None if float_cls is None else _type_name(float_cls)])
-        elif type(module) in twinned and path:
+        elif path and twin_class(module, QUANT_TWINS) is not None:
             kept_float.append(path)
     return {"modules": modules, "twins": twins, "kept_float": kept_float,
             "rules": _rules_entries(model), "quantizers": _quantizer_entries(model),

@@ -62,6 +62,7 @@ from qdq.gptq import (
     supports_statistics,
     to_matrix,
 )
+from qdq.layer_kinds import twin_class
 from qdq.nn.weight_only import WEIGHT_ONLY_TWINS, QuantizedWeight, WeightOnlyLayer
 from qdq.nn.weight_only_embedding import WeightOnlyEmbedding
 from qdq.quantizer import TensorQuantizer
@@ -187,9 +188,11 @@ def weight_only_candidates(model: nn.Module, ignore=None) -> list[tuple[str, nn.
             name = f"{prefix}{child_name}"
             if is_ignored(name, child):
                 continue
-            if type(child) in WEIGHT_ONLY_TWINS:
+            if twin_class(child, WEIGHT_ONLY_TWINS) is not None:
                 found.append((name, child))
                 continue
+            if type(child) is nn.MultiheadAttention:
+                continue  # its own code reads out_proj's weight (qdq.layer_kinds)
             visit(child, name + ".")
 
     visit(model, "")
@@ -210,7 +213,7 @@ def indivisible_weights(model: nn.Module, block_size: int | None, ignore=None
     if block_size is None:
         return []
     return [(name, wname, int(w.shape[1])) for name, layer in weight_only_candidates(model, ignore)
-            for wname, w in WEIGHT_ONLY_TWINS[type(layer)].weights_of(layer).items()
+            for wname, w in twin_class(layer, WEIGHT_ONLY_TWINS).weights_of(layer).items()
             if w.shape[1] % block_size]
 
 
@@ -366,19 +369,19 @@ def weight_only(model: nn.Module, bits: int = 8, block_size: int | None = None, 
                            method, data, forward_fn or feed_batch, awq_config, gptq_config,
                            sequential, progress)
     for name, layer in rest:
-        cls = WEIGHT_ONLY_TWINS[type(layer)]
+        cls = twin_class(layer, WEIGHT_ONLY_TWINS)
         _put(model, name, cls.from_float(layer, bits, block_size, amax_method,
                                          tuple(clip_ratios)))
     table_bits = embedding_bits or bits
     for name, table in tables:
-        cls = WEIGHT_ONLY_TWINS[type(table)]
+        cls = twin_class(table, WEIGHT_ONLY_TWINS)
         # INT8 tables of an INT4 model: one scale per row (the INT4 blocks would only add
         # scales to store); otherwise the model's own block size
         table_block = None if (table_bits, bits) == (8, 4) else block_size
         _put(model, name, cls.from_float(table, table_bits, table_block, amax_method,
                                          tuple(clip_ratios)))
-    return [Replacement(name, type(layer).__name__, WEIGHT_ONLY_TWINS[type(layer)].__name__)
-            for name, layer in layers]
+    return [Replacement(name, type(layer).__name__,
+                        twin_class(layer, WEIGHT_ONLY_TWINS).__name__) for name, layer in layers]
 
 
 def _put(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -450,7 +453,7 @@ def _quantized_layer(name: str, module: nn.Module, stats: InputStatistics, bits:
         weight_q = QuantizedWeight.from_weight(weight, bits, block_size, amax_method,
                                                clip_ratios)
         codes, scale = weight_q.codes, weight_q.scale
-    cls = WEIGHT_ONLY_TWINS[type(module)]
+    cls = twin_class(module, WEIGHT_ONLY_TWINS)
     weight_q = QuantizedWeight(codes.to(weight.device), scale.to(weight.device), bits,
                                block_size, weight.dtype)
     return cls.from_quantized(module, weight_q, method, input_scale)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from qdq.descriptor import QuantDescriptor
+from qdq.layer_kinds import twin_class, warn_float_layers
 from qdq.nn.attention import attention_twin_of
 from qdq.nn.mixin import QuantInputMixin, QuantMixin
 from qdq.nn.registry import QUANT_TWINS
@@ -76,6 +77,12 @@ def replace_modules(model: nn.Module, ignore=None,
             so their matmuls and functional linears are quantized.
         quant_desc_input / quant_desc_weight: descriptors instead of the classes' defaults.
 
+    A layer matches its class's twin, or a base class's when it only changes how the
+    layer is built (:mod:`qdq.layer_kinds`). One :class:`~qdq.layer_kinds.FloatLayersWarning`
+    names the layers with weights left float for a reason you may not expect (a subclass
+    with its own ``forward``, a class without a twin); :func:`qdq.float_layers` lists
+    every float layer with its reason.
+
     Returns the replacements made, in model order.
     """
     is_ignored = _ignore_predicate(ignore)
@@ -88,7 +95,7 @@ def replace_modules(model: nn.Module, ignore=None,
             name = f"{prefix}{child_name}"
             if is_ignored(name, child):
                 continue
-            quant_cls = table.get(type(child)) or attention_twin_of(type(child))
+            quant_cls = twin_class(child, table) or attention_twin_of(type(child))
             if quant_cls is not None and not isinstance(child, QuantInputMixin):
                 descs = {"quant_desc_input": quant_desc_input}
                 if issubclass(quant_cls, QuantMixin):
@@ -97,10 +104,13 @@ def replace_modules(model: nn.Module, ignore=None,
                 setattr(parent, child_name, twin)
                 done.append(Replacement(name, type(child).__name__, quant_cls.__name__))
                 child = twin
+            if type(child) is nn.MultiheadAttention:
+                continue  # its own code uses out_proj's weight; apply_rules quantizes both
             visit(child, name + ".")
 
     visit(model, "")
     name_quantizers(model)
+    warn_float_layers(model, ignore)
     return done
 
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
+from qdq.layer_kinds import float_layers
 from qdq.replace import name_quantizers, quantizer_paths
 
 __all__ = ["QuantizerRow", "summary", "summary_rows"]
@@ -83,7 +84,8 @@ def _fmt_amax(row: QuantizerRow) -> str:
 
 
 def summary(model: nn.Module) -> str:
-    """A text table of :func:`summary_rows`, with a count line at the end."""
+    """A text table of :func:`summary_rows`, a count line, and every layer left float
+    with the reason (``!`` marks the reasons to look at)."""
     rows = summary_rows(model)
     header = ["module", "role", "bits", "axis", "amax", "calib", "state", "shared", "rule"]
     table = [header] + [[
@@ -105,4 +107,22 @@ def summary(model: nn.Module) -> str:
         lines.append(f"attention matmuls (q @ k^T, attn @ v): {len(attention) // 2}, "
                      f"{sum(r.state != 'off' for r in attention)} of {len(attention)} "
                      "operands quantized")
+    lines.extend(float_layer_lines(model))
     return "\n".join(lines)
+
+
+def float_layer_lines(model: nn.Module, ignore=None) -> list[str]:
+    """Every layer left float (:func:`qdq.layer_kinds.float_layers`), grouped by reason,
+    each named in full; the unexpected reasons first."""
+    found = float_layers(model, ignore)
+    if not found:
+        return ["layers with weights left float: none"]
+    groups: dict[tuple[bool, str], list[str]] = {}
+    for layer in found:
+        groups.setdefault((layer.expected, layer.reason), []).append(
+            f"{layer.name} ({layer.kind})")
+    lines = [f"layers with weights left float: {len(found)}"]
+    for (expected, reason), names in sorted(groups.items(), key=lambda kv: kv[0][0]):
+        mark = "  " if expected else "! "
+        lines.append(f"{mark}{reason}: {', '.join(names)}")
+    return lines

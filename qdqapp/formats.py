@@ -41,6 +41,7 @@ from qdq.formats import (
     weight_only_candidates,
 )
 from qdq.fp8 import FP8_AMAX_METHODS
+from qdq.layer_kinds import twin_class
 from qdq.nn.weight_only import WEIGHT_ONLY_TWINS
 from qdqapp.calibrators import DEFAULT_COMPARISON, calibrator_settings
 from qdqapp.errors import CliError
@@ -200,7 +201,7 @@ def _block_size_hint(model: nn.Module, choice: FormatChoice, ignore: list[str]) 
     more = f" and {len(bad) - 6} more" if len(bad) > 6 else ""
     ignores = " ".join(f"--ignore {layer}" for layer in layers[:6])
     common = math.gcd(*(int(w.shape[1]) for _, layer in weight_only_candidates(model, ignore)
-                        for w in WEIGHT_ONLY_TWINS[type(layer)].weights_of(layer).values()))
+                        for w in twin_class(layer, WEIGHT_ONLY_TWINS).weights_of(layer).values()))
     other = f" (--block-size {common} divides every layer)" if common > 1 else ""
     return (f"--block-size {choice.block_size} does not divide the input dimension of "
             f"{shown}{more}; keep those layers in float ({ignores}), or choose another "

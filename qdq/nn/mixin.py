@@ -140,6 +140,8 @@ def twin_shell(cls: type, module: nn.Module) -> nn.Module:
     for key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
         if key in module.__dict__:
             twin.__dict__[key] = type(module.__dict__[key])(module.__dict__[key])
+    if float_cls is not None and type(module) is not float_cls:
+        twin._from_cls = type(module)  # a subclass: qdq.save records what to rebuild from
     return twin
 
 

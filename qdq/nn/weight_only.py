@@ -103,6 +103,12 @@ class QuantizedWeight(nn.Module):
         return f"int{self.bits} {how}, shape {tuple(self.codes.shape)}"
 
 
+def _note_source(layer: nn.Module, float_layer: nn.Module | None) -> None:
+    """A subclass of the float class (:mod:`qdq.layer_kinds`): qdq.save records it."""
+    if float_layer is not None and type(float_layer) is not layer._float_cls:
+        layer._from_cls = type(float_layer)
+
+
 class WeightOnlyLayer(nn.Module):
     """Common part of the layers with one weight (``weight_q``) and an optional bias: the
     float class they replace and how they are built from one.
@@ -125,6 +131,7 @@ class WeightOnlyLayer(nn.Module):
         self.bias = bias
         self.method = "max"
         self.register_buffer("input_scale", None)
+        _note_source(self, float_layer)
 
     @classmethod
     def from_quantized(cls, module: nn.Module, weight_q: QuantizedWeight, method: str,
@@ -250,6 +257,7 @@ class WeightOnlyLSTM(WeightOnlyLayer):
     def __init__(self, lstm: nn.LSTM, weights: dict[str, QuantizedWeight]) -> None:
         nn.Module.__init__(self)
         self.method = "max"
+        _note_source(self, lstm)
         for attr in self._CONFIG:
             setattr(self, attr, getattr(lstm, attr))
         self._flat_names = list(lstm._flat_weights_names)
