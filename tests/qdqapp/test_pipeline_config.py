@@ -6,6 +6,7 @@ import pytest
 
 from qdq.fileio import atomic_write
 from qdqapp.errors import CliError
+from qdqapp.outputs import MARKER
 from qdqapp.pipeline.config import ConfigError, RunConfig, load_config
 from qdqapp.pipeline.folder import RunFolder
 
@@ -97,7 +98,7 @@ def test_restart_deletes_only_the_files_the_run_recorded(tmp_path):
     assert set(json.loads((tmp_path / "state.json").read_text())["files"]) == {
         "report.md", "sensitivity/rows.jsonl", "run.log"}
     RunFolder(cfg.out, cfg.fingerprint(), restart=True).open()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MARKER, "mine.txt"]
 
 
 def test_a_run_that_never_finished_a_stage_is_discarded(tmp_path):
