@@ -183,7 +183,7 @@ CASES = [
     (("calibrate", "hf:{in}/bert", "--data", "text:{in}/one.txt", "--smoothquant",
       "--smoothquant-alpha", "1.5", "--out", "{tmp}/o"), "--smoothquant-alpha '1.5'"),
     (("run", "--model", "hf:{in}/bert", "--data", "text:{in}/one.txt", "--smoothquant",
-      "--smoothquant-alpha", "high", "--out", "{tmp}/r"), "smoothquant_alpha: "),
+      "--smoothquant-alpha", "high", "--out", "{tmp}/r"), "--smoothquant-alpha 'high': expected"),
     (("sensitivity", "torchvision:resnet18", "--data", "random:2x3x8x8", "--eval",
       "min-cosine", "--out", "{tmp}/o"), "--eval min-cosine: for text data only"),
     (("run", "--model", "torchvision:resnet18", "--data", "random:2x3x8x8", "--eval",
