@@ -24,7 +24,9 @@ ids and attention mask, which the rules, the export, the ONNX Runtime check and
 SmoothQuant, before any output is written; :meth:`Session.open` opens the data, prepares
 the model on one of its inputs and adds SmoothQuant; :func:`calibrate_model` does the last
 step. ``run``, ``calibrate``, ``sensitivity``, ``export``, ``verify`` and ``summary`` all
-go through here, so the same flags build the same model everywhere.
+go through here, so the same flags build the same model everywhere. What torch.fx and
+the libraries below say while the model is loaded and traced is one line on the console
+(:func:`qdqapp.logs.library_chatter`; ``--debug`` shows all of it).
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from __future__ import annotations
 import copy
 import difflib
 import logging
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,7 @@ import qdq
 from qdqapp.calibrators import calibrator_settings
 from qdqapp.errors import CliError, first_line
 from qdqapp.formats import FormatChoice, apply_format_step
+from qdqapp.logs import library_chatter
 from qdqapp.models import Checkpoint, ExampleShape, load_float_weights
 from qdqapp.specs import DataSpec, ModelSpec
 
@@ -150,7 +152,8 @@ def prepare_model(spec: ModelSpec, example: Example | None = None,
     one. ``data`` names the data spec in messages.
     """
     checkpoint, choice = spec.checkpoint, spec.format
-    model = spec.build()
+    with library_chatter("loading the model", transformers=spec.takes_text):
+        model = spec.build()
     if example is None:
         shape = ((checkpoint.metadata or {}).get("input_shape") if checkpoint else None) \
             or spec.example_shape()
@@ -177,11 +180,8 @@ def prepare_model(spec: ModelSpec, example: Example | None = None,
             from qdq.rules import apply_rules
 
             inputs = example if isinstance(example, dict) or example is None else (example,)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
+            with library_chatter("tracing for the placement rules", ours="torch.fx"):
                 model = apply_rules(model, inputs)
-            for w in caught:
-                log.info("%s", w.message)
     if not choice.needs_data:  # awq/gptq: Session.open runs the step on the data
         apply_format_step(model, choice, list(spec.ignore))
     if float_model is not None:
@@ -262,7 +262,8 @@ class Session:
         on one of its inputs, and smooth it with ``--smoothquant``."""
         source = None
         if data is not None:
-            tokenizer = spec.tokenizer() if spec.takes_text else None
+            with library_chatter("loading the tokenizer", transformers=spec.takes_text):
+                tokenizer = spec.tokenizer() if spec.takes_text else None
             source = data.open(tokenizer)
         example = source.example() if source is not None else None
         prepared = prepare_model(spec, example, data.spec if data is not None else None)
@@ -299,7 +300,8 @@ class Session:
         if prepared.float_model is None and self.origin is not None \
                 and not self.origin.restores:
             origin = self.origin
-            model = origin.build()
+            with library_chatter("loading the model", transformers=origin.takes_text):
+                model = origin.build()
             if origin.checkpoint is not None:
                 load_float_weights(model, origin.checkpoint, origin.spec)
             prepared.float_model = model.to(prepared.device).eval()

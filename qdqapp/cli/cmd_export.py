@@ -21,6 +21,7 @@ from qdqapp.cli.options import (
 )
 from qdqapp.flow import Session, calibrate_model, on_device
 from qdqapp.formats import size_text
+from qdqapp.logs import library_chatter
 from qdqapp.outputs import NewFiles, OutputSpec, parse_output
 from qdqapp.specs import DataSpec, ModelSpec, parse_calibrators
 
@@ -187,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     out, fp16 = specs.out.path, specs.fp16.path if specs.fp16 is not None else None
     with NewFiles([out, fp16]):
         try:
-            with _quiet_exporter(args.dynamo):
+            with _quiet_exporter(args.dynamo), library_chatter("exporting to ONNX"):
                 result = to_onnx(session.model, example, out, opset=specs.opset,
                                  dynamic_batch=not args.static_batch and not args.dynamo,
                                  fold_bn=not args.no_fold_bn, int8_weights=args.int8_weights,

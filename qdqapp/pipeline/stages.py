@@ -34,6 +34,7 @@ from torch import nn
 import qdq
 from qdqapp.evaluate import ACCURACY, default_max_drop
 from qdqapp.flow import Session, leave_uncalibrated_in_float, on_device
+from qdqapp.logs import library_chatter
 from qdqapp.pipeline.config import RunConfig, RunSettings, RunSpecs
 from qdqapp.pipeline.folder import QUANTIZED, RunFolder
 from qdqapp.specs import EvalSpec
@@ -339,8 +340,10 @@ def qat(run: Run) -> dict[str, Any]:
 def export_onnx(run: Run) -> dict[str, Any]:
     import export
 
-    result = export.to_onnx(run.model, run.example, run.folder.path("model.onnx"),
-                            opset=run.settings.opset, int8_weights=run.settings.int8_weights)
+    with library_chatter("exporting to ONNX"):
+        result = export.to_onnx(run.model, run.example, run.folder.path("model.onnx"),
+                                opset=run.settings.opset,
+                                int8_weights=run.settings.int8_weights)
     rules = getattr(run.model, "qdq_rules_report", None)  # BN folded there already
     return {"file": "model.onnx", "format": result.format, "opset": result.opset,
             "quantize_nodes": result.quantize_nodes,
@@ -449,7 +452,7 @@ def tensorrt(run: Run) -> dict[str, Any]:
                                       timing_cache=cache, **profile)
     # the FP16 baseline: the same model with every quantizer off
     fp16_onnx = run.folder.path("model_fp32.onnx")
-    with run.float_model() as model:
+    with run.float_model() as model, library_chatter("exporting the FP32 model to ONNX"):
         export.to_onnx(model, run.example, fp16_onnx, opset=run.settings.opset)
     fp16_engine = export.build_engine(fp16_onnx, run.folder.path("model_fp16.engine"),
                                       timing_cache=cache, **profile)
