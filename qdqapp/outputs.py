@@ -65,7 +65,7 @@ class OutputSpec:
 
 def _nearest_existing(path: Path) -> Path:
     for parent in [path, *path.parents]:
-        if parent.exists():
+        if os.path.exists(parent):  # False, not an error, for a name too long to look up
             return parent
     return Path(".")
 
@@ -160,11 +160,11 @@ def parse_output(path: str | os.PathLike, command: str, *, folder: bool = True,
     its names' lengths, and that no other command's folder is written into (unless
     ``force``)."""
     path = Path(path)
+    check_name_lengths(path, what, _INNER if folder else len(TEMP_PREFIX) + 10)
     if folder:
         check_output_folder(path, what)
     else:
         check_output_file(path, what)
-    check_name_lengths(path, what, _INNER if folder else len(TEMP_PREFIX) + 10)
     owner = owner_of(path if folder else path.parent)
     if owner is not None and owner != command and not force:
         if folder:
