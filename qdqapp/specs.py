@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,8 +59,8 @@ from qdqapp.models import (
 from qdqapp.sources import DataKind, DataOptions, DataSource, parse_data_spec
 
 __all__ = ["ModelSpec", "FormatSpec", "DataSpec", "EvalSpec", "parse_model", "parse_format",
-           "parse_data", "parse_eval", "parse_calibrators", "restored_from", "integer",
-           "number", "boolean", "name_list", "EVALS"]
+           "parse_data", "parse_eval", "parse_calibrators", "parse_calibrator",
+           "restored_from", "integer", "number", "boolean", "name_list", "EVALS"]
 
 #: the format a command makes, with its options (:class:`qdqapp.formats.FormatChoice`)
 FormatSpec = FormatChoice
@@ -198,7 +198,7 @@ def _alpha(value: Any, label: str) -> str | float:
 
 
 def parse_model(spec: str, *, checkpoint: str | Path | None = None, rules: bool = True,
-                ignore: Iterable[str] = (), seed: int = 0, device: str | None = None,
+                ignore: list[str] | tuple[str, ...] = (), seed: int = 0, device: str | None = None,
                 smoothquant: bool = False, smoothquant_alpha: Any = "auto",
                 format: str | None = None, block_size: int | None = None,
                 weight_method: str | None = None, names: Names = FLAGS) -> ModelSpec:
@@ -210,8 +210,7 @@ def parse_model(spec: str, *, checkpoint: str | Path | None = None, rules: bool 
     kind, arg = parse_model_spec(spec)
     check_kind(kind, arg, spec)
     seed = integer(seed, names("seed"), 0)
-    ignore = name_list(list(ignore) if not isinstance(ignore, str) else ignore,
-                       names("ignore"))
+    ignore = name_list(ignore, names("ignore"))
     rules = boolean(rules, names("rules"))
     smoothquant = boolean(smoothquant, names("smoothquant"))
     resolved = _device(device, names("device"))
@@ -264,6 +263,16 @@ def parse_calibrators(value: Any, fmt: FormatChoice, key: str = "calibrator",
             raise CliError(f"{label} {name!r}: {err}") from None
     check_calibrators(fmt, found, label, default=default)
     return found
+
+
+def parse_calibrator(value: Any, fmt: FormatChoice, key: str = "calibrator",
+                     names: Names = FLAGS, default: str | None = "max") -> str:
+    """One calibrator name (:func:`parse_calibrators` of exactly one)."""
+    found = parse_calibrators(value, fmt, key, names, default)
+    if len(found) != 1:
+        raise CliError(f"{names(key)} {value!r}: one calibrator (a list is compared by "
+                       f"{names('calibrators')})")
+    return found[0]
 
 
 # ----------------------------------------------------------------- data

@@ -23,7 +23,7 @@ from qdqapp.cli.options import (
 from qdqapp.flow import Session, calibrate_model, leave_uncalibrated_in_float
 from qdqapp.formats import default_calibrators, weight_only_rows, weight_only_table
 from qdqapp.outputs import MARKER, OutputFolder, OutputSpec, parse_output
-from qdqapp.specs import DataSpec, EvalSpec, ModelSpec, parse_calibrators
+from qdqapp.specs import DataSpec, EvalSpec, ModelSpec, parse_calibrator, parse_calibrators
 
 log = logging.getLogger("qdqapp")
 
@@ -102,7 +102,7 @@ def parse(args: argparse.Namespace) -> CalibrateSpecs:
         names = parse_calibrators(args.calibrators, fmt, "calibrators") \
             if args.calibrators is not None else tuple(default_calibrators(fmt))
     else:
-        names = parse_calibrators(args.calibrator, fmt)
+        names = (parse_calibrator(args.calibrator, fmt),)
     data = data_spec(args, model)
     return CalibrateSpecs(model, data, eval_spec(args, model, data), out, names, args.compare)
 

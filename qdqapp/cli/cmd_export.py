@@ -23,7 +23,7 @@ from qdqapp.flow import Session, calibrate_model, on_device
 from qdqapp.formats import size_text
 from qdqapp.logs import library_chatter
 from qdqapp.outputs import NewFiles, OutputSpec, parse_output
-from qdqapp.specs import DataSpec, ModelSpec, parse_calibrators
+from qdqapp.specs import DataSpec, ModelSpec, parse_calibrator
 
 log = logging.getLogger("qdqapp")
 
@@ -76,7 +76,7 @@ def parse_quantized(args: argparse.Namespace, opset: int | None = None,
     one asked for) must suit the format; ``sentences``: what a text model needs --data
     for when it must have some."""
     model = model_spec(args)
-    (calibrator,) = parse_calibrators(args.calibrator, model.format)
+    calibrator = parse_calibrator(args.calibrator, model.format)
     fmt = model.format
     if sentences is not None and args.data is None and model.takes_text:
         raise CliError(f"model {model.spec} takes text: pass --data text:FILE for "

@@ -22,7 +22,7 @@ from qdqapp.cli.options import (
 )
 from qdqapp.flow import Session, calibrate_model, check_layer_names
 from qdqapp.outputs import OutputFolder, OutputSpec, parse_output
-from qdqapp.specs import DataSpec, EvalSpec, ModelSpec, integer, number, parse_calibrators
+from qdqapp.specs import DataSpec, EvalSpec, ModelSpec, integer, number, parse_calibrator
 
 EPILOG = f"""examples:
   qdq sensitivity reference --data fashion-mnist --out runs/sens
@@ -114,7 +114,7 @@ def parse(args: argparse.Namespace) -> SensitivitySpecs:
     target = number(args.target, "--target", optional=True)
     top_k = integer(args.top_k, "--top-k", 1, optional=True)
     model = model_spec(args)
-    (calibrator,) = parse_calibrators(args.calibrator, model.format)
+    calibrator = parse_calibrator(args.calibrator, model.format)
     if model.format.weight_only:
         raise CliError(f"--format {model.format.name}: the sweep switches quantizers off one "
                        "layer at a time, and weight-only layers have none; sweep the int8 "

@@ -15,7 +15,7 @@ from qdqapp.cli.options import (
 )
 from qdqapp.flow import Session, calibrate_model
 from qdqapp.formats import weight_only_rows, weight_only_table
-from qdqapp.specs import parse_calibrators
+from qdqapp.specs import parse_calibrator
 
 EPILOG = """examples:
   qdq summary torchvision:resnet18
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     model = model_spec(args)
     choice = model.format
-    (calibrator,) = parse_calibrators(args.calibrator, choice)
+    calibrator = parse_calibrator(args.calibrator, choice)
     if args.calibrate and choice.weight_only:
         raise CliError(f"--calibrate: {choice.name} is weight-only, nothing is calibrated")
     data = args.data

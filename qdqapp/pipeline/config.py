@@ -32,6 +32,7 @@ from qdqapp.specs import (
     boolean,
     integer,
     number,
+    parse_calibrator,
     parse_calibrators,
     parse_data,
     parse_eval,
@@ -158,11 +159,8 @@ def parse_settings(config: RunConfig, fmt: FormatChoice, names: Names = FLAGS) -
         compared = parse_calibrators(config.calibrators, fmt, "calibrators", names,
                                      default=None)
     if config.calibrator is not None:  # one calibrator: no comparison
-        calibrators = parse_calibrators(config.calibrator, fmt, "calibrator", names,
-                                        default=None)
-        if len(calibrators) != 1:
-            raise CliError(f"{names('calibrator')} {config.calibrator!r}: one name (a list "
-                           f"to compare is {names('calibrators')})")
+        calibrators = (parse_calibrator(config.calibrator, fmt, "calibrator", names,
+                                        default=None),)
     else:
         calibrators = compared or tuple(default_calibrators(fmt))
     return RunSettings(calibrators, config.sweep, max_drop, qat_epochs, qat_lr, qat_steps,
