@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from qdq.fileio import atomic_write
-from qdqapp.errors import CliError
+from qdqapp.errors import CliError, first_line
 from qdqapp.logs import OwnInfo
 from qdqapp.outputs import MARKER, OutputSpec, mark, parse_output
 
@@ -137,8 +138,21 @@ class RunFolder:
 
     def log_handler(self) -> logging.Handler:
         """The full log (INFO and up, whatever the console shows) into ``run.log``."""
-        handler = logging.FileHandler(self.path("run.log"))
+        handler = _RunLog(self.path("run.log"))
         handler.setLevel(logging.INFO)
         handler.addFilter(OwnInfo())
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         return handler
+
+
+class _RunLog(logging.FileHandler):
+    """``run.log``; when it cannot be written (a full disk), one line says so, instead of
+    logging's traceback for every record."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            self.failed = True
+            print(f"qdq: cannot write {self.baseFilename} ({first_line(sys.exc_info()[1])}); "
+                  "the rest of the log is on the console only", file=sys.stderr)
