@@ -1,18 +1,15 @@
 """Every command's flags, parsed once at the edge into frozen specs the flow trusts.
 
-==============  ================  =========================================================
-spec            parse function    settings
-==============  ================  =========================================================
-``ModelSpec``   :func:`parse_model`   ``MODEL``, ``--checkpoint`` (read here), ``--rules``,
-                                  ``--ignore``, ``--seed``, ``--device``, ``--smoothquant``,
-                                  ``--smoothquant-alpha``, and its ``FormatSpec``
-``FormatSpec``  :func:`parse_format`  ``--format``, ``--block-size``, ``--weight-method``
-                                  and the format a quantized-model ``--checkpoint`` holds
-``DataSpec``    :func:`parse_data`    ``--data``, ``--batch-size``, ``--calib-batches``,
-                                  ``--eval-batches``, ``--image-size`` (and ``--seed``)
-``EvalSpec``    :func:`parse_eval`    ``--eval``, ``--agreement``
-``OutputSpec``  ``parse_output``  ``--out`` and ``--force`` (:mod:`qdqapp.outputs`)
-==============  ================  =========================================================
+- ``ModelSpec`` (:func:`parse_model`): ``MODEL``, ``--checkpoint`` (read here),
+  ``--rules``, ``--ignore``, ``--seed``, ``--device``, ``--smoothquant``,
+  ``--smoothquant-alpha``, and its ``FormatSpec``;
+- ``FormatSpec`` (:func:`parse_format`): ``--format``, ``--block-size``,
+  ``--weight-method``, and the format a quantized-model ``--checkpoint`` holds;
+- ``DataSpec`` (:func:`parse_data`): ``--data``, ``--batch-size``, ``--calib-batches``,
+  ``--eval-batches``, ``--image-size`` (and ``--seed``);
+- ``EvalSpec`` (:func:`parse_eval`): ``--eval``, ``--agreement``;
+- calibrator names (:func:`parse_calibrators`, :func:`parse_calibrator`);
+- ``OutputSpec`` (``parse_output`` in :mod:`qdqapp.outputs`): ``--out``, ``--force``.
 
 ``qdq run`` adds ``RunSettings`` (:mod:`qdqapp.pipeline.config`), parsed by the same
 functions from its flags and config file. Each command calls the parse functions once, in
