@@ -4,7 +4,8 @@ The names are ``qdq.calib``'s choices (``max``, ``entropy``, ``mse``, ``percenti
 0 < P <= 100; its registry is the one table of them): ``max`` calibrates activations with
 the max calibrator, every other name collects histograms and searches amax on them.
 Weights keep their per-channel max whatever the name. This module turns a name into
-``sensitivity.calibrate`` keywords and a bad name into one command-line error.
+``sensitivity.calibrate`` keywords and a bad name into one command-line error; the flags
+naming calibrators are parsed by :func:`qdqapp.specs.parse_calibrators`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ from typing import Any
 from qdq.calib import DEFAULT_CHOICES, CalibrationError, parse_choice
 from qdqapp.errors import CliError
 
-__all__ = ["DEFAULT_COMPARISON", "calibrator_settings", "check_calibrator",
-           "parse_calibrators"]
+__all__ = ["DEFAULT_COMPARISON", "calibrator_settings"]
 
 #: What ``qdq run`` and ``qdq calibrate --compare`` try unless told otherwise.
 DEFAULT_COMPARISON = DEFAULT_CHOICES
@@ -31,17 +31,3 @@ def calibrator_settings(name: str) -> dict[str, Any]:
     if amax_method == "max":
         return {"method": "max", "amax_method": None}
     return {"method": "histogram", "amax_method": amax_method, **kwargs}
-
-
-def check_calibrator(name: str) -> str:
-    calibrator_settings(name)
-    return name
-
-
-def parse_calibrators(text: str | list[str]) -> list[str]:
-    """``"max,percentile-99.99"`` (or a list) -> checked names; empty is refused."""
-    names = [n.strip() for n in text.split(",")] if isinstance(text, str) else list(text)
-    names = [n for n in names if n]
-    if not names:
-        raise CliError("calibrators: the list is empty")
-    return [check_calibrator(n) for n in names]

@@ -38,7 +38,7 @@ from sensitivity.batches import (
 from sensitivity.errors import SensitivityError
 
 __all__ = ["top1_accuracy", "labelled_by_model", "evaluation", "text_evaluation",
-           "check_eval", "check_eval_for", "TextMetric", "EVALS", "TEXT_METRICS", "ACCURACY",
+           "check_eval", "TextMetric", "EVALS", "TEXT_METRICS", "ACCURACY",
            "AGREEMENT", "default_max_drop"]
 
 ACCURACY = "top-1 accuracy (%)"
@@ -54,39 +54,24 @@ TEXT_METRICS = {
 }
 
 
-def check_eval(name: str, text: bool, classifier: bool | None = None) -> str:
-    """An ``--eval`` name that fits the data (``text``: sentences for a text model) and,
-    for text, the model (``classifier``: logits, None when not known yet)."""
+def check_eval(name: str, text: bool, classifier: bool | None = None,
+               label: str = "--eval") -> str:
+    """An ``--eval`` name (``label`` is what the user called it) that fits the data
+    (``text``: sentences for a text model) and, for text, the model (``classifier``:
+    logits, None when not known yet). :func:`qdqapp.specs.parse_eval` calls it before any
+    work; :func:`text_evaluation` again once the model's output shows its head."""
     if name not in EVALS:
-        raise CliError(f"--eval {name!r}: choose one of {', '.join(EVALS)}")
+        raise CliError(f"{label} {name!r}: choose one of {', '.join(EVALS)}")
     if not text and name in ("min-cosine", "mean-cosine"):
-        raise CliError(f"--eval {name}: for text data only (the cosine of mean-pooled "
+        raise CliError(f"{label} {name}: for text data only (the cosine of mean-pooled "
                        "sentence embeddings); image data is scored by top1")
     if text and classifier is True and name in ("min-cosine", "mean-cosine"):
-        raise CliError(f"--eval {name}: the model has a classification head (logits); "
+        raise CliError(f"{label} {name}: the model has a classification head (logits); "
                        "use top1")
     if text and classifier is False and name == "top1":
-        raise CliError("--eval top1: needs a classification head; this model gives token "
-                       "embeddings (use min-cosine or mean-cosine)")
+        raise CliError(f"{label} top1: needs a classification head; this model gives "
+                       "token embeddings (use min-cosine or mean-cosine)")
     return name
-
-
-def check_eval_for(name: str, model_spec: str, data_spec: str | None) -> str:
-    """:func:`check_eval` before anything is built: the data kind from its spec, a
-    Hugging Face model's head from its config."""
-    from qdqapp.hf import HFError, has_classification_head, model_folder
-    from qdqapp.models import parse_model_spec
-    from qdqapp.sources import parse_data_spec
-
-    text = data_spec is not None and parse_data_spec(data_spec)[0].text
-    kind, arg = parse_model_spec(model_spec)
-    classifier = None
-    if text and kind.name == "hf":
-        try:
-            classifier = has_classification_head(model_folder(arg))
-        except HFError:
-            classifier = None  # the model check names the problem
-    return check_eval(name, text, classifier)
 
 
 def default_max_drop(metric_name: str | None) -> float:
@@ -124,7 +109,6 @@ def text_evaluation(source, model: nn.Module, name: str = "auto") -> TextMetric:
     FP32 (its quantizers disabled while the reference is computed)."""
     from qdqapp.hf import HFError, TextAgreement
 
-    check_eval(name, text=True)
     batches = list(source.eval_inputs())
     try:
         probe = TextAgreement(model, batches)
@@ -211,9 +195,8 @@ def evaluation(source, model: nn.Module, device: torch.device | str | None = Non
     ``agreement=True``, gives top-1 agreement with ``model`` in FP32 on its evaluation
     inputs. A sweep evaluates once per layer, so the batches are kept in memory when that
     is cheap (in-memory data, or ``--eval-batches`` set); image files are read again each
-    time otherwise.
+    time otherwise. ``metric`` is a checked ``--eval`` name (:func:`check_eval`).
     """
-    check_eval(metric, text=source.text)
     if source.text:
         scorer = text_evaluation(source, model, metric)
         return scorer, scorer.name

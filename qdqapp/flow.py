@@ -2,7 +2,7 @@
 
 ::
 
-    float model (spec, --seed)  ->  --checkpoint
+    float model (ModelSpec: MODEL, --seed)  ->  --checkpoint
         quantized-model file:  qdq.restore (its own twins, rules, ties and amax)
         float state_dict:      loaded strictly
     -> the model runs once on an example input (a bad shape fails here, in one line)
@@ -16,15 +16,17 @@
     -> calibrate (--calibrator), modules never called left in float, by name; nothing
        for w8/w4
 
-The example input is one sample of the data: a tensor, or for a text model (``hf:DIR``
-with ``text:FILE``) a dict of token ids and attention mask, which the rules, the export,
-the ONNX Runtime check and ``qdq.save`` all take as keyword inputs.
-:func:`check_model_options` refuses bad flags (a format, its options, calibrators that do
-not suit it) before anything is built; :func:`prepare_model` does everything up to
-SmoothQuant, before any output is written; :meth:`Session.open` adds SmoothQuant,
-:func:`calibrate_model` does the last step.
-``run``, ``calibrate``, ``sensitivity``, ``export``, ``verify`` and ``summary`` all go
-through here, so the same flags build the same model everywhere.
+The flow takes the specs the command parsed from its flags (:mod:`qdqapp.specs`: every
+flag checked there, before any work) and trusts them. The example input is one sample of
+the data: a tensor, or for a text model (``hf:DIR`` with ``text:FILE``) a dict of token
+ids and attention mask, which the rules, the export, the ONNX Runtime check and
+``qdq.save`` all take as keyword inputs. :func:`prepare_model` does everything up to
+SmoothQuant, before any output is written; :meth:`Session.open` opens the data, prepares
+the model on one of its inputs and adds SmoothQuant; :func:`calibrate_model` does the last
+step. ``run``, ``calibrate``, ``sensitivity``, ``export``, ``verify`` and ``summary`` all
+go through here, so the same flags build the same model everywhere. What torch.fx and
+the libraries below say while the model is loaded and traced is one line on the console
+(:func:`qdqapp.logs.library_chatter`; ``--debug`` shows all of it).
 """
 
 from __future__ import annotations
@@ -32,9 +34,7 @@ from __future__ import annotations
 import copy
 import difflib
 import logging
-import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,50 +43,16 @@ from torch import nn
 import qdq
 from qdqapp.calibrators import calibrator_settings
 from qdqapp.errors import CliError, first_line
-from qdqapp.formats import (
-    DATA_METHODS,
-    FormatChoice,
-    apply_format_step,
-    check_calibrators,
-    format_choice,
-)
-from qdqapp.models import (
-    Checkpoint,
-    ExampleShape,
-    build_model,
-    check_model_spec,
-    example_shape,
-    load_float_weights,
-    model_tokenizer,
-    parse_model_spec,
-    read_checkpoint,
-)
+from qdqapp.formats import FormatChoice, apply_format_step
+from qdqapp.logs import library_chatter
+from qdqapp.models import Checkpoint, ExampleShape, load_float_weights
+from qdqapp.specs import DataSpec, ModelSpec
 
-__all__ = ["ModelOptions", "Prepared", "Session", "check_model_options", "prepare_model",
-           "calibrate_model", "smooth", "leave_uncalibrated_in_float", "resolve_device",
-           "check_layer_names", "check_names", "check_pairing", "smoothquant_alpha",
+__all__ = ["Prepared", "Session", "prepare_model", "calibrate_model", "smooth",
+           "leave_uncalibrated_in_float", "check_layer_names", "check_names",
            "example_from_shape", "shape_of", "on_device"]
 
 log = logging.getLogger("qdqapp")
-
-
-@dataclass
-class ModelOptions:
-    """What builds the quantized model: the same on every command."""
-
-    spec: str
-    checkpoint: str | None = None
-    rules: bool = True
-    ignore: list[str] = field(default_factory=list)
-    seed: int = 0
-    device: str | None = None
-    #: --format (None: int8, or the format of a quantized-model --checkpoint), and the
-    #: weight-only formats' --block-size and --weight-method (None: per channel, max)
-    format: str | None = None
-    block_size: int | None = None
-    weight_method: str | None = None
-    smoothquant: bool = False
-    smoothquant_alpha: str | float = "auto"
 
 
 Example = torch.Tensor | dict[str, torch.Tensor]
@@ -116,70 +82,6 @@ class Prepared:
     def uncalibrated(self) -> list[str]:
         return [n for n, q in qdq.quantizers(self.model) if q.is_quant_enabled
                 and q.amax is None]
-
-
-def resolve_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise CliError(f"--device {name!r}: {first_line(err)}") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CliError(f"--device {name}: no CUDA device here")
-    return device
-
-
-def smoothquant_alpha(value: str | float) -> str | float:
-    """``--smoothquant-alpha``: ``auto`` (searched per layer) or a number in [0, 1]."""
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    try:
-        alpha = float(value)
-    except (TypeError, ValueError):
-        alpha = float("nan")
-    if isinstance(value, bool) or not 0.0 <= alpha <= 1.0:
-        raise CliError(f"--smoothquant-alpha {value!r}: expected 'auto' or a number in "
-                       "[0, 1]")
-    return alpha
-
-
-def check_model_options(opts: ModelOptions, calibrators: Sequence[str] = (),
-                        calibrator_flag: str = "--calibrator") -> Checkpoint | None:
-    """The cheap checks (spec, format, checkpoint file, flags that contradict them, the
-    ``calibrators`` the command will use), before work."""
-    check_model_spec(opts.spec)
-    flags = format_choice(opts)  # the flags alone, before the file is read
-    resolve_device(opts.device)
-    smoothquant_alpha(opts.smoothquant_alpha)
-    if opts.smoothquant and flags.weight_only:
-        raise CliError(f"--smoothquant: --format {opts.format} quantizes weights only, and "
-                       "SmoothQuant moves activation range into the weights, which only "
-                       "makes them harder to quantize; leave --smoothquant out")
-    ckpt = read_checkpoint(opts.checkpoint) if opts.checkpoint is not None else None
-    if ckpt is not None and ckpt.quantized and opts.ignore:
-        raise CliError(f"--ignore: {ckpt.path} is a quantized-model file, whose layers are "
-                       "already chosen; --ignore applies when quantizing a float model")
-    if ckpt is not None and ckpt.quantized and opts.smoothquant:
-        done = "already smoothed" if (ckpt.metadata or {}).get("smoothquant") else "not smoothed"
-        raise CliError(f"--smoothquant: {ckpt.path} is a quantized-model file ({done}); "
-                       "--smoothquant applies when quantizing a float model")
-    check_calibrators(format_choice(opts, ckpt), calibrators, calibrator_flag)
-    return ckpt
-
-
-def check_pairing(model_spec: str, data_spec: str) -> None:
-    """Text data goes with a text model (one with a tokenizer), and only with one."""
-    from qdqapp.sources import parse_data_spec
-
-    kind, _ = parse_model_spec(model_spec)
-    data_kind, _ = parse_data_spec(data_spec)
-    if data_kind.text and not kind.takes_text:
-        raise CliError(f"data {data_spec!r} is text, which needs a model with a tokenizer "
-                       f"(hf:DIR); model {model_spec!r} has none")
-    if kind.takes_text and not data_kind.text:
-        raise CliError(f"model {model_spec!r} takes text: use --data text:FILE (one sentence "
-                       f"per line), not {data_spec!r}")
 
 
 def example_from_shape(shape: ExampleShape | list | dict) -> Example:
@@ -241,56 +143,51 @@ def _dry_run(model: nn.Module, example: Example, spec: str, data: str | None) ->
                        f"{shape_of(example)}{source}: {first_line(err)}") from err
 
 
-def prepare_model(opts: ModelOptions, example: Example | None = None,
-                  data: str | None = None, checkpoint: Checkpoint | None = None
-                  ) -> Prepared:
+def prepare_model(spec: ModelSpec, example: Example | None = None,
+                  data: str | None = None) -> Prepared:
     """Build the quantized model (everything before calibration), on its device.
 
-    ``example`` is one input (batch 1) from the data; without it the model kind's usual
-    input shape is used, when it has one. ``data`` names the data spec in messages.
+    ``example`` is one input (batch 1) from the data; without it the input shape a
+    quantized-model file recorded, or the model kind's usual one, is used when there is
+    one. ``data`` names the data spec in messages.
     """
-    device = resolve_device(opts.device)
-    if checkpoint is None and opts.checkpoint is not None:
-        checkpoint = check_model_options(opts)
-    choice = format_choice(opts, checkpoint)
-    model = build_model(opts.spec, opts.seed)
+    checkpoint, choice = spec.checkpoint, spec.format
+    with library_chatter("loading the model", transformers=spec.takes_text):
+        model = spec.build()
     if example is None:
         shape = ((checkpoint.metadata or {}).get("input_shape") if checkpoint else None) \
-            or example_shape(opts.spec)
+            or spec.example_shape()
         example = example_from_shape(shape) if shape else None
-    if checkpoint is not None and checkpoint.quantized:
+    if spec.restores:
         try:
             model = qdq.restore(model, checkpoint.path)
         except qdq.RestoreError as err:
             raise CliError(f"checkpoint {err}") from err
         if example is not None:
-            _dry_run(model, example, opts.spec, data)
-        return Prepared(model.to(device).eval(), device, checkpoint, example, choice)
+            _dry_run(model, example, spec.spec, data)
+        return Prepared(model.to(spec.device).eval(), spec.device, checkpoint, example, choice)
     if checkpoint is not None:
-        load_float_weights(model, checkpoint, opts.spec)
+        load_float_weights(model, checkpoint, spec.spec)
     if example is not None:
-        _dry_run(model, example, opts.spec, data)
-    check_names(model, opts.ignore, "--ignore")
+        _dry_run(model, example, spec.spec, data)
+    check_names(model, list(spec.ignore), "--ignore")
     float_model = None
     if choice.weight_only:
         float_model = copy.deepcopy(model)  # the FP32 reference; the step changes weights
     else:
-        qdq.replace_modules(model, ignore=list(opts.ignore) or None)
-        if opts.rules:
+        qdq.replace_modules(model, ignore=list(spec.ignore) or None)
+        if spec.rules:
             from qdq.rules import apply_rules
 
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                inputs = example if isinstance(example, dict) or example is None \
-                    else (example,)
+            inputs = example if isinstance(example, dict) or example is None else (example,)
+            with library_chatter("tracing for the placement rules", ours="torch.fx"):
                 model = apply_rules(model, inputs)
-            for w in caught:
-                log.info("%s", w.message)
     if not choice.needs_data:  # awq/gptq: Session.open runs the step on the data
-        apply_format_step(model, choice, opts.ignore)
+        apply_format_step(model, choice, list(spec.ignore))
     if float_model is not None:
-        float_model.to(device).eval()
-    return Prepared(model.to(device).eval(), device, checkpoint, example, choice, float_model)
+        float_model.to(spec.device).eval()
+    return Prepared(model.to(spec.device).eval(), spec.device, checkpoint, example, choice,
+                    float_model)
 
 
 def leave_uncalibrated_in_float(model: nn.Module) -> list[str]:
@@ -346,52 +243,37 @@ def calibrate_model(prepared: Prepared, batches, num_batches: int, calibrator: s
 
 @dataclass
 class Session:
-    """A command's model and data, checked and built in the one order: data spec, model
-    spec and checkpoint (cheap), then the data is opened, then the model is prepared on
-    one of its inputs. Nothing is written before :meth:`open` returns."""
+    """A command's model and data, from the specs its flags were parsed into: the data is
+    opened, then the model is prepared on one of its inputs. Nothing is written before
+    :meth:`open` returns."""
 
-    opts: ModelOptions
-    data_spec: str | None
+    spec: ModelSpec
+    data: DataSpec | None
     source: Any
     prepared: Prepared
-    #: what built the float model first, when ``opts`` now restores it from a file (a
+    #: what built the float model first, when ``spec`` now restores it from a file (a
     #: resumed run): the float baseline of a weight-only model is built from it
-    origin: ModelOptions | None = None
+    origin: ModelSpec | None = None
 
     @classmethod
-    def open(cls, opts: ModelOptions, data_spec: str | None, data_opts=None,
-             checkpoint: Checkpoint | None = None, origin: ModelOptions | None = None,
-             progress: bool = True) -> Session:
-        """Check, open the data (text: tokenised with the model's tokenizer), prepare the
-        model on one of its inputs, and smooth it with ``--smoothquant``."""
-        from qdqapp.sources import DataOptions, check_data_spec, open_data
-
-        if data_spec is not None:
-            check_data_spec(data_spec)
-            check_pairing(opts.spec, data_spec)
-        elif opts.smoothquant:
-            raise CliError("--smoothquant needs --data: it measures the activations on the "
-                           "calibration batches")
-        elif opts.weight_method in DATA_METHODS and not opts.checkpoint:
-            raise CliError(f"--weight-method {opts.weight_method} needs --data: it quantizes "
-                           "the weights from the calibration batches")
-        if checkpoint is None:
-            checkpoint = check_model_options(opts)
+    def open(cls, spec: ModelSpec, data: DataSpec | None = None,
+             origin: ModelSpec | None = None, progress: bool = True) -> Session:
+        """Open the data (text: tokenised with the model's tokenizer), prepare the model
+        on one of its inputs, and smooth it with ``--smoothquant``."""
         source = None
-        if data_spec is not None:
-            data_opts = data_opts or DataOptions()
-            if parse_model_spec(opts.spec)[0].takes_text:
-                data_opts = replace(data_opts, tokenizer=model_tokenizer(opts.spec))
-            source = open_data(data_spec, data_opts)
+        if data is not None:
+            with library_chatter("loading the tokenizer", transformers=spec.takes_text):
+                tokenizer = spec.tokenizer() if spec.takes_text else None
+            source = data.open(tokenizer)
         example = source.example() if source is not None else None
-        prepared = prepare_model(opts, example, data_spec, checkpoint)
+        prepared = prepare_model(spec, example, data.spec if data is not None else None)
         if prepared.choice.needs_data:
-            apply_format_step(prepared.model, prepared.choice, opts.ignore,
+            apply_format_step(prepared.model, prepared.choice, list(spec.ignore),
                               batches=[on_device(b, prepared.device) for b in source.calib()])
-        if opts.smoothquant:
-            prepared.smoothquant = smooth(prepared, source.calib(),
-                                          smoothquant_alpha(opts.smoothquant_alpha), progress)
-        return cls(opts, data_spec, source, prepared, origin)
+        if spec.smoothquant:
+            prepared.smoothquant = smooth(prepared, source.calib(), spec.smoothquant_alpha,
+                                          progress)
+        return cls(spec, data, source, prepared, origin)
 
     @property
     def model(self) -> nn.Module:
@@ -400,6 +282,11 @@ class Session:
     @property
     def choice(self) -> FormatChoice:
         return self.prepared.choice
+
+    @property
+    def data_spec(self) -> str | None:
+        """The ``--data`` text, as files record it."""
+        return self.data.spec if self.data is not None else None
 
     def float_model(self) -> nn.Module | None:
         """The float model the quantized one was made from, for FP32 baselines: the same
@@ -410,31 +297,31 @@ class Session:
         prepared = self.prepared
         if not prepared.choice.weight_only:
             return prepared.model
-        if prepared.float_model is None and self.origin is not None:
+        if prepared.float_model is None and self.origin is not None \
+                and not self.origin.restores:
             origin = self.origin
-            checkpoint = read_checkpoint(origin.checkpoint) if origin.checkpoint else None
-            if checkpoint is None or not checkpoint.quantized:
-                model = build_model(origin.spec, origin.seed)
-                if checkpoint is not None:
-                    load_float_weights(model, checkpoint, origin.spec)
-                prepared.float_model = model.to(prepared.device).eval()
+            with library_chatter("loading the model", transformers=origin.takes_text):
+                model = origin.build()
+            if origin.checkpoint is not None:
+                load_float_weights(model, origin.checkpoint, origin.spec)
+            prepared.float_model = model.to(prepared.device).eval()
         return prepared.float_model
 
     def metadata(self, **extra: Any) -> dict[str, Any]:
         """What the quantized-model file records about how it was made."""
         example = self.prepared.example
         meta = dict(self.prepared.metadata)  # a restored file's history carries over
-        meta.update({"model": self.opts.spec, "seed": self.opts.seed,
-                     "rules": self.opts.rules if not self.prepared.restored
+        meta.update({"model": self.spec.spec, "seed": self.spec.seed,
+                     "rules": self.spec.rules if not self.prepared.restored
                      else meta.get("rules"),
                      "input_shape": shape_of(example) if example is not None else None})
         if not self.prepared.restored:
             meta.update(self.prepared.choice.as_dict())
         if self.prepared.smoothquant is not None:
-            meta["smoothquant"] = {"alpha": smoothquant_alpha(self.opts.smoothquant_alpha),
+            meta["smoothquant"] = {"alpha": self.spec.smoothquant_alpha,
                                    **self.prepared.smoothquant.to_dict()}
-        if self.data_spec is not None:
-            meta["data"] = self.data_spec
+        if self.data is not None:
+            meta["data"] = self.data.spec
         meta.update(extra)
         return meta
 

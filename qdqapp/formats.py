@@ -18,8 +18,7 @@ change it.
 
 Example::
 
-    choice = format_choice(ModelOptions("reference", format="w4", block_size=32,
-                                        ignore=["stem.0.0"]), None)
+    choice = format_choice("w4", block_size=32)
     choice.title          # 'INT4 weight-only (block 32, amax max)'
 """
 
@@ -44,7 +43,7 @@ from qdq.fp8 import FP8_AMAX_METHODS
 from qdq.layer_kinds import twin_class
 from qdq.nn.weight_only import WEIGHT_ONLY_TWINS
 from qdqapp.calibrators import DEFAULT_COMPARISON, calibrator_settings
-from qdqapp.errors import CliError
+from qdqapp.errors import FLAGS, CliError, Names
 
 #: ``--weight-method`` values that run on the calibration batches (the others, the amax
 #: searches, need no data)
@@ -121,45 +120,45 @@ class FormatChoice:
 
 
 def check_format_options(name: str | None, block_size: int | None = None,
-                         weight_method: str | None = None) -> None:
+                         weight_method: str | None = None, names: Names = FLAGS) -> None:
     """The checks that need no model: a known name, options that belong to it."""
-    if name is not None and name not in FORMATS:
-        raise CliError(f"--format {name!r}: unknown format; choose one of {_NAMES}")
+    if name is not None and (not isinstance(name, str) or name not in FORMATS):
+        raise CliError(f"{names('format')} {name!r}: unknown format; choose one of {_NAMES}")
     if block_size is not None and (isinstance(block_size, bool)
                                    or not isinstance(block_size, int) or block_size < 1):
-        raise CliError(f"--block-size {block_size!r}: expected a positive integer")
+        raise CliError(f"{names('block_size')} {block_size!r}: expected a positive integer")
     if weight_method is not None and weight_method not in WEIGHT_METHODS:
-        raise CliError(f"--weight-method {weight_method!r}: choose one of "
+        raise CliError(f"{names('weight_method')} {weight_method!r}: choose one of "
                        f"{', '.join(WEIGHT_METHODS)}")
     weight_only = name is not None and FORMATS[name].weight_only
-    for flag, value in (("--block-size", block_size), ("--weight-method", weight_method)):
+    for key, value in (("block_size", block_size), ("weight_method", weight_method)):
         if value is not None and not weight_only:
-            raise CliError(f"{flag} applies to the weight-only formats (--format w8 or w4), "
-                           f"not to {name or DEFAULT_FORMAT}")
+            raise CliError(f"{names(key)} applies to the weight-only formats (--format w8 "
+                           f"or w4), not to {name or DEFAULT_FORMAT}")
 
 
-def format_choice(opts, checkpoint=None) -> FormatChoice:
-    """``opts`` (a :class:`qdqapp.flow.ModelOptions`) and the ``--checkpoint`` read, as one
-    checked :class:`FormatChoice`."""
-    check_format_options(opts.format, opts.block_size, opts.weight_method)
+def format_choice(name: str | None = None, block_size: int | None = None,
+                  weight_method: str | None = None, checkpoint=None,
+                  names: Names = FLAGS) -> FormatChoice:
+    """``--format``, ``--block-size``, ``--weight-method`` and the ``--checkpoint`` read
+    (a :class:`qdqapp.models.Checkpoint`), as one checked :class:`FormatChoice`."""
+    check_format_options(name, block_size, weight_method, names)
     if checkpoint is not None and checkpoint.quantized:
         found = checkpoint.format or DEFAULT_FORMAT
-        if opts.format is not None and opts.format != found:
-            raise CliError(f"--format {opts.format}: {checkpoint.path} holds a model in "
+        if name is not None and name != found:
+            raise CliError(f"{names('format')} {name}: {checkpoint.path} holds a model in "
                            f"format {found} (a quantized-model file keeps the format it was "
                            "made in); omit --format, or quantize the float model")
-        for flag, value in (("--block-size", opts.block_size),
-                            ("--weight-method", opts.weight_method)):
+        for key, value in (("block_size", block_size), ("weight_method", weight_method)):
             if value is not None:
-                raise CliError(f"{flag}: the weights of {checkpoint.path} are already "
+                raise CliError(f"{names(key)}: the weights of {checkpoint.path} are already "
                                "quantized; it applies when quantizing a float model")
         meta = checkpoint.metadata or {}
         method = meta.get("weight_method", meta.get("weight_amax"))
         recorded = meta.get("format") == found and method is not None
         return FormatChoice(found, meta.get("block_size") if recorded else None,
                             method if recorded else None, from_file=True)
-    return FormatChoice(opts.format or DEFAULT_FORMAT, opts.block_size,
-                        opts.weight_method or "max")
+    return FormatChoice(name or DEFAULT_FORMAT, block_size, weight_method or "max")
 
 
 def default_calibrators(choice: FormatChoice) -> list[str]:

@@ -36,9 +36,8 @@ from qdqapp.errors import CliError, first_line
 from qdqapp.registry import Registry
 
 __all__ = ["ModelKind", "MODEL_KINDS", "register_model_kind", "parse_model_spec",
-           "build_model", "check_model_spec", "example_shape", "model_tokenizer",
-           "read_checkpoint", "Checkpoint", "load_float_weights", "parse_shape",
-           "ExampleShape"]
+           "check_kind", "build_model", "build_from", "read_checkpoint", "Checkpoint",
+           "load_float_weights", "parse_shape", "ExampleShape"]
 
 
 @dataclass(frozen=True)
@@ -82,39 +81,17 @@ def parse_model_spec(spec: str) -> tuple[ModelKind, str]:
     raise CliError(f"model {spec!r}: expected {MODEL_KINDS.grammar()}")
 
 
-def check_model_spec(spec: str) -> None:
-    """Raise for a spec that cannot work, before anything is built."""
-    kind, arg = parse_model_spec(spec)
+def check_kind(kind: ModelKind, arg: str, spec: str) -> None:
+    """Refuse, cheaply, a spec of ``kind`` that cannot work (before anything is built)."""
     try:
         kind.check(arg)
     except CliError as err:
         raise CliError(f"model {spec!r}: {err}") from None
 
 
-def example_shape(spec: str) -> ExampleShape | None:
-    kind, arg = parse_model_spec(spec)
-    return kind.example(arg)
-
-
-def model_tokenizer(spec: str) -> Any:
-    """The tokenizer of a text model spec (``hf:DIR``); one CliError when it has none."""
-    kind, arg = parse_model_spec(spec)
-    if not kind.takes_text:
-        raise CliError(f"model {spec!r} has no tokenizer (text data needs a Hugging Face "
-                       "model: hf:DIR)")
-    try:
-        return kind.tokenizer(arg)
-    except CliError as err:
-        raise CliError(f"model {spec!r}: {err}") from None
-
-
-def build_model(spec: str, seed: int = 0) -> nn.Module:
-    """The float model of ``spec`` in eval mode, its random weights drawn from ``seed``."""
-    kind, arg = parse_model_spec(spec)
-    try:
-        kind.check(arg)
-    except CliError as err:
-        raise CliError(f"model {spec!r}: {err}") from None
+def build_from(kind: ModelKind, arg: str, seed: int, spec: str) -> nn.Module:
+    """The float model of a checked spec in eval mode, its random weights drawn from
+    ``seed`` in a forked RNG (the process's own generator is left alone)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
@@ -125,6 +102,14 @@ def build_model(spec: str, seed: int = 0) -> nn.Module:
         raise CliError(f"model {spec!r}: the factory returned {type(model).__name__}, "
                        "not an nn.Module")
     return model.eval()
+
+
+def build_model(spec: str, seed: int = 0) -> nn.Module:
+    """The float model of the spec text ``spec`` (checked here), from ``seed``; the
+    commands build through :class:`qdqapp.specs.ModelSpec` instead."""
+    kind, arg = parse_model_spec(spec)
+    check_kind(kind, arg, spec)
+    return build_from(kind, arg, seed, spec)
 
 
 # ----------------------------------------------------------------- the kinds

@@ -42,13 +42,15 @@ from qdqapp.models import parse_shape
 from qdqapp.registry import Registry
 
 __all__ = ["DataOptions", "DataSource", "DataKind", "DATA_KINDS", "register_data_kind",
-           "parse_data_spec", "check_data_spec", "open_data", "image_transform", "rows_of",
-           "TextSource", "TEXT_SPLITS"]
+           "parse_data_spec", "open_data", "image_transform", "rows_of", "TextSource",
+           "TEXT_SPLITS"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataOptions:
-    """How much data each view gives, and the seed of every random choice in it."""
+    """How much data each view gives, and the seed of every random choice in it (the
+    commands' flags are checked into a :class:`qdqapp.specs.DataSpec`, which makes
+    these)."""
 
     batch_size: int = 256
     calib_batches: int = 8
@@ -57,16 +59,6 @@ class DataOptions:
     seed: int = 0
     #: text data: the model's tokenizer (the flow sets it from the model spec)
     tokenizer: Any = field(default=None, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "calib_batches", "image_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise CliError(f"--{name.replace('_', '-')}: expected a positive integer, "
-                               f"got {value!r}")
-        if self.eval_batches is not None and self.eval_batches < 1:
-            raise CliError(f"--eval-batches: expected a positive integer, got "
-                           f"{self.eval_batches!r}")
 
 
 class _Batches:
@@ -163,13 +155,9 @@ def parse_data_spec(spec: str) -> tuple[DataKind, str]:
     raise CliError(f"data {spec!r}: expected {DATA_KINDS.grammar()} (or an existing folder)")
 
 
-def check_data_spec(spec: str) -> None:
-    """Raise for a data spec that cannot work, before a model is built."""
-    kind, arg = parse_data_spec(spec)
-    kind.check(arg)
-
-
 def open_data(spec: str, opts: DataOptions | None = None) -> DataSource:
+    """The views of the spec text ``spec`` (checked here), for Python use; the commands
+    open a :class:`qdqapp.specs.DataSpec` instead."""
     kind, arg = parse_data_spec(spec)
     kind.check(arg)
     return kind.open(spec, arg, opts or DataOptions())

@@ -18,16 +18,17 @@ import sensitivity
 from qdq.rules import apply_rules
 from qdqapp.data import fashion_mnist
 from qdqapp.evaluate import top1_accuracy
-from qdqapp.flow import ModelOptions, Session, calibrate_model
+from qdqapp.flow import Session, calibrate_model
 from qdqapp.reference import load_reference_model
-from qdqapp.sources import DataOptions
+from qdqapp.specs import parse_data, parse_model
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
-    session = Session.open(ModelOptions("reference"), "fashion-mnist", DataOptions(), None)
+    model = parse_model("reference")
+    session = Session.open(model, parse_data("fashion-mnist", model=model))
     calibrate_model(session.prepared, session.source.calib(), 8, "max", progress=False)
     by_hand = load_reference_model().eval()
     qdq.replace_modules(by_hand)

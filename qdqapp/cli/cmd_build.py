@@ -6,8 +6,10 @@ import argparse
 from pathlib import Path
 
 from qdqapp.cli import CliError, register
+from qdqapp.cli.options import add_force_option
 from qdqapp.models import parse_shape
-from qdqapp.outputs import NewFiles, check_output_file
+from qdqapp.outputs import NewFiles, parse_output
+from qdqapp.specs import number
 
 EPILOG = """examples:
   qdq build r18.onnx                         # writes r18.engine
@@ -40,6 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bench-shape", help="benchmark the engine on inputs of this shape")
     p.add_argument("--compare-fp16", metavar="FP32_ONNX",
                    help="also build an FP16 engine from this float ONNX and time both")
+    add_force_option(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,12 +57,17 @@ def run(args: argparse.Namespace) -> int:
     source = Path(args.onnx)
     if not source.is_file():
         raise CliError(f"ONNX file {source}: no such file")
-    engine = check_output_file(args.engine or source.with_suffix(".engine"), "engine")
+    engine = parse_output(args.engine or source.with_suffix(".engine"), "build", folder=False,
+                          what="engine", force=args.force).path
     bench_shape = parse_shape(args.bench_shape) if args.bench_shape else shapes[1]
     if args.compare_fp16 and not Path(args.compare_fp16).is_file():
         raise CliError(f"--compare-fp16 {args.compare_fp16}: no such file")
+    number(args.workspace_gb, "--workspace-gb", 0, above=True)
     fp16_onnx = engine.with_suffix(".fp16.onnx") if args.fp16_pass else None
     fp16_engine = engine.with_suffix(".fp16.engine") if args.compare_fp16 else None
+    for path, why in ((fp16_onnx, "--fp16-pass"), (fp16_engine, "--compare-fp16")):
+        if path is not None:
+            parse_output(path, "build", folder=False, what=f"{why} writes", force=args.force)
     try:
         with NewFiles([engine, fp16_onnx, fp16_engine]):
             _build(args, source, engine, fp16_onnx, fp16_engine, shapes, bench_shape)

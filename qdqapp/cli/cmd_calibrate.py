@@ -7,26 +7,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import dataclass
 
 from qdq.fileio import atomic_write
-from qdqapp.calibrators import check_calibrator, parse_calibrators
 from qdqapp.cli import CliError, register
 from qdqapp.cli.options import (
     add_calibrator_option,
     add_data_options,
+    add_force_option,
     add_model_options,
-    data_options,
-    model_options,
+    data_spec,
+    eval_spec,
+    model_spec,
 )
-from qdqapp.flow import Session, calibrate_model, check_model_options, leave_uncalibrated_in_float
-from qdqapp.formats import (
-    check_calibrators,
-    default_calibrators,
-    format_choice,
-    weight_only_rows,
-    weight_only_table,
-)
-from qdqapp.outputs import OutputFolder, check_output_folder
+from qdqapp.flow import Session, calibrate_model, leave_uncalibrated_in_float
+from qdqapp.formats import default_calibrators, weight_only_rows, weight_only_table
+from qdqapp.outputs import MARKER, OutputFolder, OutputSpec, parse_output
+from qdqapp.specs import DataSpec, EvalSpec, ModelSpec, parse_calibrator, parse_calibrators
 
 log = logging.getLogger("qdqapp")
 
@@ -58,6 +55,10 @@ writes into --out:
 --format fp8 calibrates with max, mse or percentile-P (mse searches the E4M3 grid); w8/w4
 quantize the weights only, so nothing is calibrated: calibration.json and .txt then list
 the integer weights (bits, block size, scales).
+
+The folder is marked as qdq calibrate's ({MARKER}): qdq run and sensitivity refuse to
+write into it, and export and build to replace a file in it, unless --force; calibrating
+into it again replaces these files. Every flag is checked before any work.
 """
 
 
@@ -71,6 +72,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibrators", metavar="LIST",
                    help="comma-separated calibrators for --compare (default: max, entropy, "
                         "percentile-99.9/99.99/99.999, mse; fp8 without entropy)")
+    add_force_option(p)
+
+
+@dataclass(frozen=True)
+class CalibrateSpecs:
+    """Everything ``qdq calibrate`` was asked, parsed: ``calibrators`` are the ones
+    ``--compare`` tries, or the one ``--calibrator``."""
+
+    model: ModelSpec
+    data: DataSpec
+    eval: EvalSpec
+    out: OutputSpec
+    calibrators: tuple[str, ...]
+    compare: bool
+
+
+def parse(args: argparse.Namespace) -> CalibrateSpecs:
+    """The flags, checked once, before any work."""
+    out = parse_output(args.out, "calibrate", force=args.force)
+    model = model_spec(args)
+    fmt = model.format
+    if args.compare and fmt.weight_only:
+        raise CliError(f"--compare: {fmt.name} is weight-only, nothing is calibrated")
+    if args.calibrators is not None and not args.compare:
+        raise CliError("--calibrators: the list is for --compare; one calibrator is "
+                       "--calibrator")
+    if args.compare:
+        names = parse_calibrators(args.calibrators, fmt, "calibrators") \
+            if args.calibrators is not None else tuple(default_calibrators(fmt))
+    else:
+        names = (parse_calibrator(args.calibrator, fmt),)
+    data = data_spec(args, model)
+    return CalibrateSpecs(model, data, eval_spec(args, model, data), out, names, args.compare)
 
 
 def calibration_record(session: Session, calibrator: str, summary=None,
@@ -92,44 +126,32 @@ def calibration_record(session: Session, calibrator: str, summary=None,
 def run(args: argparse.Namespace) -> int:
     import qdq
     import sensitivity
-    from qdqapp.evaluate import check_eval_for, evaluation
+    from qdqapp.evaluate import evaluation
 
-    out = check_output_folder(args.out)
-    opts = model_options(args)
-    checkpoint = check_model_options(opts)
-    choice = format_choice(opts, checkpoint)
-    if args.compare and choice.weight_only:
-        raise CliError(f"--compare: {choice.name} is weight-only, nothing is calibrated")
-    if args.compare:
-        names = parse_calibrators(args.calibrators) if args.calibrators \
-            else default_calibrators(choice)
-        check_calibrators(choice, names, "--calibrators")
-    else:
-        names = [check_calibrator(args.calibrator)]
-        check_calibrators(choice, names)
-    check_eval_for(args.eval, args.model, args.data)
-    session = Session.open(opts, args.data, data_options(args), checkpoint,
-                           progress=not args.quiet)
-    prepared, source = session.prepared, session.source
-    if args.compare:  # the metric, its FP32 reference computed with the quantizers off
+    specs = parse(args)
+    progress = not args.quiet
+    session = Session.open(specs.model, specs.data, progress=progress)
+    prepared, source, choice = session.prepared, session.source, session.choice
+    if specs.compare:  # the metric, its FP32 reference computed with the quantizers off
         eval_fn, metric = evaluation(source, prepared.model, prepared.device,
-                                     args.agreement, args.eval)
-    with OutputFolder(out):
+                                     specs.eval.agreement, specs.eval.name)
+    with OutputFolder(specs.out) as out:
         if prepared.smoothquant is not None:
             prepared.smoothquant.write(out)
-        if args.compare:
+        if specs.compare:
             table = sensitivity.compare_calibrators(
-                prepared.model, source.calib(), eval_fn, methods=names,
-                num_batches=args.calib_batches, device=prepared.device,
-                progress=not args.quiet, metric_name=metric)
+                prepared.model, source.calib(), eval_fn, methods=list(specs.calibrators),
+                num_batches=specs.data.calib_batches, device=prepared.device,
+                progress=progress, metric_name=metric)
             left = leave_uncalibrated_in_float(prepared.model)
             table.write(out)
             chosen, summary = table.best, None
             print(table.markdown())
         else:
-            chosen = None if choice.weight_only else names[0]
-            summary, left = calibrate_model(prepared, source.calib(), args.calib_batches,
-                                            chosen, progress=not args.quiet)
+            chosen = None if choice.weight_only else specs.calibrators[0]
+            summary, left = calibrate_model(prepared, source.calib(),
+                                            specs.data.calib_batches, chosen,
+                                            progress=progress)
         record = calibration_record(session, chosen, summary, left)
         atomic_write(out / "calibration.json", json.dumps(record, indent=1) + "\n")
         text = weight_only_table(prepared.model) if choice.weight_only \

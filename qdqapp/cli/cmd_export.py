@@ -8,19 +8,22 @@ import contextlib
 import io
 import logging
 import warnings
+from dataclasses import dataclass
 
-from qdqapp.calibrators import check_calibrator
 from qdqapp.cli import CliError, register
 from qdqapp.cli.options import (
     add_calibrator_option,
     add_data_options,
+    add_force_option,
     add_model_options,
-    data_options,
-    model_options,
+    data_spec,
+    model_spec,
 )
-from qdqapp.flow import Session, calibrate_model, check_model_options, on_device
-from qdqapp.formats import format_choice, size_text
-from qdqapp.outputs import NewFiles, check_output_file
+from qdqapp.flow import Session, calibrate_model, on_device
+from qdqapp.formats import size_text
+from qdqapp.logs import library_chatter
+from qdqapp.outputs import NewFiles, OutputSpec, parse_output
+from qdqapp.specs import DataSpec, ModelSpec, parse_calibrator
 
 log = logging.getLogger("qdqapp")
 
@@ -57,31 +60,51 @@ def add_shared_arguments(p: argparse.ArgumentParser) -> None:
     add_calibrator_option(p)
 
 
-def build_quantized(args: argparse.Namespace) -> Session:
-    """The model both export and verify use: restored, or prepared and calibrated."""
-    check_calibrator(args.calibrator)
-    opts = model_options(args)
-    checkpoint = check_model_options(opts, [args.calibrator])
-    choice = format_choice(opts, checkpoint)
-    opset = getattr(args, "opset", None)
-    if opset is not None and opset < choice.min_opset:
-        raise CliError(f"--opset {opset}: {choice.title} needs opset {choice.min_opset} or "
+@dataclass(frozen=True)
+class QuantizedSpecs:
+    """The model export and verify rebuild, and the data that calibrates it (when it has
+    no amax yet) and gives its input shape."""
+
+    model: ModelSpec
+    data: DataSpec | None
+    calibrator: str
+
+
+def parse_quantized(args: argparse.Namespace, opset: int | None = None,
+                    sentences: str | None = None) -> QuantizedSpecs:
+    """The model, data and calibrator flags of export and verify, checked; ``opset`` (the
+    one asked for) must suit the format; ``sentences``: what a text model needs --data
+    for when it must have some."""
+    model = model_spec(args)
+    calibrator = parse_calibrator(args.calibrator, model.format)
+    fmt = model.format
+    if sentences is not None and args.data is None and model.takes_text:
+        raise CliError(f"model {model.spec} takes text: pass --data text:FILE for "
+                       f"{sentences}")
+    if opset is not None and opset < fmt.min_opset:
+        raise CliError(f"--opset {opset}: {fmt.title} needs opset {fmt.min_opset} or "
                        "newer (leave --opset out for the lowest it allows)")
-    if args.data is None and not (checkpoint is not None and checkpoint.quantized) \
-            and not choice.weight_only:
+    if args.data is None and not model.restores and not fmt.weight_only:
         raise CliError("the model has no amax yet: pass --checkpoint QUANTIZED.pt (from "
                        "qdq calibrate) or --data SPEC to calibrate on")
-    session = Session.open(opts, args.data, data_options(args), checkpoint,
-                           progress=not args.quiet)
+    data = data_spec(args, model)
+    if data is None and not model.restores and model.example_shape() is None:
+        raise CliError(f"model {model.spec}: no input shape known; pass --data SPEC")
+    return QuantizedSpecs(model, data, calibrator)
+
+
+def build_quantized(specs: QuantizedSpecs, progress: bool = True) -> Session:
+    """The model both export and verify use: restored, or prepared and calibrated."""
+    session = Session.open(specs.model, specs.data, progress=progress)
     if session.prepared.example is None:
-        raise CliError(f"model {opts.spec}: no input shape known; pass --data SPEC")
+        raise CliError(f"model {specs.model.spec}: no input shape known; pass --data SPEC")
     if session.prepared.uncalibrated():
         if session.source is None:
             raise CliError(f"{len(session.prepared.uncalibrated())} quantizers of "
                            f"{session.prepared.checkpoint.path} have no amax; pass --data "
                            "SPEC to calibrate them")
-        calibrate_model(session.prepared, session.source.calib(), args.calib_batches,
-                        args.calibrator, progress=not args.quiet)
+        calibrate_model(session.prepared, session.source.calib(), specs.data.calib_batches,
+                        specs.calibrator, progress=progress)
     return session
 
 
@@ -101,6 +124,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "messages go to the log (--debug shows them)")
     p.add_argument("--fp16-out", help="also write an fp16 copy (Q/DQ kept fp32) here")
     p.add_argument("--lint", action="store_true", help="print lint findings after export")
+    add_force_option(p)
 
 
 @contextlib.contextmanager
@@ -127,19 +151,45 @@ def _quiet_exporter(enabled: bool):
             log.debug("exporter: %s", line)
 
 
+@dataclass(frozen=True)
+class ExportSpecs:
+    quantized: QuantizedSpecs
+    out: OutputSpec
+    fp16: OutputSpec | None
+    opset: int | None
+
+
+def parse(args: argparse.Namespace) -> ExportSpecs:
+    """The flags, checked once, before any work."""
+    out = parse_output(args.out, "export", folder=False, force=args.force)
+    fp16 = parse_output(args.fp16_out, "export", folder=False, what="--fp16-out",
+                        force=args.force) if args.fp16_out else None
+    if fp16 is not None and fp16.path.resolve() == out.path.resolve():
+        raise CliError(f"--fp16-out {args.fp16_out}: the same file as --out")
+    opset = args.opset
+    if opset is not None and not 13 <= opset <= _newest_opset():
+        raise CliError(f"--opset {opset}: Q/DQ export needs 13 or newer, and the installed "
+                       f"onnx knows opsets up to {_newest_opset()}")
+    return ExportSpecs(parse_quantized(args, opset), out, fp16, opset)
+
+
+def _newest_opset() -> int:
+    import onnx
+
+    return int(onnx.defs.onnx_opset_version())
+
+
 def run(args: argparse.Namespace) -> int:
     from export import ExportError, check_qdq, format_findings, to_fp16, to_onnx
 
-    out = check_output_file(args.out)
-    fp16 = check_output_file(args.fp16_out, "--fp16-out") if args.fp16_out else None
-    if args.opset is not None and args.opset < 13:
-        raise CliError(f"--opset {args.opset}: Q/DQ export needs 13 or newer")
-    session = build_quantized(args)
+    specs = parse(args)
+    session = build_quantized(specs.quantized, progress=not args.quiet)
     example = on_device(session.prepared.example, session.prepared.device)
+    out, fp16 = specs.out.path, specs.fp16.path if specs.fp16 is not None else None
     with NewFiles([out, fp16]):
         try:
-            with _quiet_exporter(args.dynamo):
-                result = to_onnx(session.model, example, out, opset=args.opset,
+            with _quiet_exporter(args.dynamo), library_chatter("exporting to ONNX"):
+                result = to_onnx(session.model, example, out, opset=specs.opset,
                                  dynamic_batch=not args.static_batch and not args.dynamo,
                                  fold_bn=not args.no_fold_bn, int8_weights=args.int8_weights,
                                  dynamo=args.dynamo)

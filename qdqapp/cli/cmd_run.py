@@ -13,6 +13,7 @@ from qdqapp.cli.options import (
     MODEL_HELP,
     SMOOTHQUANT_ALPHA_HELP,
     SMOOTHQUANT_HELP,
+    add_force_option,
     add_format_options,
 )
 
@@ -35,7 +36,9 @@ quantization and QAT are skipped (the report says why); the summary names the fo
 ONNX file's size and how much smaller it is than with FP32 weights.
 
 A re-run with the same --out skips the stages that finished; --restart starts over
-and deletes only the files the earlier run wrote.
+and deletes only the files the earlier run wrote. The folder is marked as a run's: other
+commands refuse to write into it, and qdq run refuses another command's folder, unless
+--force. Every flag and config key is checked before any work or file.
 Config files (YAML or TOML) use the same keys as the flags, e.g.:
   model: torchvision:resnet50
   data: imagefolder:/data/imagenet
@@ -51,6 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     defaults = RunConfig()
     p.add_argument("--config", help="YAML or TOML file with the same keys as the flags")
     p.add_argument("--restart", action="store_true", help="discard an earlier run in --out")
+    add_force_option(p)
     p.add_argument("--out", help=f"run folder (default {defaults.out})")
     p.add_argument("--model", help=f"{MODEL_HELP} (default {defaults.model})")
     p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
@@ -90,15 +94,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qdqapp.pipeline import ConfigError, RunConfig, load_config, run_pipeline
+    from qdqapp.pipeline import RunConfig, load_config, run_pipeline
 
     keys = {f.name for f in dataclasses.fields(RunConfig)}
     overrides = {k: v for k, v in vars(args).items() if k in keys}
-    try:
-        config = load_config(args.config, **overrides)
-    except ConfigError as err:
-        raise CliError(str(err)) from err
-    result = run_pipeline(config, restart=args.restart, progress=not args.quiet)
+    specs = load_config(args.config, force=args.force, **overrides)  # ConfigError: 2
+    result = run_pipeline(specs, restart=args.restart, progress=not args.quiet)
     if not result.ok:
         raise CliError("FAILED: " + "; ".join(result.failed_checks), code=1)
     return 0

@@ -5,21 +5,24 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
+from typing import Any
 
 from qdq.fileio import atomic_write
-from qdqapp.calibrators import check_calibrator
 from qdqapp.cli import CliError, register
 from qdqapp.cli.cmd_calibrate import QUANTIZED, calibration_record
 from qdqapp.cli.options import (
     add_calibrator_option,
     add_data_options,
+    add_force_option,
     add_model_options,
-    data_options,
-    model_options,
+    data_spec,
+    eval_spec,
+    model_spec,
 )
-from qdqapp.flow import Session, calibrate_model, check_layer_names, check_model_options
-from qdqapp.formats import format_choice
-from qdqapp.outputs import OutputFolder, check_output_folder
+from qdqapp.flow import Session, calibrate_model, check_layer_names
+from qdqapp.outputs import OutputFolder, OutputSpec, parse_output
+from qdqapp.specs import DataSpec, EvalSpec, ModelSpec, integer, number, parse_calibrator
 
 EPILOG = f"""examples:
   qdq sensitivity reference --data fashion-mnist --out runs/sens
@@ -42,6 +45,9 @@ With random data (no labels) the metric is top-1 agreement with the FP32 model; 
 the min cosine of mean-pooled sentence embeddings vs FP32 (--eval mean-cosine: the mean).
 --smoothquant also writes smoothquant.txt/json.
 --format fp8 sweeps FP8 quantizers; w8/w4 have no quantizers to sweep and are refused.
+Every flag (--top-k at least 1, --max-drop not negative, ...) is checked before any work;
+the folder is marked as qdq sensitivity's: other commands refuse to write into it, and it
+refuses another command's folder, unless --force.
 """
 
 
@@ -63,6 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     goal.add_argument("--target", type=float, help="as --max-drop, for an absolute metric")
     goal.add_argument("--top-k", type=int, help="keep exactly the K most sensitive in float")
     p.add_argument("--fresh", action="store_true", help="delete rows.jsonl and start over")
+    add_force_option(p)
 
 
 _RESUME_KEYS = ("model", "checkpoint", "rules", "ignore", "seed", "data", "batch_size",
@@ -70,83 +77,119 @@ _RESUME_KEYS = ("model", "checkpoint", "rules", "ignore", "seed", "data", "batch
                 "mode", "format", "eval", "smoothquant", "smoothquant_alpha")
 
 
-def _check_resume(out, args: argparse.Namespace) -> dict:
-    """What the rows in ``rows.jsonl`` were measured with; a resume must match it."""
-    current = {k: getattr(args, k) for k in _RESUME_KEYS}
-    rows, record = out / "rows.jsonl", out / "sweep.json"
-    if args.fresh or not rows.is_file() or rows.stat().st_size == 0:
-        return current
-    saved = json.loads(record.read_text()) if record.is_file() else {}
-    changed = sorted(k for k in current if saved.get(k) != current[k])
+@dataclass(frozen=True)
+class SensitivitySpecs:
+    """Everything ``qdq sensitivity`` was asked, parsed; ``record`` is what identifies
+    the measurements (``sweep.json``: a resume must match it)."""
+
+    model: ModelSpec
+    data: DataSpec
+    eval: EvalSpec
+    out: OutputSpec
+    calibrator: str
+    mode: str
+    layers: tuple[str, ...] | None
+    proxy: bool
+    max_drop: float | None
+    target: float | None
+    top_k: int | None
+    fresh: bool
+    record: dict[str, Any]
+
+    @property
+    def goal(self) -> bool:
+        return self.max_drop is not None or self.target is not None or self.top_k is not None
+
+
+def parse(args: argparse.Namespace) -> SensitivitySpecs:
+    """The flags, checked once, before any work (the output folder's earlier
+    measurements too: a resume with other settings is refused here)."""
+    out = parse_output(args.out, "sensitivity", force=args.force)
+    layers = None
+    if args.layers is not None:
+        layers = tuple(n.strip() for n in args.layers.split(",") if n.strip())
+        if not layers:
+            raise CliError("--layers is empty")
+    max_drop = number(args.max_drop, "--max-drop", 0, optional=True)
+    target = number(args.target, "--target", optional=True)
+    top_k = integer(args.top_k, "--top-k", 1, optional=True)
+    model = model_spec(args)
+    calibrator = parse_calibrator(args.calibrator, model.format)
+    if model.format.weight_only:
+        raise CliError(f"--format {model.format.name}: the sweep switches quantizers off one "
+                       "layer at a time, and weight-only layers have none; sweep the int8 "
+                       "or fp8 model")
+    data = data_spec(args, model)
+    evaluation = eval_spec(args, model, data)
+    record = {k: getattr(args, k) for k in _RESUME_KEYS}
+    if out.path.is_dir():
+        _check_resume(out.path, record, args.fresh)
+    return SensitivitySpecs(model, data, evaluation, out, calibrator, args.mode, layers,
+                            args.proxy, max_drop, target, top_k, args.fresh, record)
+
+
+def _check_resume(out, record: dict[str, Any], fresh: bool) -> None:
+    """The rows in ``rows.jsonl`` were measured with ``sweep.json``; a resume must match."""
+    rows, saved_file = out / "rows.jsonl", out / "sweep.json"
+    if fresh or not rows.is_file() or rows.stat().st_size == 0:
+        return
+    saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {}
+    changed = sorted(k for k in record if saved.get(k) != record[k])
     if changed:
         raise CliError(f"{rows} holds measurements of another model or data (changed: "
                        f"{', '.join(changed)}); pass --fresh to start over or choose another "
                        "--out")
-    return current
 
 
 def run(args: argparse.Namespace) -> int:
     import sensitivity
-    from qdqapp.evaluate import check_eval_for, evaluation
+    from qdqapp.evaluate import evaluation
 
-    out = check_output_folder(args.out)
-    check_calibrator(args.calibrator)
-    check_eval_for(args.eval, args.model, args.data)
-    layers = None
-    if args.layers is not None:
-        layers = [n.strip() for n in args.layers.split(",") if n.strip()]
-        if not layers:
-            raise CliError("--layers is empty")
-    opts = model_options(args)
-    checkpoint = check_model_options(opts, [args.calibrator])
-    choice = format_choice(opts, checkpoint)
-    if choice.weight_only:
-        raise CliError(f"--format {choice.name}: the sweep switches quantizers off one "
-                       "layer at a time, and weight-only layers have none; sweep the int8 "
-                       "or fp8 model")
-    setup = _check_resume(out, args) if out.is_dir() else None
-    session = Session.open(opts, args.data, data_options(args), checkpoint,
-                           progress=not args.quiet)
+    specs = parse(args)
+    progress = not args.quiet
+    session = Session.open(specs.model, specs.data, progress=progress)
     prepared, source = session.prepared, session.source
+    layers = list(specs.layers) if specs.layers is not None else None
     check_layer_names(prepared.model, layers)  # before any work: names only
     # the metric, its FP32 reference computed with the quantizers off
-    eval_fn, name = evaluation(source, prepared.model, prepared.device, args.agreement,
-                               args.eval)
-    with OutputFolder(out, keep=("rows.jsonl", "sweep.json")):
+    eval_fn, name = evaluation(source, prepared.model, prepared.device,
+                               specs.eval.agreement, specs.eval.name)
+    with OutputFolder(specs.out, keep=("rows.jsonl", "sweep.json")) as out:
         if prepared.smoothquant is not None:
             prepared.smoothquant.write(out)
         progress_file = out / "rows.jsonl"
-        if args.fresh:
+        if specs.fresh:
             progress_file.unlink(missing_ok=True)
-        atomic_write(out / "sweep.json", json.dumps(setup or _check_resume(out, args),
-                                                    indent=1) + "\n")
+        atomic_write(out / "sweep.json", json.dumps(specs.record, indent=1) + "\n")
         calibrator = session.metadata().get("calibrator") if prepared.restored else None
         if prepared.uncalibrated() or not prepared.restored:
-            calibrator = args.calibrator
-            summary, left = calibrate_model(prepared, source.calib(), args.calib_batches,
-                                            calibrator, progress=not args.quiet)
+            calibrator = specs.calibrator
+            summary, left = calibrate_model(prepared, source.calib(),
+                                            specs.data.calib_batches, calibrator,
+                                            progress=progress)
         else:
             summary, left = None, []
         check_layer_names(prepared.model, layers)
         record = calibration_record(session, calibrator or "from the checkpoint", summary,
                                     left)
         atomic_write(out / "calibration.json", json.dumps(record, indent=1) + "\n")
-        report = sensitivity.sweep(prepared.model, eval_fn, mode=args.mode, layers=layers,
-                                   progress=not args.quiet, resume=progress_file,
+        report = sensitivity.sweep(prepared.model, eval_fn, mode=specs.mode, layers=layers,
+                                   progress=progress, resume=progress_file,
                                    metric_name=name)
-        if args.proxy:
+        if specs.proxy:
             proxy = sensitivity.proxy_ranking(prepared.model, source.calib(),
-                                              num_batches=args.calib_batches, layers=layers,
-                                              device=prepared.device, progress=not args.quiet)
+                                              num_batches=specs.data.calib_batches,
+                                              layers=layers, device=prepared.device,
+                                              progress=progress)
             exact = {r.layer: r.sensitivity for r in report.rows if r.ok}
             proxy.extra["spearman_with_sweep"] = sensitivity.spearman(proxy.scores(), exact)
             proxy.write(out)
             print(f"proxy: {proxy.seconds:.1f} s, Spearman with the sweep "
                   f"{proxy.extra['spearman_with_sweep']:.3f}")
-        if args.max_drop is not None or args.target is not None or args.top_k is not None:
+        if specs.goal:
             result = sensitivity.partial_quantize(prepared.model, report, eval_fn,
-                                                  max_drop=args.max_drop, target=args.target,
-                                                  top_k=args.top_k)
+                                                  max_drop=specs.max_drop,
+                                                  target=specs.target, top_k=specs.top_k)
             print(f"partial quantization: {result}")
             session.save(out / QUANTIZED, calibrator=calibrator,
                          skip_layers=list(result.skip))

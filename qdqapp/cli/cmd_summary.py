@@ -5,16 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 
-from qdqapp.cli import register
+from qdqapp.cli import CliError, register
 from qdqapp.cli.options import (
     add_calibrator_option,
     add_data_options,
     add_model_options,
-    data_options,
-    model_options,
+    data_spec,
+    model_spec,
 )
-from qdqapp.flow import Session, calibrate_model, check_model_options
-from qdqapp.formats import format_choice, weight_only_rows, weight_only_table
+from qdqapp.flow import Session, calibrate_model
+from qdqapp.formats import weight_only_rows, weight_only_table
+from qdqapp.specs import parse_calibrator
 
 EPILOG = """examples:
   qdq summary torchvision:resnet18
@@ -48,32 +49,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import qdq
-    from qdqapp.models import example_shape
 
-    opts = model_options(args)
-    checkpoint = check_model_options(opts, [args.calibrator])
-    choice = format_choice(opts, checkpoint)
+    model = model_spec(args)
+    choice = model.format
+    calibrator = parse_calibrator(args.calibrator, choice)
     if args.calibrate and choice.weight_only:
-        from qdqapp.cli import CliError
-
         raise CliError(f"--calibrate: {choice.name} is weight-only, nothing is calibrated")
     data = args.data
     if data is None and args.calibrate:
-        shape = example_shape(opts.spec)
-        data = ("random:" + "x".join(map(str, shape))
-                if shape and not isinstance(shape, dict) else None)
-    session = Session.open(opts, data, data_options(args), checkpoint,
-                           progress=not args.quiet)
+        shape = model.example_shape()
+        if not shape or isinstance(shape, dict):
+            raise CliError(f"--calibrate: model {model.spec} has no usual input (random "
+                           "data cannot stand in for it); pass --data SPEC")
+        data = "random:" + "x".join(map(str, shape))
+    data = data_spec(args, model, data)
+    session = Session.open(model, data, progress=not args.quiet)
     if session.prepared.smoothquant is not None:
         print(session.prepared.smoothquant)
     if args.calibrate:
-        if session.source is None:
-            from qdqapp.cli import CliError
-
-            raise CliError(f"--calibrate: model {opts.spec} has no usual input (random "
-                           "data cannot stand in for it); pass --data SPEC")
-        calibrate_model(session.prepared, session.source.calib(), args.calib_batches,
-                        args.calibrator, progress=not args.quiet)
+        calibrate_model(session.prepared, session.source.calib(), data.calib_batches,
+                        calibrator, progress=not args.quiet)
     if args.json:
         rows = weight_only_rows(session.model) if choice.weight_only else \
             [r.as_dict() for r in qdq.summary_rows(session.model)]

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 from qdqapp.cli import CliError, register
-from qdqapp.cli.cmd_export import add_shared_arguments, build_quantized
+from qdqapp.cli.cmd_export import add_shared_arguments, build_quantized, parse_quantized
 from qdqapp.flow import on_device
-from qdqapp.models import parse_model_spec
+from qdqapp.specs import number
 
 EPILOG = """examples:
   qdq verify torchvision:resnet18 r18.onnx --checkpoint runs/r18/quantized.pt
@@ -47,10 +47,9 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"ONNX file {args.onnx}: no such file")
     if args.batch < 1:
         raise CliError(f"--batch {args.batch}: expected a positive number of rows")
-    if args.data is None and parse_model_spec(args.model)[0].takes_text:
-        raise CliError(f"model {args.model} takes text: pass --data text:FILE for the "
-                       "sentences to compare on")
-    session = build_quantized(args)
+    number(args.rel_l2, "--rel-l2", 0)
+    specs = parse_quantized(args, sentences="the sentences to compare on")
+    session = build_quantized(specs, progress=not args.quiet)
     example = session.prepared.example
     if session.source is not None:
         inputs = session.source.check_batch(args.batch)

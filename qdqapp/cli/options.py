@@ -1,21 +1,28 @@
-"""The options every command spells the same way, and their conversion to the flow's
-objects: the model (``MODEL``, ``--checkpoint``, ``--format`` with ``--block-size`` and
-``--weight-method``, ``--no-rules``, ``--ignore``, ``--seed``, ``--device``,
-``--smoothquant``), the data (``--data``, how much of it and ``--eval``) and the
-calibrator."""
+"""The options every command spells the same way, and their one parse into specs
+(:mod:`qdqapp.specs`): the model (``MODEL``, ``--checkpoint``, ``--format`` with
+``--block-size`` and ``--weight-method``, ``--no-rules``, ``--ignore``, ``--seed``,
+``--device``, ``--smoothquant``), the data (``--data`` and how much of it), ``--eval``,
+the calibrator and ``--force``."""
 
 from __future__ import annotations
 
 import argparse
 
 from qdqapp.calibrators import DEFAULT_COMPARISON
-from qdqapp.flow import ModelOptions
 from qdqapp.sources import DataOptions
+from qdqapp.specs import (
+    DataSpec,
+    EvalSpec,
+    ModelSpec,
+    parse_data,
+    parse_eval,
+    parse_model,
+)
 
 __all__ = ["add_model_options", "add_format_options", "add_data_options",
-           "add_calibrator_option", "model_options", "data_options", "MODEL_HELP",
-           "DATA_HELP", "CHECKPOINT_HELP", "SMOOTHQUANT_HELP", "SMOOTHQUANT_ALPHA_HELP",
-           "EVAL_HELP"]
+           "add_calibrator_option", "add_force_option", "model_spec", "data_spec",
+           "eval_spec", "MODEL_HELP", "DATA_HELP", "CHECKPOINT_HELP", "SMOOTHQUANT_HELP",
+           "SMOOTHQUANT_ALPHA_HELP", "EVAL_HELP", "FORCE_HELP"]
 
 MODEL_HELP = ("reference, torchvision:NAME, hf:DIR (a local transformers folder; hf:minilm "
               "the shipped all-MiniLM-L6-v2) or package.module:factory")
@@ -31,6 +38,8 @@ EVAL_HELP = ("metric (higher is better): auto (default: top1 for images and text
              "classifiers, min-cosine for text encoders), top1, min-cosine or mean-cosine "
              "(text encoders: cosine of mean-pooled embeddings vs FP32, the lowest or the "
              "mean over the sentences)")
+FORCE_HELP = ("write into a folder another qdq command owns (or replace a file in one); "
+              "without it that is refused before any work")
 CHECKPOINT_HELP = ("a quantized-model file (written by qdq calibrate, qdq run or qdq.save: "
                    "quantizers, rules and amax come from it) or a float state_dict")
 
@@ -98,15 +107,29 @@ def add_calibrator_option(p: argparse.ArgumentParser) -> None:
                         f"(default max; --compare tries {', '.join(DEFAULT_COMPARISON)})")
 
 
-def model_options(args: argparse.Namespace, spec: str | None = None) -> ModelOptions:
-    return ModelOptions(spec=spec or args.model, checkpoint=args.checkpoint,
-                        rules=args.rules, ignore=list(args.ignore or []), seed=args.seed,
-                        device=args.device, format=args.format, block_size=args.block_size,
-                        weight_method=args.weight_method, smoothquant=args.smoothquant,
-                        smoothquant_alpha=args.smoothquant_alpha)
+def add_force_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
 
 
-def data_options(args: argparse.Namespace) -> DataOptions:
-    return DataOptions(batch_size=args.batch_size, calib_batches=args.calib_batches,
-                       eval_batches=getattr(args, "eval_batches", None),
-                       image_size=args.image_size, seed=args.seed)
+def model_spec(args: argparse.Namespace, spec: str | None = None) -> ModelSpec:
+    """The model flags, parsed (:func:`qdqapp.specs.parse_model`)."""
+    return parse_model(spec or args.model, checkpoint=args.checkpoint, rules=args.rules,
+                       ignore=args.ignore or [], seed=args.seed, device=args.device,
+                       smoothquant=args.smoothquant,
+                       smoothquant_alpha=args.smoothquant_alpha, format=args.format,
+                       block_size=args.block_size, weight_method=args.weight_method)
+
+
+def data_spec(args: argparse.Namespace, model: ModelSpec,
+              spec: str | None = None) -> DataSpec | None:
+    """``--data`` and its sizes, parsed (:func:`qdqapp.specs.parse_data`); ``spec``
+    stands in for a missing ``--data``."""
+    return parse_data(spec if spec is not None else args.data, model=model,
+                      batch_size=args.batch_size, calib_batches=args.calib_batches,
+                      eval_batches=getattr(args, "eval_batches", None),
+                      image_size=args.image_size)
+
+
+def eval_spec(args: argparse.Namespace, model: ModelSpec, data: DataSpec | None) -> EvalSpec:
+    """``--eval`` and ``--agreement``, parsed (:func:`qdqapp.specs.parse_eval`)."""
+    return parse_eval(args.eval, model=model, data=data, agreement=args.agreement)

@@ -17,12 +17,12 @@ mean cosine of mean-pooled embeddings, top-1 agreement for classifiers); ``smoot
 smooths the model before calibration and writes its per-layer report into the folder. The
 model after each stage that changes it is kept as ``quantized.pt`` (``qdq.save``); a re-run
 restores it from there and skips the finished stages. Everything is checked before the
-folder is touched.
+folder is touched: the keys are parsed once into :class:`RunSpecs`
+(:mod:`qdqapp.pipeline.config`), which the stages trust.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -30,16 +30,23 @@ from pathlib import Path
 from typing import Any
 
 from qdqapp.errors import CliError
-from qdqapp.evaluate import EVALS, check_eval_for, text_evaluation
-from qdqapp.flow import ModelOptions, Session, check_model_options
-from qdqapp.formats import check_calibrators, default_calibrators, format_choice
-from qdqapp.pipeline.config import ConfigError, RunConfig, load_config
+from qdqapp.evaluate import text_evaluation
+from qdqapp.flow import Session
+from qdqapp.pipeline.config import (
+    ConfigError,
+    RunConfig,
+    RunSettings,
+    RunSpecs,
+    load_config,
+    parse_run,
+)
 from qdqapp.pipeline.folder import QUANTIZED, RunFolder
 from qdqapp.pipeline.report import failed_checks, summary_table, write_report
 from qdqapp.pipeline.stages import STAGES, Run, Skip, load_eval
-from qdqapp.sources import DataOptions, check_data_spec, parse_data_spec
+from qdqapp.specs import restored_from
 
-__all__ = ["RunConfig", "ConfigError", "load_config", "run_pipeline", "RunResult"]
+__all__ = ["RunConfig", "RunSpecs", "RunSettings", "ConfigError", "load_config",
+           "parse_run", "run_pipeline", "RunResult"]
 
 log = logging.getLogger("qdq.run")
 
@@ -56,67 +63,34 @@ class RunResult:
         return not self.failed_checks
 
 
-def _model_options(config: RunConfig) -> ModelOptions:
-    return ModelOptions(spec=config.model, checkpoint=config.checkpoint, rules=config.rules,
-                        ignore=list(config.ignore), seed=config.seed, device=config.device,
-                        format=config.format, block_size=config.block_size,
-                        weight_method=config.weight_method, smoothquant=config.smoothquant,
-                        smoothquant_alpha=config.smoothquant_alpha)
-
-
-def _calibrators(config: RunConfig, opts: ModelOptions, checkpoint) -> list[str]:
-    """The calibrators the calibrate stage tries, checked against the format."""
-    choice = format_choice(opts, checkpoint)
-    if config.calibrator:
-        names, key = [config.calibrator], "calibrator"
-    else:
-        names, key = config.calibrators or default_calibrators(choice), "calibrators"
-    check_calibrators(choice, names, key, default=None)
-    return names
-
-
-def _open_session(config: RunConfig, folder: RunFolder,
-                  progress: bool) -> tuple[Session, list[str]]:
-    """The model and data, checked; a resumed run restores the model from the folder."""
-    check_data_spec(config.data)
-    if config.eval in EVALS:
-        check_eval_for(config.eval, config.model, config.data)
-    elif parse_data_spec(config.data)[0].text:
-        raise CliError(f"eval {config.eval!r}: text data is scored against the FP32 model "
-                       f"by {', '.join(EVALS)}")
-    opts = _model_options(config)
-    checkpoint = check_model_options(opts)
-    calibrators = _calibrators(config, opts, checkpoint)
-    data = DataOptions(batch_size=config.batch_size, calib_batches=config.calib_batches,
-                       eval_batches=config.eval_batches, image_size=config.image_size,
-                       seed=config.seed)
+def _open_session(specs: RunSpecs, folder: RunFolder, progress: bool) -> Session:
+    """The model and data; a resumed run restores the model from the folder."""
+    model, origin = specs.model, None
     saved = folder.path(QUANTIZED)
-    origin = None
     if folder.resuming and saved.is_file():  # smoothed and placed already
-        origin = opts
-        opts = dataclasses.replace(opts, checkpoint=str(saved), ignore=[], block_size=None,
-                                   weight_method=None, smoothquant=False)
-        checkpoint = None
-    return Session.open(opts, config.data, data, checkpoint, origin=origin,
-                        progress=progress), calibrators
+        model, origin = restored_from(specs.model, saved), specs.model
+    return Session.open(model, specs.data, origin=origin, progress=progress)
 
 
-def run_pipeline(config: RunConfig, restart: bool = False,
+def run_pipeline(config: RunConfig | RunSpecs, restart: bool = False,
                  progress: bool = True) -> RunResult:
-    """Run every stage that has not finished yet in ``config.out``."""
-    folder = RunFolder(config.out, config.fingerprint(), restart=restart)
-    session, calibrators = _open_session(config, folder, progress)
+    """Run every stage that has not finished yet in the run folder (a
+    :class:`RunConfig` is parsed first: :func:`parse_run`)."""
+    specs = config if isinstance(config, RunSpecs) else parse_run(config)
+    folder = RunFolder(specs.out, specs.config.fingerprint(), restart=restart)
+    session = _open_session(specs, folder, progress)
     scorer = None
     if session.source.text:  # scored against the model's own FP32 outputs
         reference = session.float_model()
         if reference is None:
-            raise CliError(f"{config.model}: no FP32 model to score the text against; the "
-                           f"model came from a {session.choice.name} quantized-model file, "
-                           "whose weights are integer codes (start from the float model)")
-        scorer = text_evaluation(session.source, reference, config.eval)
+            raise CliError(f"{specs.model.spec}: no FP32 model to score the text against; "
+                           f"the model came from a {session.choice.name} quantized-model "
+                           "file, whose weights are integer codes (start from the float "
+                           "model)")
+        scorer = text_evaluation(session.source, reference, specs.eval.name)
         eval_fn = scorer.of_loader
     else:
-        eval_fn = load_eval(config.eval, session.prepared.device, config.eval_batches)
+        eval_fn = load_eval(specs.eval, session.prepared.device, specs.data.eval_batches)
         if not session.source.labelled:
             eval_fn = None  # no labels: the accuracy stages are skipped, saying why
     folder.open()
@@ -124,8 +98,7 @@ def run_pipeline(config: RunConfig, restart: bool = False,
     root = logging.getLogger()
     root.addHandler(handler)
     try:
-        result, table = _run(config, folder, session, eval_fn, scorer, calibrators,
-                             progress)
+        result, table = _run(specs, folder, session, eval_fn, scorer, progress)
         print(table)
         handler.emit(logging.makeLogRecord({"msg": table, "levelno": logging.INFO,
                                             "levelname": "INFO"}))
@@ -140,8 +113,9 @@ def run_pipeline(config: RunConfig, restart: bool = False,
         handler.close()
 
 
-def _run(config: RunConfig, folder: RunFolder, session: Session, eval_fn, scorer,
-         calibrators: list[str], progress: bool) -> tuple[RunResult, str]:
+def _run(specs: RunSpecs, folder: RunFolder, session: Session, eval_fn, scorer,
+         progress: bool) -> tuple[RunResult, str]:
+    config = specs.config
     folder.write_text("config.json", config.dumps() + "\n")
     source = session.source
     log.info("qdq run: %s on %s -> %s (%s)", config.model, source.description, folder.root,
@@ -152,8 +126,8 @@ def _run(config: RunConfig, folder: RunFolder, session: Session, eval_fn, scorer
     if smoothed is not None:
         smoothed.write(folder.root)
         log.info("%s (smoothquant.txt)", smoothed.headline())
-    run = Run(config=config, folder=folder, session=session, eval_fn=eval_fn,
-              calibrators=calibrators, progress=progress, scorer=scorer)
+    run = Run(specs=specs, folder=folder, session=session, eval_fn=eval_fn,
+              progress=progress, scorer=scorer)
     folder.state["metric"] = run.metric_info()
     total = len(STAGES)
     for i, st in enumerate(STAGES, 1):

@@ -1,8 +1,16 @@
-"""``RunConfig``: every knob of ``qdq run``, loadable from YAML or TOML.
+"""``qdq run``'s settings: every knob (:class:`RunConfig`), loadable from YAML or TOML,
+and parsed once into specs (:class:`RunSpecs`) that the pipeline and its stages trust.
 
 A config file and the command-line flags use the same keys (flags spell ``_`` as ``-``);
-flags override the file. Unknown keys and bad values are refused with the key named, so a
-typo never silently falls back to a default.
+flags override the file. :func:`load_config` reads both and parses them with the functions
+every command uses (:mod:`qdqapp.specs`, :mod:`qdqapp.outputs`) plus :func:`parse_settings`
+for what only ``qdq run`` has, so an unknown key or a bad value is refused before any work,
+naming the flag or the key and its file: a typo never silently falls back to a default.
+
+Example::
+
+    specs = load_config("run.yaml", max_drop=0.5)    # RunSpecs; ConfigError when bad
+    specs.settings.qat_lr, specs.data.batch_size, specs.model.format.title
 """
 
 from __future__ import annotations
@@ -14,23 +22,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qdqapp.calibrators import check_calibrator
-from qdqapp.errors import CliError
-from qdqapp.flow import smoothquant_alpha
-from qdqapp.formats import FormatChoice, check_calibrators, check_format_options
+from qdqapp.errors import FLAGS, CliError, Names
+from qdqapp.formats import FormatChoice, default_calibrators
+from qdqapp.outputs import OutputSpec, parse_output
+from qdqapp.specs import (
+    DataSpec,
+    EvalSpec,
+    ModelSpec,
+    boolean,
+    integer,
+    number,
+    parse_calibrator,
+    parse_calibrators,
+    parse_data,
+    parse_eval,
+    parse_model,
+)
 
-__all__ = ["RunConfig", "ConfigError", "load_config"]
+__all__ = ["RunConfig", "RunSettings", "RunSpecs", "ConfigError", "load_config",
+           "parse_run", "parse_settings", "SWEEP_MODES"]
 
 SWEEP_MODES = ("leave-one-out", "one-at-a-time", "none")
 
 
-class ConfigError(ValueError):
+class ConfigError(CliError, ValueError):
     """A config file or flag holds a bad key or value; the message names it."""
 
 
 @dataclass
 class RunConfig:
-    """What ``qdq run`` does. Defaults give the Fashion-MNIST reference demo."""
+    """What ``qdq run`` is asked, key by key, as written (:func:`parse_run` checks it).
+    Defaults give the Fashion-MNIST reference demo."""
 
     out: str = "runs/latest"
     model: str = "reference"
@@ -66,77 +88,6 @@ class RunConfig:
     smoothquant: bool = False
     smoothquant_alpha: str | float = "auto"
 
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name in ("calibrators", "ignore"):
-                if value is None and f.name == "calibrators":
-                    continue
-                if isinstance(value, str):
-                    value = [v.strip() for v in value.split(",") if v.strip()]
-                if not isinstance(value, (list, tuple)) or not all(
-                        isinstance(v, str) for v in value):
-                    raise ConfigError(f"{f.name}: expected a list of names, got {value!r}")
-                setattr(self, f.name, list(value))
-        for name in ("batch_size", "calib_batches", "image_size", "opset", "seed",
-                     "qat_epochs"):
-            value = getattr(self, name)
-            if value is None and name == "opset":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"{name}: expected a non-negative integer, got {value!r}")
-        if self.batch_size == 0 or self.calib_batches == 0 or self.image_size == 0:
-            raise ConfigError("batch_size, calib_batches and image_size must be at least 1")
-        for name in ("eval_batches", "qat_steps"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 1):
-                raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
-        if self.sweep not in SWEEP_MODES:
-            raise ConfigError(f"sweep: {self.sweep!r} is not one of {', '.join(SWEEP_MODES)}")
-        for name in [*(self.calibrators or []),
-                     *([self.calibrator] if self.calibrator else [])]:
-            try:
-                check_calibrator(name)
-            except CliError as err:
-                raise ConfigError(f"calibrator {name!r}: {err}") from None
-        if self.calibrators is not None and not self.calibrators and not self.calibrator:
-            raise ConfigError("calibrators: the list is empty and no calibrator is set")
-        self._check_format()
-        if self.max_drop is not None and (isinstance(self.max_drop, bool) or not isinstance(
-                self.max_drop, (int, float)) or self.max_drop < 0):
-            raise ConfigError(f"max_drop: expected a non-negative number, got "
-                              f"{self.max_drop!r}")
-        if not isinstance(self.smoothquant, bool):
-            raise ConfigError(f"smoothquant: expected true or false, got {self.smoothquant!r}")
-        try:
-            self.smoothquant_alpha = smoothquant_alpha(self.smoothquant_alpha)
-        except CliError as err:
-            raise ConfigError(f"smoothquant_alpha: {err}") from None
-        if self.opset is not None and self.opset < 13:
-            raise ConfigError(f"opset: {self.opset} is too old; Q/DQ export needs 13 or newer")
-
-    def _check_format(self) -> None:
-        """The format, its options and the flags that must suit it (a quantized-model
-        checkpoint's own format is checked when the file is read)."""
-        try:
-            check_format_options(self.format, self.block_size, self.weight_method)
-            if self.format is None:
-                return
-            choice = FormatChoice(self.format, self.block_size, self.weight_method or "max")
-            if self.calibrator:
-                check_calibrators(choice, [self.calibrator], "calibrator", default=None)
-            if self.calibrators:
-                check_calibrators(choice, self.calibrators, "calibrators", default=None)
-        except CliError as err:
-            raise ConfigError(str(err)) from None
-        if choice.weight_only and self.qat_epochs:
-            raise ConfigError(f"qat_epochs: QAT trains fake-quantized float weights; "
-                              f"{choice.name} layers hold integer codes")
-        if self.opset is not None and self.opset < choice.min_opset:
-            raise ConfigError(f"opset: {choice.title} needs opset {choice.min_opset} or "
-                              "newer (leave it out for the lowest it allows)")
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -146,6 +97,106 @@ class RunConfig:
 
     def dumps(self) -> str:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What only ``qdq run`` has: the calibrators its calibrate stage tries (checked
+    against the format; none for weight-only formats), the sweep, the target drop, QAT,
+    the export's opset and weights, and the TensorRT stage."""
+
+    calibrators: tuple[str, ...] = ()
+    sweep: str = "leave-one-out"
+    max_drop: float | None = None
+    qat_epochs: int = 0
+    qat_lr: float = 1e-4
+    qat_steps: int | None = None
+    opset: int | None = None
+    int8_weights: bool = False
+    tensorrt: bool = True
+
+
+@dataclass(frozen=True)
+class RunSpecs:
+    """A ``qdq run`` parsed: ``config`` keeps the keys (normalised: lists, numbers) for
+    ``config.json``, the resume check and the report; the specs are what the run uses."""
+
+    config: RunConfig
+    model: ModelSpec
+    data: DataSpec
+    eval: EvalSpec
+    out: OutputSpec
+    settings: RunSettings
+
+
+def _newest_opset() -> int:
+    import onnx
+
+    return int(onnx.defs.onnx_opset_version())
+
+
+def parse_settings(config: RunConfig, fmt: FormatChoice, names: Names = FLAGS) -> RunSettings:
+    """:class:`RunSettings` from ``config``, every value in range for ``fmt``."""
+    if config.sweep not in SWEEP_MODES:
+        raise CliError(f"{names('sweep')} {config.sweep!r}: choose one of "
+                       f"{', '.join(SWEEP_MODES)}")
+    max_drop = number(config.max_drop, names("max_drop"), 0, optional=True)
+    qat_epochs = integer(config.qat_epochs, names("qat_epochs"), 0)
+    qat_lr = number(config.qat_lr, names("qat_lr"), 0, above=True)
+    qat_steps = integer(config.qat_steps, names("qat_steps"), 1, optional=True)
+    if fmt.weight_only and qat_epochs:
+        raise CliError(f"{names('qat_epochs')}: QAT trains fake-quantized float weights; "
+                       f"{fmt.name} layers hold integer codes")
+    opset = integer(config.opset, names("opset"), optional=True)
+    if opset is not None and not 13 <= opset <= _newest_opset():
+        raise CliError(f"{names('opset')} {opset}: Q/DQ export needs 13 or newer, and the "
+                       f"installed onnx knows opsets up to {_newest_opset()}")
+    if opset is not None and opset < fmt.min_opset:
+        raise CliError(f"{names('opset')} {opset}: {fmt.title} needs opset {fmt.min_opset} "
+                       "or newer (leave it out for the lowest it allows)")
+    compared = None
+    if config.calibrators is not None:
+        compared = parse_calibrators(config.calibrators, fmt, "calibrators", names,
+                                     default=None)
+    if config.calibrator is not None:  # one calibrator: no comparison
+        calibrators = (parse_calibrator(config.calibrator, fmt, "calibrator", names,
+                                        default=None),)
+    else:
+        calibrators = compared or tuple(default_calibrators(fmt))
+    return RunSettings(calibrators, config.sweep, max_drop, qat_epochs, qat_lr, qat_steps,
+                       opset, boolean(config.int8_weights, names("int8_weights")),
+                       boolean(config.tensorrt, names("tensorrt")))
+
+
+def parse_run(config: RunConfig, names: Names = FLAGS, force: bool = False) -> RunSpecs:
+    """Every key of ``config`` checked, in one pass, into :class:`RunSpecs` (``force``:
+    write into another command's folder, ``--force``)."""
+    out = parse_output(config.out, "run", what=names("out"), force=force) \
+        if isinstance(config.out, (str, Path)) and str(config.out) else None
+    if out is None:
+        raise CliError(f"{names('out')}: expected a folder, got {config.out!r}")
+    model = parse_model(config.model, checkpoint=config.checkpoint, rules=config.rules,
+                        ignore=config.ignore if config.ignore is not None else [],
+                        seed=config.seed, device=config.device,
+                        smoothquant=config.smoothquant,
+                        smoothquant_alpha=config.smoothquant_alpha, format=config.format,
+                        block_size=config.block_size, weight_method=config.weight_method,
+                        names=names)
+    settings = parse_settings(config, model.format, names)
+    if config.data is None:
+        raise CliError(f"{names('data')}: expected a data spec, got None")
+    data = parse_data(config.data, model=model, batch_size=config.batch_size,
+                      calib_batches=config.calib_batches, eval_batches=config.eval_batches,
+                      image_size=config.image_size, names=names)
+    evaluation = parse_eval(config.eval, model=model, data=data, custom=True, names=names)
+    calibrators = config.calibrators
+    if calibrators is not None:
+        calibrators = [c.strip() for c in calibrators.split(",") if c.strip()] \
+            if isinstance(calibrators, str) else list(calibrators)
+    normal = dataclasses.replace(config, ignore=list(model.ignore), calibrators=calibrators,
+                                 smoothquant_alpha=model.smoothquant_alpha,
+                                 max_drop=settings.max_drop, qat_lr=settings.qat_lr)
+    return RunSpecs(normal, model, data, evaluation, out, settings)
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -176,8 +227,10 @@ def _read(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
-    """Config from ``path`` (YAML or TOML), then ``overrides`` that are not None."""
+def load_config(path: str | Path | None = None, *, force: bool = False,
+                **overrides: Any) -> RunSpecs:
+    """The config in ``path`` (YAML or TOML), then the ``overrides`` (flags) that are not
+    None, parsed (:func:`parse_run`); one :class:`ConfigError` naming the key or flag."""
     data: dict[str, Any] = _read(Path(path)) if path else {}
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     if "weight_amax" in data and "weight_method" not in data:  # its old name
@@ -187,8 +240,12 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
     if unknown:
         raise ConfigError(f"config {path}: unknown key {unknown[0]!r} (known keys: "
                           f"{', '.join(sorted(known))})")
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    names = Names(str(path), set(data) - set(flags)) if path else FLAGS
+    data.update(flags)
     try:
-        return RunConfig(**data)
-    except TypeError as err:
-        raise ConfigError(str(err)) from err
+        return parse_run(RunConfig(**data), names, force)
+    except ConfigError:
+        raise
+    except CliError as err:
+        raise ConfigError(str(err)) from None

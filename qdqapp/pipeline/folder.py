@@ -2,10 +2,11 @@
 stages that finished (so a re-run skips them) and the files the run wrote.
 
 Creating a :class:`RunFolder` only checks (the path, an earlier run's config); nothing is
-written until :meth:`RunFolder.open`. Files are written atomically, and a stage is marked
-done only after its files exist. ``restart`` deletes only the files an earlier run
-recorded as its own, never anything else in the folder; a run that fails before any
-stage finished removes what it wrote (:meth:`RunFolder.discard`).
+written until :meth:`RunFolder.open`, which marks the folder as a run's
+(:mod:`qdqapp.outputs`: other commands then refuse to write into it). Files are written
+atomically, and a stage is marked done only after its files exist. ``restart`` deletes
+only the files an earlier run recorded as its own, never anything else in the folder; a
+run that fails before any stage finished removes what it wrote (:meth:`RunFolder.discard`).
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from qdq.fileio import atomic_write
-from qdqapp.errors import CliError
+from qdqapp.errors import CliError, first_line
 from qdqapp.logs import OwnInfo
-from qdqapp.outputs import check_output_folder
+from qdqapp.outputs import MARKER, OutputSpec, mark, parse_output
 
 __all__ = ["RunFolder", "QUANTIZED", "STATE"]
 
@@ -37,9 +39,10 @@ def _files(root: Path) -> set[str]:
 class RunFolder:
     """A folder of results with a record of finished stages and of the files written."""
 
-    def __init__(self, root: str | Path, fingerprint: dict[str, Any],
+    def __init__(self, root: OutputSpec | str | Path, fingerprint: dict[str, Any],
                  restart: bool = False) -> None:
-        self.root = check_output_folder(root)
+        spec = root if isinstance(root, OutputSpec) else parse_output(root, "run")
+        self.root = spec.path
         self.restart = restart
         self.state: dict[str, Any] = {"config": fingerprint, "stages": {}, "files": []}
         self._previous: dict[str, Any] | None = None
@@ -78,6 +81,7 @@ class RunFolder:
         if not os.access(self.root, os.W_OK):
             raise CliError(f"run folder {self.root} is not writable")
         self._foreign = _files(self.root) - set(self.state["files"]) - {STATE}
+        mark(self.root, "run")
         return self
 
     def _delete(self, names: list[str]) -> None:
@@ -120,7 +124,7 @@ class RunFolder:
         self.save_state()
 
     def save_state(self) -> None:
-        self.state["files"] = sorted((_files(self.root) - self._foreign - {STATE})
+        self.state["files"] = sorted((_files(self.root) - self._foreign - {STATE, MARKER})
                                      | {"run.log"})
         self.write_json(STATE, self.state)
 
@@ -134,8 +138,21 @@ class RunFolder:
 
     def log_handler(self) -> logging.Handler:
         """The full log (INFO and up, whatever the console shows) into ``run.log``."""
-        handler = logging.FileHandler(self.path("run.log"))
+        handler = _RunLog(self.path("run.log"))
         handler.setLevel(logging.INFO)
         handler.addFilter(OwnInfo())
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         return handler
+
+
+class _RunLog(logging.FileHandler):
+    """``run.log``; when it cannot be written (a full disk), one line says so, instead of
+    logging's traceback for every record."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            self.failed = True
+            print(f"qdq: cannot write {self.baseFilename} ({first_line(sys.exc_info()[1])}); "
+                  "the rest of the log is on the console only", file=sys.stderr)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -33,11 +32,12 @@ import torch
 from torch import nn
 
 import qdq
-from qdqapp.errors import CliError
-from qdqapp.evaluate import ACCURACY, EVALS, default_max_drop
+from qdqapp.evaluate import ACCURACY, default_max_drop
 from qdqapp.flow import Session, leave_uncalibrated_in_float, on_device
-from qdqapp.pipeline.config import RunConfig
+from qdqapp.logs import library_chatter
+from qdqapp.pipeline.config import RunConfig, RunSettings, RunSpecs
 from qdqapp.pipeline.folder import QUANTIZED, RunFolder
+from qdqapp.specs import EvalSpec
 
 __all__ = ["Run", "Skip", "STAGES", "Stage", "load_eval", "NO_LABELS"]
 
@@ -50,41 +50,47 @@ class Skip(Exception):
     """The stage does not apply to this run; the message says why."""
 
 
-def load_eval(spec: str, device: torch.device,
+def load_eval(spec: EvalSpec, device: torch.device,
               max_batches: int | None) -> Callable[[nn.Module, Iterable], float]:
-    """``model, loader -> metric`` for an eval spec (checked before the run starts)."""
-    if spec in ("top1", "auto"):
-        from qdqapp.evaluate import top1_accuracy
+    """``model, loader -> metric`` for a parsed ``eval``: the function it names, or top-1
+    accuracy on at most ``max_batches`` batches."""
+    if spec.function is not None:
+        return spec.function
+    from qdqapp.evaluate import top1_accuracy
 
-        def top1(model: nn.Module, loader: Iterable) -> float:
-            return top1_accuracy(model, loader, device=device, max_batches=max_batches)
+    def top1(model: nn.Module, loader: Iterable) -> float:
+        return top1_accuracy(model, loader, device=device, max_batches=max_batches)
 
-        return top1
-    source, sep, name = spec.partition(":")
-    if not sep:
-        raise CliError(f"eval {spec!r}: expected 'top1', 'auto', 'min-cosine' or "
-                       "'mean-cosine' (text) or 'package.module:function'")
-    try:
-        fn = getattr(importlib.import_module(source), name)
-    except (ImportError, AttributeError) as err:
-        raise CliError(f"eval {spec!r}: cannot load it ({err})") from err
-    if not callable(fn):
-        raise CliError(f"eval {spec!r}: not callable")
-    return fn
+    return top1
 
 
 @dataclass
 class Run:
-    config: RunConfig
+    """What every stage works on: the parsed run, its folder, the model and data, and the
+    metric."""
+
+    specs: RunSpecs
     folder: RunFolder
     session: Session
     eval_fn: Callable[[nn.Module, Iterable], float] | None
-    #: what the calibrate stage tries (checked against the format before the run)
-    calibrators: list[str] = field(default_factory=list)
     progress: bool = True
     #: text data: the ``TextMetric`` behind ``eval_fn`` (every number of its last call)
     scorer: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config(self) -> RunConfig:
+        """The keys as given (normalised), for what records them."""
+        return self.specs.config
+
+    @property
+    def settings(self) -> RunSettings:
+        return self.specs.settings
+
+    @property
+    def calibrators(self) -> tuple[str, ...]:
+        """What the calibrate stage tries (checked against the format before the run)."""
+        return self.settings.calibrators
 
     @property
     def model(self) -> nn.Module:
@@ -136,20 +142,20 @@ class Run:
             return None
         if self.scorer is not None:
             return self.scorer.name
-        return (ACCURACY if self.config.eval in EVALS
-                else f"{self.config.eval} (higher is better)")
+        return (ACCURACY if self.specs.eval.function is None
+                else f"{self.specs.eval.name} (higher is better)")
 
     @property
     def max_drop(self) -> float:
         """The allowed drop from FP32: as configured, else the metric's default."""
-        return (self.config.max_drop if self.config.max_drop is not None
+        return (self.settings.max_drop if self.settings.max_drop is not None
                 else default_max_drop(self.metric_name))
 
     def metric_info(self) -> dict[str, Any]:
         """What the reports need to name and print the metric (kept in state.json)."""
         name = self.metric_name
         return {"name": name, "key": self.scorer.key if self.scorer is not None
-                else self.config.eval, "max_drop": self.max_drop,
+                else self.specs.eval.name, "max_drop": self.max_drop,
                 "digits": 4 if name and "cosine" in name else 2}
 
     def scores(self) -> dict[str, Any]:
@@ -206,11 +212,11 @@ def calibrate(run: Run) -> dict[str, Any]:
         run.save_model()
         raise Skip(f"{run.choice.name} is weight-only: the weights were quantized from the "
                    f"float model ({run.choice.title}), nothing to calibrate")
-    names = run.calibrators
+    names = list(run.calibrators)
     if len(names) > 1 and run.eval_fn is not None:
         comparison = sensitivity.compare_calibrators(
             run.model, run.calib, run.evaluate, methods=names,
-            num_batches=run.config.calib_batches, device=run.device,
+            num_batches=run.specs.data.calib_batches, device=run.device,
             progress=run.progress, metric_name=run.metric_name or "metric")
         comparison.write(run.folder.root)
         rows = [{"method": r.method, "metric": r.metric, "seconds": round(r.seconds, 2),
@@ -221,8 +227,9 @@ def calibrate(run: Run) -> dict[str, Any]:
     else:
         from qdqapp.flow import calibrate_model
 
-        _, left = calibrate_model(run.session.prepared, run.calib, run.config.calib_batches,
-                                  names[0], progress=run.progress)
+        _, left = calibrate_model(run.session.prepared, run.calib,
+                                  run.specs.data.calib_batches, names[0],
+                                  progress=run.progress)
         result = {"method": names[0], "comparison": []}
     result["left_in_float"] = left
     run.save_model(calibrator=result["method"])
@@ -255,11 +262,11 @@ def sweep(run: Run) -> dict[str, Any]:
 
     run.skip_if_weight_only("no quantizers to switch off layer by layer")
     _require_eval(run)
-    if run.config.sweep == "none":
+    if run.settings.sweep == "none":
         raise Skip("sweep disabled (sweep: none)")
     folder = run.folder.path("sensitivity")
     folder.mkdir(exist_ok=True)
-    report = sensitivity.sweep(run.model, run.evaluate, mode=run.config.sweep,
+    report = sensitivity.sweep(run.model, run.evaluate, mode=run.settings.sweep,
                                resume=folder / "rows.jsonl", progress=run.progress,
                                metric_name=run.metric_name)
     report.write(folder)
@@ -306,7 +313,8 @@ def partial(run: Run) -> dict[str, Any]:
 
 @stage("qat", "QAT fine-tune")
 def qat(run: Run) -> dict[str, Any]:
-    if run.config.qat_epochs <= 0:
+    settings = run.settings
+    if settings.qat_epochs <= 0:
         raise Skip("not asked for (qat_epochs: 0)")
     run.skip_if_weight_only("its layers hold integer codes, QAT trains float weights")
     _require_eval(run)
@@ -317,13 +325,13 @@ def qat(run: Run) -> dict[str, Any]:
         raise Skip("the data source has no labelled training split (use fashion-mnist or "
                    "an image folder)")
     with torch.random.fork_rng(devices=[]):  # dropout etc. repeat with the run's seed
-        torch.manual_seed(run.config.seed)
-        result = finetune(run.model, train, run.evaluate, epochs=run.config.qat_epochs,
-                          lr=run.config.qat_lr, max_steps_per_epoch=run.config.qat_steps,
+        torch.manual_seed(run.specs.model.seed)
+        result = finetune(run.model, train, run.evaluate, epochs=settings.qat_epochs,
+                          lr=settings.qat_lr, max_steps_per_epoch=settings.qat_steps,
                           device=run.device,
                           checkpoint=run.folder.path("qat_best.pt"), progress=run.progress)
-    run.save_model(qat_epochs=run.config.qat_epochs)
-    return {"metric": float(result.best_score), "epochs": run.config.qat_epochs,
+    run.save_model(qat_epochs=settings.qat_epochs)
+    return {"metric": float(result.best_score), "epochs": settings.qat_epochs,
             "best_epoch": result.best_epoch,
             "history": [list(h) for h in result.history]}
 
@@ -332,8 +340,10 @@ def qat(run: Run) -> dict[str, Any]:
 def export_onnx(run: Run) -> dict[str, Any]:
     import export
 
-    result = export.to_onnx(run.model, run.example, run.folder.path("model.onnx"),
-                            opset=run.config.opset, int8_weights=run.config.int8_weights)
+    with library_chatter("exporting to ONNX"):
+        result = export.to_onnx(run.model, run.example, run.folder.path("model.onnx"),
+                                opset=run.settings.opset,
+                                int8_weights=run.settings.int8_weights)
     rules = getattr(run.model, "qdq_rules_report", None)  # BN folded there already
     return {"file": "model.onnx", "format": result.format, "opset": result.opset,
             "quantize_nodes": result.quantize_nodes,
@@ -419,7 +429,7 @@ def _onnx_top1(path, loader: Iterable, max_batches: int | None) -> float:
 def tensorrt(run: Run) -> dict[str, Any]:
     import export
 
-    if not run.config.tensorrt:
+    if not run.settings.tensorrt:
         raise Skip("disabled (tensorrt: false)")
     if not export.tensorrt_available():
         raise Skip("TensorRT is not installed (pip install tensorrt polygraphy)")
@@ -434,7 +444,7 @@ def tensorrt(run: Run) -> dict[str, Any]:
             raise Skip(problem)
     onnx_path = run.folder.path("model.onnx")
     sample = tuple(run.example.shape[1:])
-    batch = run.config.batch_size
+    batch = run.specs.data.batch_size
     profile = {"min_shape": (1, *sample), "opt_shape": (batch, *sample),
                "max_shape": (batch, *sample)}
     cache = run.folder.path("timing.cache")
@@ -442,8 +452,8 @@ def tensorrt(run: Run) -> dict[str, Any]:
                                       timing_cache=cache, **profile)
     # the FP16 baseline: the same model with every quantizer off
     fp16_onnx = run.folder.path("model_fp32.onnx")
-    with run.float_model() as model:
-        export.to_onnx(model, run.example, fp16_onnx, opset=run.config.opset)
+    with run.float_model() as model, library_chatter("exporting the FP32 model to ONNX"):
+        export.to_onnx(model, run.example, fp16_onnx, opset=run.settings.opset)
     fp16_engine = export.build_engine(fp16_onnx, run.folder.path("model_fp16.engine"),
                                       timing_cache=cache, **profile)
     inspection = export.inspect_engine(int8_engine)

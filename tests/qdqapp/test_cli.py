@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import qdqapp.cli as qdq_cli
+from qdqapp.outputs import MARKER, owner_of
 from tests.qdqapp.cli import qdq, qdq_process
 
 COMMANDS = sorted(p.stem[4:] for p in Path(qdq_cli.__file__).parent.glob("cmd_*.py"))
@@ -96,9 +97,10 @@ def test_calibrate_compare_writes_what_its_help_names(tmp_path):
     out = qdq("calibrate", TINY, "--data", "random:4x3x8x8", "--compare", "--calibrators",
               "max,percentile-99.9,mse", "--out", tmp_path, "--quiet")
     assert out.code == 0, out.err
-    assert {p.name for p in tmp_path.iterdir()} == named == {
+    assert {p.name for p in tmp_path.iterdir() if p.name != MARKER} == named == {
         "quantized.pt", "calibration.json", "calibration.txt", "calibrators.md",
         "calibrators.json"}
+    assert MARKER in help_text and owner_of(tmp_path) == "calibrate"
     table = json.loads((tmp_path / "calibrators.json").read_text())
     assert table["metric_name"] == "top-1 agreement with FP32 (%)"
     assert json.loads((tmp_path / "calibration.json").read_text())["calibrator"] == \

@@ -92,6 +92,11 @@ def test_run_end_to_end_on_a_tiny_bert(hf, tmp_path, smooth):
                                                               abs=2e-3)
     assert check["top1_agreement"] is None and check["sentences"] == 12
 
+    # what torch.fx, the tracer and transformers say is one line per step, not pages
+    for chatter in ("TracerWarning", "Proxy", "cannot trace", "Loading weights"):
+        assert chatter not in result.err, result.err[-3000:]
+    assert "warnings while exporting to ONNX (see --debug)" in result.err
+
     report = (out / "report.md").read_text()
     assert MIN_COSINE in report and "(`min-cosine`)" in report
     assert "metric" in result.out and MIN_COSINE in result.out
@@ -160,6 +165,22 @@ def test_one_file_through_every_command(hf, tmp_path):
     assert result.code == 0 and result.out.startswith("SmoothQuant: "), result.err[-3000:]
 
 
+def test_tracing_chatter_is_one_line_and_nothing_with_quiet(hf):
+    """torch.fx trace errors and transformers' warnings and progress bars were a line of
+    over a thousand characters on every hf: command, --quiet included."""
+    import re
+
+    model = f"hf:{hf / 'bert'}"
+    plain = qdq_cli("summary", model)
+    assert plain.code == 0, plain.err
+    assert re.fullmatch(r"torch\.fx: \d+ warnings? while tracing for the placement rules "
+                        r"\(see --debug\)\n", plain.err), plain.err
+    quiet = qdq_cli("summary", model, "--quiet")
+    assert quiet.code == 0 and quiet.err == "", quiet.err
+    debug = qdq_cli("summary", model, "--debug")
+    assert debug.code == 0 and "cannot trace" in debug.err and "Proxy" in debug.err
+
+
 CASES = [
     (("summary", "hf:{in}/missing"), "{in}/missing: no such folder (shipped models: minilm)"),
     (("summary", "hf:{in}/empty_dir"), "not a transformers model folder (no config.json)"),
@@ -183,7 +204,7 @@ CASES = [
     (("calibrate", "hf:{in}/bert", "--data", "text:{in}/one.txt", "--smoothquant",
       "--smoothquant-alpha", "1.5", "--out", "{tmp}/o"), "--smoothquant-alpha '1.5'"),
     (("run", "--model", "hf:{in}/bert", "--data", "text:{in}/one.txt", "--smoothquant",
-      "--smoothquant-alpha", "high", "--out", "{tmp}/r"), "smoothquant_alpha: "),
+      "--smoothquant-alpha", "high", "--out", "{tmp}/r"), "--smoothquant-alpha 'high': expected"),
     (("sensitivity", "torchvision:resnet18", "--data", "random:2x3x8x8", "--eval",
       "min-cosine", "--out", "{tmp}/o"), "--eval min-cosine: for text data only"),
     (("run", "--model", "torchvision:resnet18", "--data", "random:2x3x8x8", "--eval",
