@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -122,18 +123,33 @@ class _RowLog:
             with open(path, "rb") as fh:
                 fh.seek(-1, os.SEEK_END)
                 cut = fh.read(1) != b"\n"
-        self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        # unbuffered: a failed write leaves nothing pending to land after the cut below
+        self._fh = open(path, "ab", buffering=0)  # noqa: SIM115 - closed in close()
         if fresh:
             self.write(meta)
         elif cut:
-            self._fh.write("\n")  # a crash cut the last line short; start on a new one
+            self._append(b"\n")  # a crash cut the last line short; start on a new one
 
     def write(self, row: dict[str, Any]) -> None:
-        if self._fh is None:
-            return
-        self._fh.write(json.dumps(row) + "\n")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        if self._fh is not None:
+            self._append((json.dumps(row) + "\n").encode())
+
+    def _append(self, data: bytes) -> None:
+        fd = self._fh.fileno()
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise
+            os.ftruncate(fd, start)  # whole lines only: the rows before still resume
+            why = ("the file reached the file-size limit (ulimit -f)"
+                   if err.errno == errno.EFBIG else "no space left on the device")
+            raise SensitivityError(f"cannot write {self._fh.name}: {why}; the rows before "
+                                   "this one are kept and resume the sweep") from err
 
     def close(self) -> None:
         if self._fh is not None:

@@ -203,3 +203,41 @@ def test_an_fp8_model_is_reported_as_fp8(qmodel, eval_fn):
     report = sweep(qmodel, eval_fn, progress=False)
     assert report.quantized == "FP8"
     assert "| FP8 (all quantizers on) |" in report.markdown() and "INT8" not in str(report)
+
+
+FULL_DISK = """
+import resource, sys
+from qdqapp.evaluate import top1_accuracy
+from sensitivity import sweep
+from tests.sensitivity.conftest import make_data, quantized_model
+data = make_data(256, seed=3, batch=64)
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), resource.RLIM_INFINITY))
+sweep(quantized_model(), lambda m: top1_accuracy(m, data), resume=sys.argv[1], progress=False)
+"""
+
+
+def test_a_full_disk_names_the_row_log_and_keeps_whole_rows(qmodel, eval_fn, tmp_path):
+    """A file-size limit stands in for a full disk: the sweep stops with one error naming
+    rows.jsonl, the rows written before stay whole, and a resume finishes the sweep."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    rows = tmp_path / "rows.jsonl"
+    done = subprocess.run([sys.executable, "-c", FULL_DISK, str(rows), "1200"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"sensitivity.errors.SensitivityError: cannot write {rows}: "
+                           "the file reached the file-size limit"), done.stderr[-2000:]
+    text = rows.read_text()
+    assert text.endswith("\n") and 0 < rows.stat().st_size <= 1200
+    kept = read_rows(rows)
+    assert len(kept) == text.count("\n") >= 2  # meta and at least one measured row
+    report = sweep(qmodel, eval_fn, resume=rows, progress=False)
+    full = sweep(qmodel, eval_fn, progress=False)
+    assert [(r.layer, r.metric) for r in report.ranked()] == \
+        [(r.layer, r.metric) for r in full.ranked()]
