@@ -111,7 +111,8 @@ def dispatches_hf_attention(cls: type) -> bool:
     if forward is None or cls.__module__.startswith("torch."):
         return False
     code = getattr(inspect.unwrap(forward), "__code__", None)
-    return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
+    return code is not None and "ALL_ATTENTION_FUNCTIONS" in (*code.co_names,
+                                                              *code.co_freevars)
 
 
 def attention_spec_of(cls: type) -> AttentionSpec | None:

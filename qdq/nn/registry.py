@@ -9,8 +9,8 @@ Example::
     quant_twin_of(nn.Conv2d)  # -> QuantConv2d
 
 Layers of other libraries are registered by their import path
-(:func:`register_quant_twin_path`), so qdq never imports those libraries: the twin joins
-:data:`QUANT_TWINS` the first time :func:`quant_twin_of` meets the float class.
+(:func:`register_quant_twin_path`, table :data:`QUANT_TWIN_PATHS`), so qdq never imports
+those libraries; :func:`quant_twin_of` finds them by the float class's path.
 """
 
 from __future__ import annotations
@@ -60,5 +60,5 @@ def quant_twin_of(float_cls: type[nn.Module]) -> type[nn.Module] | None:
     if quant_cls is None and QUANT_TWIN_PATHS:
         quant_cls = QUANT_TWIN_PATHS.get(f"{float_cls.__module__}.{float_cls.__qualname__}")
         if quant_cls is not None:
-            register_quant_twin(float_cls)(quant_cls)
+            quant_cls._float_cls = float_cls
     return quant_cls
