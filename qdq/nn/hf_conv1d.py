@@ -77,9 +77,9 @@ class QuantConv1D(QuantMixin, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size_out = x.size()[:-1] + (self.nf,)
-        x = self._input_quantizer(x)
+        # flattened first, so that the input's DequantizeLinear feeds the Gemm directly
+        x = self._input_quantizer(x.view(-1, x.size(-1)))
         weight = self._weight_quantizer(self.weight)
-        x = x.view(-1, x.size(-1))
         x = torch.mm(x, weight) if self.bias is None else torch.addmm(self.bias, x, weight)
         return x.view(size_out)
 

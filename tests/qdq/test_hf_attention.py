@@ -16,24 +16,10 @@ from qdq import quant_modules
 from qdq.descriptor import QuantDescriptor
 from qdq.nn import QuantAttentionMixin, QuantConv1D, QuantLinear, attention_twin_of
 from qdq.rules import attention_matmuls
+from tests.hf_tiny import tiny_gpt2, tiny_llama
 
 transformers = pytest.importorskip("transformers", reason="transformers not installed "
                                    "(pip install 'qdq[hf]')")
-
-
-def tiny_llama(impl: str = "sdpa") -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=64,
-                                      vocab_size=100, attn_implementation=impl)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def tiny_gpt2(impl: str = "sdpa", **extra) -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100,
-                                     attn_implementation=impl, **extra)
-    return transformers.GPT2LMHeadModel(config).eval()
 
 
 def padded(rng, n: int = 3, length: int = 7) -> dict[str, torch.Tensor]:
