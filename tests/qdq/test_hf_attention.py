@@ -147,8 +147,25 @@ def _t5():
                                           "decoder_input_ids": torch.randint(0, 50, (2, 3))}
 
 
+def _decoder(name: str):
+    def make():
+        config = getattr(transformers, f"{name}Config")(
+            hidden_size=16, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=32, vocab_size=50, use_cache=False)
+        ids = torch.randint(0, 50, (2, 6))
+        mask = torch.ones_like(ids)
+        mask[0, :2] = 0
+        return getattr(transformers, f"{name}Model")(config), {"input_ids": ids,
+                                                              "attention_mask": mask}
+    return make
+
+
+FAMILIES = {"vit": _vit, "clip": _clip, "whisper": _whisper, "t5": _t5,
+            "mistral": _decoder("Mistral"), "qwen2": _decoder("Qwen2")}
+
+
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
-@pytest.mark.parametrize("make", [_vit, _clip, _whisper, _t5], ids=["vit", "clip", "whisper", "t5"])
+@pytest.mark.parametrize("make", FAMILIES.values(), ids=FAMILIES.keys())
 def test_other_families_get_twins_without_registration(make, impl):
     torch.manual_seed(0)
     model, inputs = make()
