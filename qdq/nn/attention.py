@@ -1,11 +1,12 @@
 """Quant twins of attention modules whose matmuls are plain function calls.
 
 Many attention modules compute ``q @ k^T`` and ``attn @ v`` with ``torch.matmul``,
-``Tensor.matmul``, ``torch.einsum`` or ``F.scaled_dot_product_attention`` inside their
-``forward`` (Hugging Face BERT-family eager and SDPA attention, torchvision Swin and
-MaxViT), and some project with ``F.linear`` on their own Linear's weight (Swin's ``qkv``).
-Swapping modules never reaches those calls. A twin keeps the float module's code and runs
-its ``forward`` under a :class:`torch.overrides.TorchFunctionMode` that sends:
+``Tensor.matmul``, ``bmm``/``baddbmm``, ``torch.einsum`` or
+``F.scaled_dot_product_attention`` inside their ``forward`` (Hugging Face eager and SDPA
+attention, torchvision Swin and MaxViT), and some project with ``F.linear`` on their own
+Linear's weight (Swin's ``qkv``). Swapping modules never reaches those calls. A twin
+keeps the float module's code and runs its ``forward`` under a
+:class:`torch.overrides.TorchFunctionMode` that sends:
 
 - the k-th matrix product to the k-th :class:`~qdq.nn.QuantMatMul` child (``qk``, ``av``):
   both operands quantized. ``einsum`` equations that are batched matrix products run as
