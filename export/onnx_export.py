@@ -19,6 +19,12 @@ The export runs on a copy of the model, so the caller's model is never changed:
    optionally store Q/DQ weights as int8 (or float8) initializers feeding DQ (about 4x
    smaller);
 6. check the model and move it into place atomically: a failed export leaves no file.
+
+Decoders (Hugging Face causal LMs) are exported without their KV cache: the copy's
+``config.use_cache`` is set to False (said in ``ExportResult.notes``), and asking for the
+cache (``use_cache=True`` among the keyword inputs) is refused by name. Attention that
+still calls ``F.scaled_dot_product_attention`` in float (no quant twin) needs opset 14:
+the default opset is raised to it, and said.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from export import formats as onnx_formats
 from qdq import quantizers
@@ -69,6 +76,8 @@ class ExportResult:
     #: the file's size with the weights stored quantized put back to fp32 (estimated from
     #: the initializers; equals ``bytes`` when no weight is stored quantized)
     fp32_bytes: int = 0
+    #: what the export decided on its own (the opset it raised, the cache it left out)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def compression(self) -> float:
@@ -80,9 +89,10 @@ class ExportResult:
         size = f"{self.bytes / 1e6:.2f} MB"
         if self.fp32_bytes > self.bytes:
             size += f", {self.compression:.1f}x smaller than FP32"
-        return (f"{self.path} ({title}, opset {self.opset}, {self.quantize_nodes} Q / "
+        text = (f"{self.path} ({title}, opset {self.opset}, {self.quantize_nodes} Q / "
                 f"{self.dequantize_nodes} DQ, {size}, "
                 f"{len(self.folded_batchnorms)} BatchNorm folded)")
+        return "; ".join([text, *self.notes])
 
 
 def uncalibrated_quantizers(model: nn.Module) -> list[str]:
@@ -306,6 +316,7 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *,
         raise ExportError(f"model must be an nn.Module, got {type(model).__name__}")
     fmt = format_of(model)
     needed, why = _needed_opset(model)
+    opset_given = opset is not None
     if opset is None:
         opset = needed
     if opset < needed:
@@ -318,6 +329,8 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *,
     if not os.access(path.parent, os.W_OK):
         raise ExportError(f"output folder {path.parent} is not writable")
     keywords = isinstance(example_inputs, Mapping)
+    if keywords:
+        example_inputs = _without_use_cache(example_inputs)
     args = keyword_args(example_inputs) if keywords else _as_tuple(example_inputs)
     if dynamo and not dynamo_exporter_available():
         raise ExportError(f"the dynamo exporter needs torch 2.5 or newer "
@@ -343,18 +356,21 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *,
     _refuse_non_finite(non_finite_tensors(model), "of the model")
 
     work = copy.deepcopy(model).eval()
+    notes = _export_without_cache(work)
     device = next((p.device for p in work.parameters()), torch.device("cpu"))
     args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+    spy = _FloatSdpaCalls()
     if keywords:
-        plan = keyword_plan(work, dict(zip(example_inputs, args, strict=True)), fold_bn,
-                            input_names, output_names, dynamic_batch)
+        with spy:
+            plan = keyword_plan(work, dict(zip(example_inputs, args, strict=True)), fold_bn,
+                                input_names, output_names, dynamic_batch)
         traced, folded = plan.module, plan.folded
         input_names, output_names, dynamic_axes = plan.input_names, plan.output_names, \
             plan.dynamic_axes
     else:
         folded = _fold(work, args) if fold_bn else []
         try:
-            with torch.no_grad():
+            with torch.no_grad(), spy:
                 outputs = work(*args)
         except Exception as err:
             raise ExportError(f"the model does not run on the example inputs: {err}") from err
@@ -366,6 +382,15 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *,
         dynamic_axes = ({name: {0: "batch"} for name in [*input_names, *output_names]}
                         if dynamic_batch else None)
         traced = _PositionalOnly(work) if _needs_wrapper(work, len(args)) else work
+    if spy.calls and not dynamo and opset < SDPA_OPSET:
+        what = (f"{spy.calls} float scaled_dot_product_attention call(s) (attention without "
+                f"a quant twin), which the exporter spells from opset {SDPA_OPSET} on")
+        if opset_given:
+            raise ExportError(f"opset {opset}: the model makes {what}; pass opset >= "
+                              f"{SDPA_OPSET} or quantize that attention "
+                              "(qdq.nn.register_attention)")
+        opset = SDPA_OPSET
+        notes.append(f"opset {SDPA_OPSET}: the model makes {what}")
     # The exporter writes its raw graph to a scratch folder; only the checked,
     # post-processed model reaches ``path``, in one atomic write.
     with tempfile.TemporaryDirectory(prefix="qdq-export-") as scratch:
@@ -406,7 +431,7 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *,
                         output_names=output_names, quantize_nodes=ops.count("QuantizeLinear"),
                         dequantize_nodes=ops.count("DequantizeLinear"),
                         folded_batchnorms=folded, bytes=size, format=fmt,
-                        fp32_bytes=size - stored + fp32)
+                        fp32_bytes=size - stored + fp32, notes=notes)
 
 
 def _needed_opset(model: nn.Module) -> tuple[int, str]:
@@ -417,6 +442,58 @@ def _needed_opset(model: nn.Module) -> tuple[int, str]:
     if any(q.is_fp8 and q.is_quant_enabled for _, q in quantizers(model)):
         return 19, "FP8 E4M3 Q/DQ (float8e4m3fn)"
     return 13, "Q/DQ with per-channel weights"
+
+
+#: the first opset at which the TorchScript exporter spells aten::scaled_dot_product_attention
+SDPA_OPSET = 14
+
+
+class _FloatSdpaCalls(TorchFunctionMode):
+    """Counts ``F.scaled_dot_product_attention`` calls that reach torch (attention twins
+    spell theirs out as MatMul/Softmax, which opset 13 has)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+_CACHE_HINT = ("a decoder's KV cache is no ONNX output: export with use_cache=False (leave "
+               "use_cache out and to_onnx turns it off for the export)")
+
+
+def _without_use_cache(inputs: Mapping) -> Mapping:
+    """The keyword inputs without a ``use_cache`` that is off; one that is on is refused."""
+    if "use_cache" not in inputs:
+        return inputs
+    value = inputs["use_cache"]
+    on = bool(value.any()) if isinstance(value, torch.Tensor) else bool(value)
+    if on:
+        raise ExportError(f"use_cache=True: {_CACHE_HINT}; nothing was written")
+    return {k: v for k, v in inputs.items() if k != "use_cache"}
+
+
+def _export_without_cache(work: nn.Module) -> list[str]:
+    """Turn the export copy's KV cache off (Hugging Face ``config.use_cache``); a note when
+    that changes what a generative model returns."""
+    config = getattr(work, "config", None)
+    if getattr(config, "use_cache", None) is not True:
+        return []
+    config.use_cache = False
+    can_generate = getattr(work, "can_generate", None)
+    if callable(can_generate) and can_generate():
+        return ["use_cache=False: exported without the KV cache (one full-sequence pass)"]
+    return []
+
+
+def _is_kv_cache(value) -> bool:
+    """A transformers ``Cache`` (DynamicCache, EncoderDecoderCache, ...), by class name."""
+    return any(c.__name__ == "Cache" and c.__module__.startswith("transformers")
+               for c in type(value).__mro__)
 
 
 def _torch_fake_quant_ops():
@@ -456,10 +533,14 @@ def flat_outputs(outputs, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
 
     Dict and ModelOutput fields are named by their keys (``last_hidden_state``), nested
     ones joined with dots; tuple items by position (``output0`` at the top level). None
-    fields are skipped, as ONNX has no optional outputs.
+    fields are skipped, as ONNX has no optional outputs, and so is a decoder's KV cache
+    (a transformers ``Cache``): :func:`to_onnx` exports with ``use_cache=False``, and
+    :func:`export.verify` compares the outputs the graph has.
     """
     if isinstance(outputs, torch.Tensor):
         return [(prefix or "output", outputs)]
+    if _is_kv_cache(outputs):
+        return []
     if isinstance(outputs, Mapping):
         items = [(f"{prefix}.{k}" if prefix else str(k), v) for k, v in outputs.items()]
     elif isinstance(outputs, (tuple, list)):

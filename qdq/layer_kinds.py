@@ -108,7 +108,7 @@ def _reason(name: str, module: nn.Module, parent: nn.Module | None,
     or has nothing to quantize."""
     from qdq.nn.attention import attention_twin_of
     from qdq.nn.mixin import QuantInputMixin
-    from qdq.nn.registry import QUANT_TWINS
+    from qdq.nn.registry import QUANT_TWINS, quant_twin_of
     from qdq.nn.weight_only import WEIGHT_ONLY_TWINS
 
     if isinstance(module, QuantInputMixin):
@@ -138,6 +138,9 @@ def _reason(name: str, module: nn.Module, parent: nn.Module | None,
     if isinstance(module, _TABLES):
         return ("an embedding table: a lookup, float in Q/DQ formats (weight_only "
                 "quantizes tables)"), True
+    if quant_twin_of(cls) is not None:  # registered by import path (GPT-2's Conv1D)
+        return ("it has a quant twin but was not swapped (kept by an ignore rule, or "
+                "added after quantization)"), True
     for table in (QUANT_TWINS, WEIGHT_ONLY_TWINS):
         base = cls if cls in table else _nearest_base(cls, table)
         if base is None:

@@ -15,13 +15,14 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from collections.abc import Iterable, Iterator
 from types import ModuleType
 
 from torch import nn
 
-from qdq.nn.registry import QUANT_TWINS
+from qdq.nn.registry import QUANT_TWIN_PATHS, QUANT_TWINS, quant_twin_of
 
 __all__ = ["initialize", "deinitialize", "deactivate", "is_active", "enable_onnx_export",
            "QuantModuleReplacementHelper"]
@@ -52,9 +53,15 @@ class QuantModuleReplacementHelper:
                       custom_map: Iterable[tuple[ModuleType, str, type]] | None = None
                       ) -> None:
         """Every registered twin of a ``torch.nn`` class except those named in
-        ``float_module_list``, then ``custom_map`` entries on top (they win)."""
+        ``float_module_list``, then ``custom_map`` entries on top (they win).
+
+        Twins registered by import path (``transformers.pytorch_utils.Conv1D``) are
+        patched in every loaded module that holds the float class under its name (each
+        ``modeling_*.py`` imports it by name), when its library is already imported.
+        """
         keep_float = set(float_module_list or ())
         known = {cls.__name__ for cls in QUANT_TWINS}
+        known |= {path.rpartition(".")[2] for path in QUANT_TWIN_PATHS}
         unknown = keep_float - known
         if unknown:
             raise ValueError(f"float_module_list names unknown layers {sorted(unknown)}; "
@@ -64,6 +71,11 @@ class QuantModuleReplacementHelper:
             name = float_cls.__name__
             if name not in keep_float and getattr(nn, name, None) is float_cls:
                 entries[(id(nn), name)] = (nn, name, quant_cls)
+        for path, quant_cls in QUANT_TWIN_PATHS.items():
+            name = path.rpartition(".")[2]
+            if name not in keep_float:
+                for module in _holders(path):
+                    entries[(id(module), name)] = (module, name, quant_cls)
         for module, attr, quant_cls in custom_map or ():
             if not hasattr(module, attr):
                 raise ValueError(f"custom_quant_modules: {module.__name__} has no attribute "
@@ -86,6 +98,19 @@ class QuantModuleReplacementHelper:
     @property
     def active(self) -> bool:
         return bool(self.original)
+
+
+def _holders(path: str) -> list[ModuleType]:
+    """Loaded modules holding the class at ``path`` under its name (read from their
+    ``__dict__``, which never triggers a lazy import)."""
+    module_name, _, name = path.rpartition(".")
+    home = sys.modules.get(module_name)
+    float_cls = vars(home).get(name) if home is not None else None
+    if not isinstance(float_cls, type):
+        return []
+    quant_twin_of(float_cls)  # records the float class of the twin
+    return [m for m in list(sys.modules.values())
+            if isinstance(m, ModuleType) and vars(m).get(name) is float_cls]
 
 
 _helper = QuantModuleReplacementHelper()

@@ -24,7 +24,7 @@ from qdq.descriptor import QuantDescriptor
 from qdq.layer_kinds import twin_class, warn_float_layers
 from qdq.nn.attention import attention_twin_of
 from qdq.nn.mixin import QuantInputMixin, QuantMixin
-from qdq.nn.registry import QUANT_TWINS
+from qdq.nn.registry import QUANT_TWINS, quant_twin_of
 from qdq.quantizer import TensorQuantizer
 
 __all__ = [
@@ -95,7 +95,8 @@ def replace_modules(model: nn.Module, ignore=None,
             name = f"{prefix}{child_name}"
             if is_ignored(name, child):
                 continue
-            quant_cls = twin_class(child, table) or attention_twin_of(type(child))
+            quant_cls = (twin_class(child, table) or quant_twin_of(type(child))  # by path
+                         or attention_twin_of(type(child)))
             if quant_cls is not None and not isinstance(child, QuantInputMixin):
                 descs = {"quant_desc_input": quant_desc_input}
                 if issubclass(quant_cls, QuantMixin):

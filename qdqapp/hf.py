@@ -13,9 +13,11 @@ on the command line):
   the form ``sensitivity.calibrate``, ``export.to_onnx`` and ``export.verify`` take.
 - :class:`TextAgreement` — how far a (quantized) model is from the FP32 model on fixed
   batches: cosine similarity of mean-pooled sentence embeddings for encoders (min and
-  mean), top-1 agreement for classification heads. Its ``__call__`` is an ``eval_fn``
-  for ``sensitivity.sweep`` and ``partial_quantize``; :meth:`TextAgreement.score_rows`
-  scores rows from elsewhere (ONNX Runtime: :func:`onnx_sentence_outputs`).
+  mean), top-1 agreement for classification heads, next-token agreement for causal LMs
+  (the argmax of the logits at every real token, and the cosine of those logits). Its
+  ``__call__`` is an ``eval_fn`` for ``sensitivity.sweep`` and ``partial_quantize``;
+  :meth:`TextAgreement.score_rows` scores rows from elsewhere (ONNX Runtime:
+  :func:`onnx_sentence_outputs`).
 
 Example::
 
@@ -44,7 +46,8 @@ from torch import nn
 __all__ = ["ASSETS", "TextModel", "TextScore", "TextAgreement", "HFError", "load_text_model",
            "load_model", "load_tokenizer", "model_folder", "check_model_folder", "SHIPPED",
            "minilm_folder", "has_classification_head", "read_sentences", "text_batches",
-           "mean_pool", "sentence_outputs", "onnx_sentence_outputs", "TOKENIZER_FILES"]
+           "mean_pool", "sentence_outputs", "onnx_sentence_outputs", "TOKENIZER_FILES",
+           "is_causal_lm", "token_rows"]
 
 #: The sentence files shipped with the package: ``calib.txt`` and ``test.txt``.
 ASSETS = Path(__file__).resolve().parent / "assets" / "text"
@@ -126,12 +129,24 @@ def _first(err: BaseException) -> str:
     return lines[0] if lines else type(err).__name__
 
 
-def has_classification_head(folder: str | os.PathLike) -> bool:
-    """Whether the config in ``folder`` names a sequence-classification architecture (its
-    outputs are logits, scored by top-1 agreement) rather than an encoder."""
+def _architectures(folder: str | os.PathLike) -> list[str]:
     tf = _transformers()
     config = tf.AutoConfig.from_pretrained(Path(folder), local_files_only=True)
-    return any("ForSequenceClassification" in a for a in (config.architectures or []))
+    return list(config.architectures or [])
+
+
+def is_causal_lm(folder: str | os.PathLike) -> bool:
+    """Whether the config in ``folder`` names a causal LM (``LlamaForCausalLM``,
+    ``GPT2LMHeadModel``): next-token logits, scored by next-token agreement."""
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in _architectures(folder))
+
+
+def has_classification_head(folder: str | os.PathLike) -> bool:
+    """Whether the model in ``folder`` gives logits scored by top-1 agreement rather than
+    token embeddings: a sequence-classification architecture, or a causal LM (its
+    next-token logits)."""
+    return (any("ForSequenceClassification" in a for a in _architectures(folder))
+            or is_causal_lm(folder))
 
 
 def load_tokenizer(folder: str | os.PathLike):
@@ -142,9 +157,12 @@ def load_tokenizer(folder: str | os.PathLike):
                       "...); save one beside the model with tokenizer.save_pretrained")
     tf = _transformers()
     try:
-        return tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
         raise HFError(f"{path}: cannot load its tokenizer ({_first(err)})") from err
+    if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None):
+        tokenizer.pad_token = tokenizer.eos_token  # decoders (GPT-2, Llama) ship no pad token
+    return tokenizer
 
 
 def load_model(folder: str | os.PathLike, *, classifier: bool | None = None,
@@ -152,7 +170,8 @@ def load_model(folder: str | os.PathLike, *, classifier: bool | None = None,
     """The transformers model in ``folder`` (local files only), in eval mode.
 
     ``classifier``: load ``AutoModelForSequenceClassification`` (True), ``AutoModel``
-    (False), or decide from the config's architectures (None). ``attn_implementation``
+    (False), or decide from the config's architectures (None; a causal LM is loaded with
+    ``AutoModelForCausalLM``, and exported without its KV cache). ``attn_implementation``
     ``"eager"`` runs attention as explicit matmuls; quantizing the attention matmuls
     works with ``"sdpa"`` too (the quant twin spells SDPA out), but eager keeps the float
     model and its twin computing the same way.
@@ -160,9 +179,12 @@ def load_model(folder: str | os.PathLike, *, classifier: bool | None = None,
     path = Path(folder)
     check_model_folder(path)
     tf = _transformers()
-    if classifier is None:
-        classifier = has_classification_head(path)
-    auto = tf.AutoModelForSequenceClassification if classifier else tf.AutoModel
+    if classifier is None and is_causal_lm(path):
+        auto = tf.AutoModelForCausalLM
+    else:
+        if classifier is None:
+            classifier = has_classification_head(path)
+        auto = tf.AutoModelForSequenceClassification if classifier else tf.AutoModel
     try:
         model = auto.from_pretrained(path, local_files_only=True,
                                      attn_implementation=attn_implementation)
@@ -230,14 +252,23 @@ def _field(output, name: str):
     return value
 
 
+def token_rows(logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The ``[batch, sequence, vocab]`` logits of a causal LM at the real (unpadded)
+    tokens, one row per token: what next-token agreement compares."""
+    return logits[attention_mask.to(logits.device).bool()].float().cpu()
+
+
 def _rows(output, attention_mask: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """(one row per sentence, whether they are logits) from one model output."""
+    """(one row per sentence, or per token for a causal LM; whether they are logits)
+    from one model output."""
     if not isinstance(output, torch.Tensor):
         logits = _field(output, "logits")
         has_hidden = (isinstance(output, dict) and "last_hidden_state" in output) or \
             hasattr(output, "last_hidden_state")
         if logits is not None and not has_hidden and logits.dim() == 2:
             return logits.float().cpu(), True
+        if logits is not None and not has_hidden and logits.dim() == 3:
+            return token_rows(logits, attention_mask), True
     hidden = output if isinstance(output, torch.Tensor) else _field(output, "last_hidden_state")
     if hidden is None or hidden.dim() != 3:
         raise HFError(f"cannot find token embeddings [batch, sequence, hidden] in a "
@@ -261,7 +292,8 @@ def _outputs(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]
 
 def sentence_outputs(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]
                      ) -> torch.Tensor:
-    """One row per sentence: logits for classification heads, else mean-pooled embeddings."""
+    """One row per sentence: logits for classification heads, else mean-pooled embeddings;
+    one row per real token for causal LMs (their logits)."""
     return _outputs(model, batches)[0]
 
 
@@ -287,8 +319,12 @@ def onnx_sentence_outputs(session, batches: Iterable[dict[str, torch.Tensor]]
             raise HFError(f"the ONNX model takes {inputs}; the batch has no {missing}")
         value = torch.from_numpy(session.run([pick], {n: batch[n].numpy()
                                                       for n in inputs})[0])
-        rows.append(value.float() if value.dim() == 2
-                    else mean_pool(value.float(), batch["attention_mask"]))
+        if value.dim() == 2:
+            rows.append(value.float())
+        elif pick == "logits":  # a causal LM's next-token logits
+            rows.append(token_rows(value, batch["attention_mask"]))
+        else:
+            rows.append(mean_pool(value.float(), batch["attention_mask"]))
     if not rows:
         raise HFError("no batches to evaluate")
     return torch.cat(rows)

@@ -20,6 +20,7 @@ from qdq.nn.conv import (
     QuantConvTranspose3d,
 )
 from qdq.nn.functional import QuantAdd, QuantConcat, QuantMatMul
+from qdq.nn.hf_conv1d import QuantConv1D
 from qdq.nn.instancenorm import QuantInstanceNorm1d, QuantInstanceNorm2d, QuantInstanceNorm3d
 from qdq.nn.linear import QuantLinear
 from qdq.nn.mixin import QuantInputMixin, QuantMixin
@@ -63,7 +64,7 @@ __all__ = [
     "QuantAdaptiveAvgPool1d", "QuantAdaptiveAvgPool2d", "QuantAdaptiveAvgPool3d",
     "QuantLSTM", "QuantLSTMCell",
     "QuantInstanceNorm1d", "QuantInstanceNorm2d", "QuantInstanceNorm3d", "Clip",
-    "QuantAdd", "QuantConcat", "QuantMatMul",
+    "QuantAdd", "QuantConcat", "QuantMatMul", "QuantConv1D",
     "ATTENTION_TWINS", "QuantAttentionMixin", "attention_twin_of", "register_attention",
     "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
     "Linear", "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d",
