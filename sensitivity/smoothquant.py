@@ -208,8 +208,16 @@ def _targets(model: nn.Module, names: Sequence[str] | None) -> tuple[list, list[
         for child in module.children():
             if isinstance(child, TensorQuantizer):
                 users[id(child)] = users.get(id(child), 0) + 1
+    owners: dict[int, int] = {}  # a weight tied to another module (lm_head = embedding)
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                owners[id(p)] = owners.get(id(p), 0) + 1
     found, skipped = [], []
     for name, module in model.named_modules():
+        if type(module).__name__ == "QuantConv1D" and (names is None or name in names):
+            skipped.append(f"{name} (GPT-2's Conv1D: SmoothQuant smooths Linear layers only)")
+            continue
         if not isinstance(module, QuantLinear):
             continue
         if names is not None and name not in names:
@@ -221,6 +229,9 @@ def _targets(model: nn.Module, names: Sequence[str] | None) -> tuple[list, list[
             skipped.append(f"{name} (needs a per-tensor input and per-row weight)")
         elif users.get(id(q_in), 0) > 1:
             skipped.append(f"{name} (its input quantizer is shared)")
+        elif owners.get(id(module.weight), 0) > 1:
+            skipped.append(f"{name} (its weight is tied to another module's, e.g. the "
+                           "embedding: scaling it would change that module too)")
         else:
             found.append((name, module))
     if names is not None:
@@ -589,6 +600,9 @@ def smoothquant(model: nn.Module, batches: Iterable, alpha: float | str = "auto"
     if not data:
         raise SensitivityError("smoothquant: the calibration data gave no batch")
     found, skipped = _targets(model, layers)
+    if not found and skipped:
+        raise SensitivityError("smoothquant: no quantized Linear can be smoothed: "
+                               + "; ".join(skipped))
     if not found:
         raise SensitivityError("smoothquant: the model has no quantized Linear to smooth "
                                "(insert quantizers first: qdq.replace_modules(model))")
