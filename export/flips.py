@@ -85,10 +85,10 @@ class Grid:
     def step_text(self, step: float) -> str:
         """A local step (in units of the scale) in words."""
         if not self.fp8:
-            return "1 step (the scale)"
+            return "1 x scale (uniform grid)"
         power = round(math.log2(step)) if step > 0 else 0
-        kind = "subnormal, " if power == -9 else ""
-        return f"2^{power} of the scale ({kind}FP8 binade of the value)"
+        kind = "subnormal" if power == -9 else "8 steps per power of two"
+        return f"2^{power} x scale (E4M3, {kind})"
 
 
 def grid_of(quantizer) -> Grid:

@@ -21,7 +21,7 @@ from torch import nn
 
 import qdq
 from export import VerifyError, to_onnx, verify
-from export.flips import NOISE_REL, flip_stats
+from export.flips import NOISE_REL, Grid, flip_stats
 from export.verify import ort_session
 from tests.export.conftest import calibrate
 
@@ -113,6 +113,7 @@ def test_fp8_flips_near_zero_are_measured_with_the_local_step(exported):
     assert f"the boundary lies {worst.margin_steps:.3g} local steps ({worst.margin:.3g})" in text
     assert f"ONNX Runtime's value differs by {worst.difference:.3g}" in text
     assert f"allowance {fc2.noise:.3g}" in text
+    assert f"local step {Grid('fp8').step_text(worst.local_step)}:" in text
     assert "within 0.5 steps" not in text
 
 
