@@ -12,24 +12,33 @@ So ``verify`` reports:
 
 * **free run**: both runtimes from the same inputs (max abs diff, relative L2, diff in
   output quantization steps where an output comes straight out of a DequantizeLinear,
-  top-1 agreement for classifiers);
+  top-1 agreement for classifiers, the cosine of mean-pooled embeddings for text
+  encoders: keyword inputs with an ``attention_mask`` and token outputs);
 * **forced run**: PyTorch again, but every activation quantizer hands on ONNX Runtime's
   own quantized tensor, so flips cannot cascade. For every quantizer it counts the
-  values whose integer differs and checks each one is a rounding-boundary flip: one
-  step, with the PyTorch value within float noise of a ``k + 0.5`` boundary. It also
-  applies the PyTorch quantizer to ONNX Runtime's own input and counts mismatches
+  values whose code differs and checks each one is explained by float noise at a
+  rounding boundary, on the quantizer's own grid (:mod:`export.flips`: INT8's uniform
+  step, FP8's local step of the value's binade); the report gives the actual margins. It
+  also applies the PyTorch quantizer to ONNX Runtime's own input and counts mismatches
   (QuantizeLinear/DequantizeLinear semantics: expected 0).
 * optionally the **noise floor**: PyTorch against PyTorch with oneDNN/cuDNN off.
 
-Formats (:mod:`qdq.formats`): FP8 E4M3 quantizers get the same analysis on their own grid
-(a step is one E4M3 grid position, a boundary the midpoint between two of them). A
-weight-only graph has no activation quantizer, so its forced run is the free run; instead
-every weight DequantizeLinear is compared with the layer's dequantized weight (expected:
-equal, bit for bit); one that dequantizes gathered embedding rows, with those rows.
+A weight-only graph has no activation quantizer, so its forced run is the free run;
+instead every weight DequantizeLinear is compared with the layer's dequantized weight
+(expected: equal, bit for bit); one that dequantizes gathered embedding rows, with those
+rows. NaN or Inf in the inputs, the model's weights or amax, the ONNX file's constants or a
+quantizer's input is one :class:`VerifyError` naming the tensor.
 
 Quantizers are matched to Q nodes through the scope names the TorchScript exporter gives
 them (``/layer1/layer1.0/conv1/_input_quantizer/QuantizeLinear``); the k-th call of a
-quantizer is the k-th Q node of that scope in graph order.
+quantizer is the k-th Q node of that scope in graph order. Where the scope says nothing (an
+fx GraphModule's scopes are leaf names, ``/block.0/_input_quantizer_3``; the dynamo
+exporter names nodes its own way), a call on a PyTorch tensor that an earlier call already
+matched takes a Q node on the same ONNX tensor (the exporter merges identical nodes), and
+any other call the first free node of its shape and scale after the last node taken, in
+graph order, which is the order the exporter traced the calls in. Nearness of values
+alone cannot tell apart the near-identical tensors of blocks that barely change their
+input (ConvNeXt's layer scale of 1e-6).
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ import contextlib
 import copy
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,197 +55,27 @@ import onnx
 import torch
 from torch import nn
 
+from export.flips import (
+    NOISE_REL,
+    NonFiniteError,
+    QuantizerFlips,
+    effective_input,
+    flip_stats,
+)
 from export.formats import gathered_dq_table, onnx_format, weight_source
 from export.onnx_export import flat_outputs
 from export.onnx_io import constant_values, producers
 from export.onnx_io import load_onnx as _load
+from export.verify_report import OutputDiff, VerifyReport, WeightCheck, output_diff
 from qdq import quantizers as iter_quantizers
-from qdq.formats import FORMATS
-from qdq.fp8 import fp8_boundary_distance, fp8_codes
 from qdq.nn.weight_only import QuantizedWeight
 
-__all__ = ["VerifyError", "VerifyReport", "OutputDiff", "QuantizerFlips", "verify",
-           "load_onnx", "ort_session"]
-
-#: Float noise allowed between the two runtimes' values at a quantizer input, relative to
-#: the tensor's magnitude (its largest value, or amax if larger). fp32 has a 6e-8 unit
-#: round-off; a conv or matmul sum of thousands of terms summed in another order drifts by
-#: a few hundred of them. A real difference (a changed weight, a missing op) is far larger.
-NOISE_REL = 1e-4
+__all__ = ["VerifyError", "VerifyReport", "OutputDiff", "QuantizerFlips", "WeightCheck",
+           "verify", "load_onnx", "ort_session", "NOISE_REL"]
 
 
 class VerifyError(RuntimeError):
     """The check cannot run as asked; the message names the input at fault."""
-
-
-@dataclass
-class OutputDiff:
-    name: str
-    max_abs: float
-    rel_l2: float
-    max_steps: float | None = None  # when the output comes straight from a DequantizeLinear
-    top1: float | None = None  # fraction of rows with the same argmax (classifiers)
-
-    def line(self) -> str:
-        parts = [f"max abs {self.max_abs:.3g}", f"rel L2 {self.rel_l2:.3g}"]
-        if self.max_steps is not None:
-            parts.append(f"max {self.max_steps:.3g} output steps")
-        if self.top1 is not None:
-            parts.append(f"top-1 agreement {100 * self.top1:.1f}%")
-        return f"{self.name}: " + ", ".join(parts)
-
-
-@dataclass
-class QuantizerFlips:
-    """One activation quantizer call, from the forced and the free run."""
-
-    name: str
-    node: str
-    elements: int
-    flips: int  # forced run: values whose integer differs
-    max_flip_steps: int  # forced run: largest integer difference (1 for boundary flips)
-    max_boundary_distance: float  # forced run: farthest a flipped value sat from k+0.5 (steps)
-    max_input_diff_steps: float  # forced run: largest |x_torch - x_ort| / scale
-    noise_limit_steps: float  # float noise allowed for this tensor, in steps
-    qdq_mismatches: int  # torch quantizer on ORT's input vs ORT's DequantizeLinear output
-    free_differing: int | None = None  # free run: values whose integer differs
-
-    @property
-    def boundary_only(self) -> bool:
-        """Inputs agree to float noise, so every flip is one step across a k+0.5 boundary.
-
-        With identical Q/DQ (checked separately) an integer can only differ when a k+0.5
-        boundary lies between the two inputs; if they differ by float noise only, the
-        value sat within that noise of the boundary.
-        """
-        return (self.max_input_diff_steps <= self.noise_limit_steps
-                and (self.flips == 0 or self.max_flip_steps <= 1))
-
-
-@dataclass
-class WeightCheck:
-    """One weight-only weight: ONNX Runtime's DequantizeLinear output vs PyTorch's."""
-
-    name: str
-    node: str
-    elements: int
-    mismatches: int  # values that differ (expected 0: same integers, same scales)
-    max_abs: float
-
-
-@dataclass
-class VerifyReport:
-    onnx_path: Path
-    shapes: list[list[int]]
-    outputs: list[OutputDiff]
-    forced_outputs: list[OutputDiff] = field(default_factory=list)
-    quantizers: list[QuantizerFlips] = field(default_factory=list)
-    unmatched_quantizers: list[str] = field(default_factory=list)
-    noise_floor_rel_l2: float | None = None
-    #: the graph's format (``export.formats.onnx_format``)
-    format: str = "int8"
-    weights: list[WeightCheck] = field(default_factory=list)
-    unmatched_weights: list[str] = field(default_factory=list)
-
-    @property
-    def weight_mismatches(self) -> int:
-        return sum(w.mismatches for w in self.weights)
-
-    @property
-    def max_abs(self) -> float:
-        return max(o.max_abs for o in self.outputs)
-
-    @property
-    def rel_l2(self) -> float:
-        return max(o.rel_l2 for o in self.outputs)
-
-    @property
-    def top1(self) -> float | None:
-        values = [o.top1 for o in self.outputs if o.top1 is not None]
-        return min(values) if values else None
-
-    @property
-    def forced_rel_l2(self) -> float | None:
-        return max((o.rel_l2 for o in self.forced_outputs), default=None)
-
-    @property
-    def flips(self) -> int:
-        return sum(q.flips for q in self.quantizers)
-
-    @property
-    def qdq_mismatches(self) -> int:
-        return sum(q.qdq_mismatches for q in self.quantizers)
-
-    @property
-    def only_boundary_flips(self) -> bool:
-        """Every forced-run difference is a one-step flip at a rounding boundary."""
-        return all(q.boundary_only for q in self.quantizers)
-
-    def ok(self, rel_l2: float = 1e-3) -> bool:
-        """Same function: exact Q/DQ, boundary flips only, forced outputs within ``rel_l2``."""
-        forced = self.forced_rel_l2
-        return (self.qdq_mismatches == 0 and self.only_boundary_flips
-                and not self.unmatched_quantizers and forced is not None and forced <= rel_l2
-                and self.weight_mismatches == 0 and not self.unmatched_weights)
-
-    def verdict(self, rel_l2: float = 1e-3) -> str:
-        """One phrase for tables: ``same (...)`` with the evidence, or ``NO (...)``."""
-        if not self.ok(rel_l2):
-            return (f"NO ({self.qdq_mismatches} Q/DQ, {self.weight_mismatches} weight "
-                    f"mismatches, flips explained: {self.only_boundary_flips})")
-        if self.quantizers:
-            return (f"same ({self.flips} boundary flips, forced rel L2 "
-                    f"{self.forced_rel_l2:.1e})")
-        if self.weights:
-            return f"same ({len(self.weights)} weights equal)"
-        return "same (no Q/DQ)"
-
-    def __str__(self) -> str:
-        title = FORMATS[self.format].title if self.format in FORMATS else self.format
-        lines = [f"ONNX Runtime vs PyTorch on {self.onnx_path.name} ({title}), inputs "
-                 f"{self.shapes}", "free run (both from the same inputs):"]
-        lines += [f"  {o.line()}" for o in self.outputs]
-        if self.noise_floor_rel_l2 is not None:
-            lines.append(f"  noise floor (PyTorch vs PyTorch, oneDNN/cuDNN off): rel L2 "
-                         f"{self.noise_floor_rel_l2:.3g}")
-        if self.forced_outputs and not self.quantizers:
-            lines.append("forced run: no activation quantizer to force, the same as the free "
-                         "run")
-        elif self.forced_outputs:
-            lines.append("forced run (PyTorch takes ONNX Runtime's quantized activations):")
-            lines += [f"  {o.line()}" for o in self.forced_outputs]
-        if self.quantizers:
-            n = len(self.quantizers)
-            flipped = [q for q in self.quantizers if q.flips]
-            worst = max((q.max_boundary_distance for q in flipped), default=0.0)
-            noise = max((q.max_input_diff_steps for q in self.quantizers), default=0.0)
-            verdict = ("none" if not flipped else
-                       f"every one a one-step flip of a value within {worst:.2g} steps of a "
-                       f"k+0.5 boundary (inputs differ by at most {noise:.2g} steps: float "
-                       "rounding)" if self.only_boundary_flips
-                       else "NOT all explained by float rounding at a boundary")
-            lines.append(
-                f"  {n} activation quantizer calls: Q/DQ mismatches on identical input "
-                f"{self.qdq_mismatches}; {self.flips} rounding flips in {len(flipped)} of "
-                f"them: {verdict}")
-            lines.append(f"  {'quantizer':<44} {'elements':>9} {'flips':>6} "
-                         f"{'to bound.':>9} {'free diff':>9}")
-            for q in self.quantizers:
-                free = "-" if q.free_differing is None else f"{q.free_differing / q.elements:.2%}"
-                bound = f"{q.max_boundary_distance:.1e}" if q.flips else "-"
-                lines.append(f"  {q.name[:44]:<44} {q.elements:>9} {q.flips:>6} {bound:>9} "
-                             f"{free:>9}")
-        if self.unmatched_quantizers:
-            lines.append("  no Q node of the same shape and scale for: "
-                         + ", ".join(self.unmatched_quantizers[:6]))
-        if self.weights:
-            total = sum(w.elements for w in self.weights)
-            lines.append(f"weights: {len(self.weights)} DequantizeLinear ({total} values) vs "
-                         f"the layers' dequantized weights: {self.weight_mismatches} differ")
-        if self.unmatched_weights:
-            lines.append("  no DequantizeLinear for the weights of: "
-                         + ", ".join(self.unmatched_weights[:6]))
-        return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- loading
@@ -336,22 +175,6 @@ def _flatten(out) -> list[torch.Tensor]:
     raise VerifyError(f"model output of type {type(out).__name__} is not a tensor")
 
 
-def _diff(name: str, ours: np.ndarray, theirs: np.ndarray, step: float | None,
-          classifier: bool | None) -> OutputDiff:
-    ours = ours.astype(np.float64)
-    theirs = theirs.astype(np.float64)
-    delta = np.abs(ours - theirs)
-    norm = float(np.linalg.norm(theirs))
-    rel = float(np.linalg.norm(ours - theirs)) / norm if norm > 0 else float(delta.max() > 0)
-    top1 = None
-    is_classifier = classifier if classifier is not None else (ours.ndim == 2
-                                                               and ours.shape[1] > 1)
-    if is_classifier and ours.ndim == 2:
-        top1 = float(np.mean(ours.argmax(1) == theirs.argmax(1)))
-    steps = float(delta.max() / step) if step else None
-    return OutputDiff(name, float(delta.max()) if delta.size else 0.0, rel, steps, top1)
-
-
 @contextlib.contextmanager
 def _other_kernels():
     """PyTorch with oneDNN and cuDNN off: the same math, another summation order."""
@@ -395,6 +218,12 @@ class _TorchCall:
         by_name = dict(zip(self.keys, self.tensors, strict=True))
         return tuple(by_name[s.name] for s in specs)
 
+    def attention_mask(self) -> np.ndarray | None:
+        """A text model's ``attention_mask`` keyword input (None without one)."""
+        if self.keys is None or "attention_mask" not in self.keys:
+            return None
+        return self.tensors[self.keys.index("attention_mask")].detach().cpu().numpy()
+
     def example(self, tensors):
         return tensors if self.keys is None else dict(zip(self.keys, tensors, strict=True))
 
@@ -412,26 +241,35 @@ class _Pair:
     scale: np.ndarray | None
 
 
-def _closest_pair(candidates: list[_Pair], ort_values: dict[str, np.ndarray], x: torch.Tensor,
-                  step: float, scale: np.ndarray, used: set[str]) -> _Pair | None:
+def _tensor_key(x: torch.Tensor) -> tuple:
+    """Which PyTorch tensor a call quantizes: its memory, layout and in-place version (the
+    recorder keeps every input alive, so the memory is not reused meanwhile)."""
+    return (x.device, x.dtype, x.data_ptr(), tuple(x.shape), tuple(x.stride()), x._version)
+
+
+def _next_pair(candidates: list[_Pair], ort_values: dict[str, np.ndarray], x: np.ndarray,
+               step: float, scale: np.ndarray, used: set[str], position: dict[str, int],
+               cursor: int) -> _Pair | None:
     """The Q node that best answers one quantizer call, among nodes of its shape and scale.
 
     Within half a step of ``x``, nodes are preferred (1) whose scale is bit-equal to the
-    quantizer's (quantizers of near-identical tensors can differ in the last bit: ConvNeXt
-    blocks with random weights, whose layer scale of 1e-6 leaves the residual stream
-    almost unchanged), (2) not yet taken by another call, so calls and nodes pair one to
-    one unless the exporter merged two calls on one tensor into one node, (3) whose input
-    is closest.
+    quantizer's (quantizers of near-identical tensors can differ in the last bit), (2) not
+    yet taken by another call, so calls and nodes pair one to one, (3) after the last node
+    taken (``cursor``), the first in graph order; behind it, the closest input. The
+    exporter writes Q nodes in the order it traced the calls, so order tells apart what
+    values cannot: the near-identical inputs of ConvNeXt blocks with random weights, whose
+    layer scale of 1e-6 leaves the residual stream almost unchanged.
     """
-    xs = x.detach().float().cpu().numpy()
     best, best_key = None, None
     for pair in candidates:
-        gap = float(np.abs(ort_values[pair.q.input[0]] - xs).max()) / step
+        gap = float(np.abs(ort_values[pair.q.input[0]] - x).max()) / step
         if gap > 0.5:
             continue
         exact = pair.scale is not None and np.array_equal(pair.scale.reshape(-1),
                                                           scale.reshape(-1))
-        key = (not exact, pair.q.name in used, gap)
+        at = position[pair.q.name]
+        behind = at <= cursor
+        key = (not exact, pair.q.name in used, behind, gap if behind else float(at))
         if best_key is None or key < best_key:
             best, best_key = pair, key
     return best
@@ -441,10 +279,10 @@ class _Recorder:
     """Forward hooks on activation quantizers: record each call, optionally replace it.
 
     With ``pairs`` and ``ort_values`` the hook hands on ONNX Runtime's DequantizeLinear
-    output for the Q node that matches the call: the one of the same scope when its shape
-    and scale agree, else (the exporter merges identical Q nodes, the dynamo exporter
-    names nodes its own way) the Q node of the same shape and scale whose input is closest,
-    within half a step. Calls and Q nodes pair one to one unless the exporter merged two.
+    output for the Q node that matches the call (module docstring): the k-th of the same
+    scope when its shape and scale agree; else one on the same ONNX tensor as an earlier
+    call on the same PyTorch tensor (the exporter merged the two nodes); else
+    :func:`_next_pair`.
     """
 
     def __init__(self, named: list[tuple[str, nn.Module]], pairs: list[_Pair] | None = None,
@@ -455,6 +293,9 @@ class _Recorder:
         self.by_scope: dict[str, list[_Pair]] = {}
         for pair in pairs or []:
             self.by_scope.setdefault(scope_of(pair.q.name), []).append(pair)
+        self.position = {pair.q.name: i for i, pair in enumerate(pairs or [])}
+        self.cursor = -1
+        self.sources: dict[tuple, str] = {}  # PyTorch tensor -> ONNX tensor it matched
         self.calls: dict[str, list[tuple[torch.Tensor, torch.Tensor, _Pair | None]]] = {}
         self.unmatched: list[str] = []
         self.used: set[str] = set()
@@ -472,6 +313,8 @@ class _Recorder:
 
     def _match(self, name: str, k: int, x: torch.Tensor, module) -> _Pair | None:
         scale = module.step_size.detach().float().cpu().numpy()
+        key = _tensor_key(x) if getattr(module, "pre_quant_scale", None) is None else None
+        x = effective_input(module, x)
 
         def fits(pair: _Pair) -> bool:
             value = self.ort[pair.q.input[0]]
@@ -482,15 +325,23 @@ class _Recorder:
 
         own = self.by_scope.get(name, [])
         if k < len(own) and fits(own[k]) and own[k].q.name not in self.used:
-            return self._take(own[k])
+            return self._take(own[k], key)
         step = float(scale.max()) if scale.size else 1.0
         fitting = [p for p in self.pairs or [] if fits(p)]
-        return self._take(_closest_pair(fitting, self.ort, x, step, scale, self.used))
+        source = self.sources.get(key) if key is not None else None
+        same = [p for p in fitting if p.q.input[0] == source]
+        xs = x.detach().float().cpu().numpy()
+        return self._take(_next_pair(same or fitting, self.ort, xs, step, scale, self.used,
+                                     self.position, self.cursor), key)
 
-    def _take(self, pair: _Pair | None) -> _Pair | None:
-        """Calls and Q nodes pair one to one where they can: a taken node is offered last."""
+    def _take(self, pair: _Pair | None, key: tuple | None) -> _Pair | None:
+        """Note the node as taken (offered last to later calls), where graph order has got
+        to, and which ONNX tensor this PyTorch tensor is."""
         if pair is not None:
             self.used.add(pair.q.name)
+            self.cursor = max(self.cursor, self.position[pair.q.name])
+            if key is not None:
+                self.sources.setdefault(key, pair.q.input[0])
         return pair
 
     def _hook(self, name: str):
@@ -523,7 +374,9 @@ def verify(model: nn.Module, onnx_path: str | os.PathLike, inputs, *, forced: bo
             ``to_onnx`` names them), whose outputs are flattened as ``to_onnx`` does.
         forced: also run the forced comparison and the per-quantizer flip analysis.
         noise_floor: also run PyTorch against itself with oneDNN/cuDNN off.
-        classifier: report top-1 agreement (default: for 2-D outputs with >1 column).
+        classifier: report top-1 agreement (default: for 2-D outputs with >1 column; with
+            keyword inputs that hold an ``attention_mask``, a text model, only for
+            ``logits``, and token outputs are scored by mean-pooled embedding cosine).
         fold_bn: compare with a copy of ``model`` whose BatchNorms are folded, as
             ``to_onnx(fold_bn=True)`` exports it. Default: when the graph has no
             BatchNormalization and the model has BatchNorm layers.
@@ -557,8 +410,11 @@ def verify(model: nn.Module, onnx_path: str | os.PathLike, inputs, *, forced: bo
                               f"got {got}")
         feeds[spec.name] = tensor.detach().cpu().numpy()
     output_names = [o.name for o in graph.output]
+    _check_inputs(feeds)
+    _check_model(model)
 
     consts = constant_values(graph)
+    _check_constants(consts, Path(onnx_path).name)
     fmt = onnx_format(proto)
     pairs = [_Pair(q, dq, consts.get(q.input[1])) for q, dq in activation_qdq_pairs(graph)
              ] if forced else []
@@ -603,11 +459,16 @@ def verify(model: nn.Module, onnx_path: str | os.PathLike, inputs, *, forced: bo
     if len(free) != len(ort_outputs):
         raise VerifyError(f"PyTorch returns {len(free)} outputs, the ONNX model "
                           f"{len(ort_outputs)}")
-    report = VerifyReport(
-        Path(onnx_path), [list(a.shape) for a in args],
-        [_diff(n, o, f.float().cpu().numpy(), steps.get(n), classifier)
-         for n, o, f in zip(output_names, ort_outputs, free, strict=True)], format=fmt,
-        unmatched_weights=unmatched_weights)
+    mask = call.attention_mask()
+
+    def compare(outputs: list[torch.Tensor], run: str) -> list[OutputDiff]:
+        return [_compare_output(n, o, f.float().cpu().numpy(), steps.get(n), classifier,
+                                mask, run)
+                for n, o, f in zip(output_names, ort_outputs, outputs, strict=True)]
+
+    report = VerifyReport(Path(onnx_path), [list(a.shape) for a in args],
+                          compare(free, "free run"), format=fmt,
+                          unmatched_weights=unmatched_weights)
     known = {**consts, **feeds, **ort_values}
     report.weights = [_weight_check(name, model.get_submodule(name), dq,
                                     ort_values[dq.output[0]],
@@ -620,15 +481,14 @@ def verify(model: nn.Module, onnx_path: str | os.PathLike, inputs, *, forced: bo
         with torch.no_grad(), _other_kernels():
             alt = call.outputs(model, targs)
         report.noise_floor_rel_l2 = max(
-            _diff("", a.float().cpu().numpy(), f.float().cpu().numpy(), None, False).rel_l2
+            output_diff("", a.float().cpu().numpy(), f.float().cpu().numpy(), None,
+                        False).rel_l2
             for a, f in zip(alt, free, strict=True))
 
     if forced and pairs:
         with torch.no_grad(), _Recorder(named, pairs, ort_values) as rec:
             forced_out = call.outputs(model, targs)
-        report.forced_outputs = [
-            _diff(n, o, f.float().cpu().numpy(), steps.get(n), classifier)
-            for n, o, f in zip(output_names, ort_outputs, forced_out, strict=True)]
+        report.forced_outputs = compare(forced_out, "forced run")
         report.unmatched_quantizers = rec.unmatched
         quantizer_of = dict(named)
         for name, calls in rec.calls.items():
@@ -636,54 +496,73 @@ def verify(model: nn.Module, onnx_path: str | os.PathLike, inputs, *, forced: bo
             for k, (x_t, _, pair) in enumerate(calls):
                 if pair is None:
                     continue
-                report.quantizers.append(_flip_stats(
-                    f"{name}#{k}" if len(calls) > 1 else name, pair.q.name,
-                    quantizer_of[name], x_t.float().cpu(),
-                    torch.from_numpy(ort_values[pair.q.input[0]]).float(),
-                    torch.from_numpy(ort_values[pair.dq.output[0]]).float(),
-                    free[k][1].float().cpu() if k < len(free) else None))
+                try:
+                    stats = flip_stats(
+                        f"{name}#{k}" if len(calls) > 1 else name, pair.q.name,
+                        quantizer_of[name], x_t.float().cpu(),
+                        torch.from_numpy(ort_values[pair.q.input[0]]).float(),
+                        torch.from_numpy(ort_values[pair.dq.output[0]]).float(),
+                        free[k][1].float().cpu() if k < len(free) else None)
+                except NonFiniteError as err:
+                    raise VerifyError(str(err)) from err
+                report.quantizers.append(stats)
     return report
 
 
-def _int_codes(v: torch.Tensor) -> torch.Tensor:
-    return torch.round(v)
+def _nonfinite(values: np.ndarray) -> int:
+    if not np.issubdtype(values.dtype, np.floating):
+        return 0
+    return int(values.size - np.isfinite(values).sum())
 
 
-def _int_boundary_distance(r: torch.Tensor) -> torch.Tensor:
-    return ((r - torch.floor(r)) - 0.5).abs()
+def _check_inputs(feeds: dict[str, np.ndarray]) -> None:
+    for name, value in feeds.items():
+        bad = _nonfinite(value)
+        if bad:
+            raise VerifyError(f"input {name!r} holds {bad} NaN/Inf values of {value.size}: "
+                              "compare on finite inputs")
 
 
-def _grid(quantizer) -> tuple:
-    """(codes, boundary distance) of the quantizer's grid, both on values / scale: integer
-    steps for INT8, E4M3 grid positions for FP8 (one step = one code either way)."""
-    if getattr(quantizer, "is_fp8", False):
-        return fp8_codes, fp8_boundary_distance
-    return _int_codes, _int_boundary_distance
+def _check_model(model: nn.Module) -> None:
+    """NaN/Inf weights or amax make every comparison meaningless: name the first one.
+    Buffers may hold an infinite mask on purpose, so only NaN counts there."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            bad = int((~torch.isfinite(p)).sum())
+            raise VerifyError(f"the PyTorch model's parameter {name!r} holds {bad} NaN/Inf "
+                              f"values of {p.numel()}: fix or re-create the model first")
+    for name, b in model.named_buffers():
+        if not b.is_floating_point():
+            continue
+        amax = name.endswith("_amax") or name.endswith("pre_quant_scale")
+        bad = int((~torch.isfinite(b) if amax else torch.isnan(b)).sum())
+        if bad:
+            what = "NaN/Inf" if amax else "NaN"
+            raise VerifyError(f"the PyTorch model's buffer {name!r} holds {bad} {what} values "
+                              f"of {b.numel()}: fix or re-calibrate the model first")
 
 
-def _flip_stats(name, node, quantizer, x_t, x_o, dq_o, free_out) -> QuantizerFlips:
-    scale = quantizer.step_size.detach().float().cpu()
-    codes, boundary_distance = _grid(quantizer)
-    q_o = codes(dq_o / scale)
-    with torch.no_grad():
-        q_t = codes(quantizer(x_t).float() / scale)
-        same_input = quantizer(x_o).float()
-    qdq_mismatches = int((same_input != dq_o).sum())
-    delta = (q_t - q_o).abs()
-    flipped = delta > 0
-    to_boundary = boundary_distance(x_t / scale)
-    free_differing = None
-    if free_out is not None and free_out.shape == dq_o.shape:
-        free_differing = int((codes(free_out / scale) != q_o).sum())
-    magnitude = max(float(x_o.abs().max()) if x_o.numel() else 0.0,
-                    float(quantizer.amax.detach().float().max()))
-    return QuantizerFlips(
-        name=name, node=node, elements=int(x_t.numel()), flips=int(flipped.sum()),
-        max_flip_steps=int(delta.max()) if delta.numel() else 0,
-        max_boundary_distance=float(to_boundary[flipped].max()) if flipped.any() else 0.0,
-        max_input_diff_steps=float(((x_t - x_o).abs() / scale).max()) if x_t.numel() else 0.0,
-        noise_limit_steps=NOISE_REL * magnitude / float(scale.min()),
-        qdq_mismatches=qdq_mismatches, free_differing=free_differing)
+def _check_constants(consts: dict[str, np.ndarray], file: str) -> None:
+    """A NaN weight in the file (an infinite constant can be a mask: only NaN counts)."""
+    for name, value in consts.items():
+        if np.issubdtype(value.dtype, np.floating) and np.isnan(value).any():
+            raise VerifyError(f"{file}: constant {name!r} holds {int(np.isnan(value).sum())} "
+                              f"NaN values of {value.size}: the ONNX file is broken")
+
+
+def _compare_output(name: str, ort: np.ndarray, ours: np.ndarray, step: float | None,
+                    classifier: bool | None, mask: np.ndarray | None, run: str) -> OutputDiff:
+    """:func:`output_diff`, after one clear error where a runtime's output is NaN/Inf
+    where the other's is not the same value (equal infinities, a masked score, compare)."""
+    for who, value, other in (("PyTorch", ours, ort), ("ONNX Runtime", ort, ours)):
+        bad = ~np.isfinite(value)
+        if bad.any() and not np.array_equal(value[bad], other[bad], equal_nan=True):
+            raise VerifyError(f"output {name!r} ({run}): {who} gives {int(bad.sum())} NaN/Inf "
+                              f"values of {value.size}; look for NaN/Inf weights or inputs")
+    both = np.isfinite(ours) & np.isfinite(ort)
+    if not both.all():
+        ours, ort = np.where(both, ours, 0.0), np.where(both, ort, 0.0)
+    return output_diff(name, ort, ours, step, classifier, mask)
 
 
 #: the attribute under which ``to_onnx``'s wrappers hold the model (initializer prefix)

@@ -367,19 +367,16 @@ def lint(run: Run) -> dict[str, Any]:
 
 @stage("onnx_check", "ONNX Runtime check")
 def onnx_check(run: Run) -> dict[str, Any]:
-    import export
+    """``qdq verify``'s check (``qdqapp.onnx_check``: the same batch, function and
+    verdict), then the run's metric computed from ONNX Runtime's outputs."""
+    from qdqapp.onnx_check import check_inputs, check_onnx
 
-    batch = on_device(run.session.source.check_batch(256), run.device)  # same in every process
-    report = export.verify(run.model, run.folder.path("model.onnx"), batch)
-    run.folder.write_text("onnx_check.txt", str(report) + "\n")
-    result = {"rel_l2": report.rel_l2, "max_abs": report.max_abs,
-              "top1_agreement": None if report.top1 is None else 100 * report.top1,
-              "forced_rel_l2": report.forced_rel_l2, "rounding_flips": report.flips,
-              "only_boundary_flips": report.only_boundary_flips, "ok": report.ok()}
+    check = check_onnx(run.model, run.folder.path("model.onnx"), check_inputs(run.session),
+                       run.device)
+    run.folder.write_text("onnx_check.txt", check.text() + "\n")
+    result = check.result()
     if run.scorer is not None:
         result.update(_onnx_text(run))
-        if not run.scorer.agreement.classifier:  # 2-D outputs are pooled embeddings
-            result["top1_agreement"] = None
     elif run.eval_fn is not None and run.config.eval in ("top1", "auto"):
         result["ort_metric"] = _onnx_top1(run.folder.path("model.onnx"), run.eval_loader,
                                           run.config.eval_batches)
