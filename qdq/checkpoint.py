@@ -16,7 +16,8 @@ the state (weights and amax), the *recipe* that rebuilds that structure:
 ``quantizers``  one entry per quantizer object: every path it sits at (shared
                 quantizers have several), its ``QuantDescriptor`` (``num_bits``
                 ``[4, 3]`` for FP8 E4M3), calibrator kind, switches,
-                ``learn_amax`` and the rule that placed it
+                ``learn_amax``, the rule that placed it and ``calibrated_by``
+                (how its amax was found; absent when not known)
 ``weight_only`` every weight-only layer (:mod:`qdq.nn.weight_only`): its path, class,
                 float class, ``bits`` (8 or 4), ``block_size``, the dtype of
                 each quantized weight, the ``method`` that chose the codes (mse,
@@ -132,6 +133,7 @@ def _quantizer_entries(model: nn.Module) -> list[dict[str, Any]]:
             "switches": list(q.get_state()),
             "learn_amax": q.learn_amax,
             "placed_by": q.placed_by,
+            **({"calibrated_by": q.calibrated_by} if q.calibrated_by is not None else {}),
         })
     return entries
 
@@ -521,6 +523,7 @@ def restore(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     for q, entry in zip(made, recipe["quantizers"], strict=True):
         q.set_state(tuple(entry["switches"]))
         q.placed_by = entry["placed_by"]
+        q.calibrated_by = entry.get("calibrated_by") if q.amax is not None else None
         if entry["learn_amax"] and not q.learn_amax and q.amax is not None:
             q.init_learn_amax()
     name_quantizers(model)

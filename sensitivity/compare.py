@@ -145,8 +145,8 @@ def compare_calibrators(model: nn.Module, calib_data: Iterable,
                 rows.append(MethodRow(name, None, f"{type(err).__name__}: {err}",
                                       time.perf_counter() - t0))
                 continue
-            snapshots[name] = {n: q.amax.detach().clone() for n, q in named
-                               if q.amax is not None}
+            snapshots[name] = {n: (q.amax.detach().clone(), q.calibrated_by)
+                               for n, q in named if q.amax is not None}
             metric, error, _ = measure(eval_fn, model)
             rows.append(MethodRow(name, metric, error, time.perf_counter() - t0))
     good = [r for r in rows if r.metric is not None]
@@ -156,11 +156,12 @@ def compare_calibrators(model: nn.Module, calib_data: Iterable,
     pick = max if higher_is_better else min
     best = pick(good, key=lambda r: r.metric).method
     quantizers = dict(named)
-    for n, amax in snapshots[best].items():
+    for n, (amax, found_by) in snapshots[best].items():
         quantizers[n].amax = amax
+        quantizers[n].calibrated_by = found_by
     return CalibratorComparison(
         rows=rows, best=best, fp32=fp32, metric_name=metric_name,
         higher_is_better=higher_is_better, collect_seconds=collect_seconds,
-        amax={m: {n: a.flatten().tolist() for n, a in snap.items()}
+        amax={m: {n: a.flatten().tolist() for n, (a, _) in snap.items()}
               for m, snap in snapshots.items()},
     )

@@ -105,6 +105,25 @@ def test_calibrate_compare_writes_what_its_help_names(tmp_path):
         table["best"]
 
 
+def test_calibration_json_and_table_name_the_search_of_each_amax(tmp_path):
+    """Activations calibrated with percentile-99.9 read percentile-99.9, not the max
+    their descriptors name; weights read max."""
+    out = qdq("calibrate", TINY, "--data", "random:4x3x8x8", "--calibrator", "percentile-99.9",
+              "--out", tmp_path, "--quiet")
+    assert out.code == 0, out.err
+    rows = json.loads((tmp_path / "calibration.json").read_text())["quantizers"]
+    calibrated = [r for r in rows if r["amax_max"] is not None]
+    assert {r["calibrator"] for r in calibrated if r["role"] != "weight"} == \
+        {"percentile-99.9"}
+    assert {r["calibrator"] for r in calibrated if r["role"] == "weight"} == {"max"}
+    table = (tmp_path / "calibration.txt").read_text()
+    assert "percentile-99.9" in table
+    restored = qdq("summary", TINY, "--checkpoint", tmp_path / "quantized.pt", "--json",
+                   "--quiet")
+    assert [r["calibrator"] for r in json.loads(restored.out)] == [r["calibrator"]
+                                                                    for r in rows]
+
+
 def test_export_with_dynamo_keeps_stderr_quiet(tmp_path):
     from export.onnx_export import dynamo_exporter_available
 
