@@ -365,10 +365,15 @@ def _swap_weight_only(model: nn.Module, entries: list[dict],
 
 def _fold_structure(model: nn.Module, modules: dict[str, str]) -> None:
     """BatchNorm -> Identity where the file has an Identity (the values come later)."""
+    from qdq.rules.fold import record_folded
+
     identity = _type_name(nn.Identity)
+    folded = []
     for path, module in list(model.named_modules()):
         if isinstance(module, _BATCHNORM) and modules.get(path) == identity:
             _set(model, path, nn.Identity())
+            folded.append(path)
+    record_folded(model, folded)
 
 
 def _example(spec: dict | None, device: torch.device):

@@ -307,9 +307,8 @@ def write_report(folder: RunFolder, config: RunConfig, data: str,
                   f"`model.onnx` ({choice.title}): opset {exp.get('opset', config.opset)}, "
                   f"{exp['quantize_nodes']} QuantizeLinear / "
                   f"{exp['dequantize_nodes']} DequantizeLinear, {_onnx_size(exp)}, "
-                  + ("BatchNorm folded into the layer before when the weights were quantized."
-                     if choice.weight_only else
-                     f"{exp['folded_batchnorms']} BatchNorm folded into the layer before.")]
+                  + f"{exp['folded_batchnorms']} BatchNorm folded into the layer before"
+                  + (" when the weights were quantized." if choice.weight_only else ".")]
         rules = exp.get("rules")
         placed = ("none: weight-only layers need no Q/DQ placement" if choice.weight_only
                   else "off (`--no-rules`)" if rules is None else

@@ -334,13 +334,12 @@ def export_onnx(run: Run) -> dict[str, Any]:
 
     result = export.to_onnx(run.model, run.example, run.folder.path("model.onnx"),
                             opset=run.config.opset, int8_weights=run.config.int8_weights)
-    rules = getattr(run.model, "qdq_rules_report", None)  # BN folded there already
+    rules = getattr(run.model, "qdq_rules_report", None)
     return {"file": "model.onnx", "format": result.format, "opset": result.opset,
             "quantize_nodes": result.quantize_nodes,
             "dequantize_nodes": result.dequantize_nodes, "bytes": result.bytes,
             "fp32_bytes": result.fp32_bytes, "compression": round(result.compression, 3),
-            "folded_batchnorms": len(result.folded_batchnorms)
-            + (len(rules.folded) if rules else 0),
+            "folded_batchnorms": len(result.folded_batchnorms) + len(result.folded_before),
             "rules": {k: v for k, v in rules.changes.items() if v} if rules else None}
 
 

@@ -122,6 +122,12 @@ def test_calibration_json_and_table_name_the_search_of_each_amax(tmp_path):
                    "--quiet")
     assert [r["calibrator"] for r in json.loads(restored.out)] == [r["calibrator"]
                                                                     for r in rows]
+    # the rules folded bn1 when the model was made: export says so, not "0 folded"
+    onnx = qdq("export", TINY, "--checkpoint", tmp_path / "quantized.pt", "--out",
+               tmp_path / "m.onnx", "--quiet")
+    assert onnx.code == 0, onnx.err
+    assert "BatchNorm already folded in the model (1))" in onnx.out
+    assert "0 BatchNorm folded" not in onnx.out
 
 
 def test_export_with_dynamo_keeps_stderr_quiet(tmp_path):
