@@ -116,6 +116,22 @@ def test_one_file_per_format_through_the_commands(tmp_path, fmt):
             np.testing.assert_allclose(got, restored(x).numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_block_size_error_suggests_every_layer_to_ignore():
+    """The --ignore flags the error suggests are complete: pasted as they are, the same
+    command goes through (they used to stop after six layers, "and 1 more")."""
+    import re
+    import shlex
+
+    args = ["summary", "torchvision:resnet18", "--format", "w4", "--block-size", "128"]
+    refused = cli(*args)
+    assert refused.code == 2
+    flags = re.search(r"in float \((--ignore [^)]*)\)", refused.err).group(1)
+    assert shlex.split(flags).count("--ignore") == 7
+    assert "--ignore layer2.0.downsample.0" in flags      # the seventh, left out before
+    fixed = cli(*args, *shlex.split(flags), "--quiet")
+    assert fixed.code == 0, fixed.err
+
+
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_data_driven_weight_methods_through_the_commands(tmp_path, method):
     """--weight-method gptq/awq quantize the weights from the calibration batches; the file
