@@ -464,33 +464,13 @@ def _save_figure(run: Run, fig, name: str) -> None:
 
 
 def _plot_calibrators(run: Run, rows: list[dict[str, Any]], best: str) -> None:
-    from matplotlib.figure import Figure
+    from qdqapp.pipeline.charts import calibrator_figure
 
-    rows = [r for r in rows if r["metric"] is not None]
-    if not rows:
+    if not any(r["metric"] is not None for r in rows):
         return
-    names = [r["method"] for r in rows]
-    values = [r["metric"] for r in rows]
-    fig = Figure(figsize=(7, 0.45 * len(rows) + 1.2))
-    ax = fig.subplots()
-    colors = ["tab:green" if n == best else "tab:blue" for n in names]
-    ax.barh(names, values, color=colors)
-    fp32_metric = run.folder.result("fp32").get("metric")
-    if fp32_metric is not None:
-        ax.axvline(fp32_metric, color="black", linestyle="--",
-                   label=f"FP32 {fp32_metric:.{run.metric_info()['digits']}f}")
-        ax.legend(loc="lower right")
-    low = min(values + ([fp32_metric] if fp32_metric is not None else []))
-    high = max(values + ([fp32_metric] if fp32_metric is not None else []))
     info = run.metric_info()
-    unit = 1.0 if info["digits"] == 2 else 0.002  # a percentage point, or a cosine step
-    ax.set_xlim(low - max(unit, 0.2 * (high - low)), high + 0.2 * max(unit, high - low))
-    for y, v in enumerate(values):
-        ax.text(v, y, f" {v:.{info['digits']}f}", va="center")
-    ax.invert_yaxis()
-    ax.set_xlabel(f"{info['name'] or 'metric'} (higher is better)")
-    ax.set_title(f"Calibrators (best: {best})")
-    fig.tight_layout()
+    fig = calibrator_figure(rows, best, run.folder.result("fp32").get("metric"),
+                            info["digits"], info["name"])
     _save_figure(run, fig, "calibrators.png")
 
 
