@@ -34,7 +34,7 @@ from torch import nn
 
 import qdq
 from qdqapp.errors import CliError
-from qdqapp.evaluate import ACCURACY, EVALS, default_max_drop
+from qdqapp.evaluate import ACCURACY, EVALS, SWEEP_ADVICE, default_max_drop
 from qdqapp.flow import Session, leave_uncalibrated_in_float, on_device
 from qdqapp.pipeline.config import RunConfig
 from qdqapp.pipeline.folder import QUANTIZED, RunFolder
@@ -259,15 +259,30 @@ def sweep(run: Run) -> dict[str, Any]:
         raise Skip("sweep disabled (sweep: none)")
     folder = run.folder.path("sensitivity")
     folder.mkdir(exist_ok=True)
+    check = _metric_check(run)
     report = sensitivity.sweep(run.model, run.evaluate, mode=run.config.sweep,
                                resume=folder / "rows.jsonl", progress=run.progress,
-                               metric_name=run.metric_name)
+                               metric_name=run.metric_name, resolution=check.resolution)
+    report.extra_warnings += check.warnings
+    report.advice = SWEEP_ADVICE
     report.write(folder)
     run.extra["report"] = report
     ranked = [{"layer": r.layer, "metric": r.metric, "delta": r.delta, "status": r.status}
               for r in report.ranked()]
     return {"folder": "sensitivity", "fp32": report.fp32, "int8": report.int8,
-            "ranked": ranked[:10]}
+            "ranked": ranked[:10], "warnings": report.warnings}
+
+
+def _metric_check(run: Run):
+    """Whether the run's metric can tell layers apart (``qdqapp.evaluate.metric_check``)
+    on the FP32 model; a function of the user's is taken as it is."""
+    from qdqapp.evaluate import MetricCheck, metric_check
+
+    if run.scorer is None and run.config.eval not in ("top1", "auto"):
+        return MetricCheck()
+    with run.float_model() as model:
+        return metric_check(run.scorer, model, None if run.scorer else run.eval_loader,
+                            run.device, run.config.eval_batches)
 
 
 @stage("partial", "partial quantization to the target drop")
