@@ -15,11 +15,15 @@ skip_layers.txt     layer names to keep in float, one a line (``#`` comments)
 A sweep whose metric cannot tell the layers apart ranks noise; :attr:`SensitivityReport.
 warnings` says so, and report.md, the chart, the JSON and ``str(report)`` lead with it:
 
-- every layer measures the same (within ``resolution``, the metric's smallest step:
-  ``100 / N`` for an accuracy over N samples; exactly the same when not known), or
-- no layer costs more than that step (the ranking orders differences of one sample), or
+- every layer measures the same, within ``resolution`` (the metric's smallest step:
+  ``100 / N`` for an accuracy over N samples, so the layers differ by one sample at most;
+  exactly the same when the step is not known), or
 - a finding of the caller's (``extra_warnings``: the FP32 model predicts one class for
   every input, say).
+
+A model that loses nothing to quantization (no layer gains anything back in float) is
+not warned about: its layers still differ, and the report shows the drop and an empty
+skip list.
 
 Each report also records where it came from (:mod:`qdq.provenance`: date, qdq version,
 command line, machine, device).
@@ -154,22 +158,15 @@ class SensitivityReport:
         tol = step * (1 + 1e-9) if step else 1e-9 * max(1.0, *map(abs, values))
         where = f" (the metric's resolution is {step:g})" if step else ""
         spread = max(values) - min(values)
-        if len(ok) > 1 and spread <= tol:
-            same = (f"{values[0]:.4f}" if spread == 0
-                    else f"{min(values):.4f} to {max(values):.4f}")
-            base = (f", as do FP32 and {self.quantized}"
-                    if abs(self.fp32 - values[0]) <= tol and abs(self.int8 - values[0]) <= tol
-                    else "")
-            return [f"the metric cannot tell the layers apart: all {len(ok)} layers measure "
-                    f"{self.metric_name} {same}{base}{where}"]
-        worst = max(r.sensitivity or 0.0 for r in ok)
-        if worst <= tol:
-            return [f"no layer's quantization costs more than the metric can resolve: the "
-                    f"largest sensitivity is {worst:+.4f}{where}, so the ranking orders "
-                    f"noise ({self.quantized} {self.int8:.4f} vs FP32 {self.fp32:.4f}: "
-                    "either quantizing costs this model nothing measurable on this data, or "
-                    "the metric cannot see it)"]
-        return []
+        if len(ok) < 2 or spread > tol:
+            return []
+        same = (f"{values[0]:.4f}" if spread == 0
+                else f"{min(values):.4f} to {max(values):.4f}")
+        base = (f", as do FP32 and {self.quantized}"
+                if abs(self.fp32 - values[0]) <= tol and abs(self.int8 - values[0]) <= tol
+                else "")
+        return [f"the metric cannot tell the layers apart: all {len(ok)} layers measure "
+                f"{self.metric_name} {same}{base}{where}, so their order is noise"]
 
     def suggested_skip(self, fraction: float = 0.1) -> list[str]:
         """Layers whose own sensitivity is at least ``fraction`` of the INT8 drop

@@ -43,9 +43,9 @@ With random data (no labels) the metric is top-1 agreement with the FP32 model; 
 the min cosine of mean-pooled sentence embeddings vs FP32 (--eval mean-cosine: the mean).
 Random weights (torchvision:NAME without --checkpoint) or random data only show that the
 command runs: such a model predicts about one class for every input, so no layer moves
-the metric. When the metric cannot tell the layers apart (every layer the same within its
-resolution, no layer costing more than one sample, or FP32 predicting one class for 90%
-of the inputs), the output, report.md, sensitivity.json and the chart say so and what to do.
+the metric. When the metric cannot tell the layers apart (every layer the same within one
+sample, or FP32 predicting one class for 90% of the inputs or more), the output,
+report.md, sensitivity.json and the chart say so, and what to do.
 --smoothquant also writes smoothquant.txt/json.
 --format fp8 sweeps FP8 quantizers; w8/w4 have no quantizers to sweep and are refused.
 """

@@ -189,7 +189,8 @@ def test_a_sweep_that_cannot_tell_layers_apart_says_so(tmp_path):
     assert {r.metric for r in report.rows} == {100.0} == {report.fp32, report.int8}
     assert report.warnings == [
         "the metric cannot tell the layers apart: all 5 layers measure agreement (%) "
-        "100.0000, as do FP32 and INT8 (the metric's resolution is 1.5625)"]
+        "100.0000, as do FP32 and INT8 (the metric's resolution is 1.5625), so their order "
+        "is noise"]
     report.extra_warnings.append("the FP32 model predicts class 0 for every input")
     out = report.write(tmp_path)
     md = (out / "report.md").read_text()
@@ -201,27 +202,29 @@ def test_a_sweep_that_cannot_tell_layers_apart_says_so(tmp_path):
     assert str(report).splitlines()[-3].startswith("WARNING: the metric cannot tell")
 
 
-def _report(sensitivities: list[float], resolution: float | None) -> SensitivityReport:
-    """A leave-one-out report at INT8 = FP32 = 100 whose layers gain ``sensitivities``."""
+def _report(metrics: list[float], resolution: float | None) -> SensitivityReport:
+    """A leave-one-out report at INT8 = 100, FP32 = 99 whose layers measure ``metrics``."""
     from sensitivity.report import LayerRow
 
-    rows = [LayerRow(f"l{i}", 100.0 - s, -s, s) for i, s in enumerate(sensitivities)]
-    return SensitivityReport("leave-one-out", 100.0, 100.0, rows, resolution=resolution)
+    rows = [LayerRow(f"l{i}", m, m - 100.0, m - 100.0) for i, m in enumerate(metrics)]
+    return SensitivityReport("leave-one-out", 99.0, 100.0, rows, resolution=resolution)
 
 
-@pytest.mark.parametrize("sensitivities, resolution, warns", [
-    ([0.0, -1.5625, -3.125], 1.5625, True),      # no layer costs anything: noise
-    ([0.0, -1.5625, -3.125], None, True),
-    ([1.5625, 0.0, -1.5625], 1.5625, True),      # one sample is the metric's step
-    ([1.5625, 0.0, -1.5625], None, False),       # without the step it counts
-    ([3.125, 0.0, -1.5625], 1.5625, False),      # two samples: a ranking
+@pytest.mark.parametrize("metrics, resolution, warns", [
+    ([100.0, 100.0, 100.0], None, True),                 # all equal
+    ([100.0, 98.4375, 100.0], 1.5625, True),             # one sample apart at most
+    ([100.0, 98.4375, 100.0], None, False),              # without the step it counts
+    ([100.0, 96.875, 98.4375], 1.5625, False),           # two samples: a ranking
+    # the demo: INT8 above FP32, no layer gains in float, the layers still differ
+    ([100.0, 99.97, 99.95, 99.99], 0.01, False),
 ])
-def test_sensitivities_within_the_resolution_are_noise(sensitivities, resolution, warns):
-    report = _report(sensitivities, resolution)
+def test_layers_within_the_resolution_cannot_be_told_apart(metrics, resolution, warns):
+    report = _report(metrics, resolution)
     assert bool(report.warnings) is warns, report.warnings
     if warns:
-        assert report.warnings[0].startswith("no layer's quantization costs more than the "
-                                             "metric can resolve")
+        assert report.warnings[0].startswith("the metric cannot tell the layers apart: all "
+                                             "3 layers measure metric ")
+        assert report.warnings[0].endswith("so their order is noise")
 
 
 class _SharedNet(nn.Module):
