@@ -16,6 +16,9 @@ per-axis-activation    error     per-axis quantization of a computed tensor
 weight-axis            error     per-axis weight with the wrong axis (Conv/Gemm 0, ConvT 1);
                                  block-wise weight not blocked along the input axis
 q-without-dq           error     a QuantizeLinear not followed by DequantizeLinear
+int4-conv              error     an INT4 (any sub-8-bit) or block-wise weight DequantizeLinear
+                                 feeding a Conv/ConvTranspose weight: TensorRT runs such
+                                 weights only in MatMul/Gemm (weight-only), no conv kernel
 float-input            warning   Conv/ConvTranspose/Gemm/MatMul input that is not from a DQ
                                  (data inputs of weight-only graphs are float by design)
 residual-add           warning   Add of a quantized conv branch and an unquantized input
@@ -282,6 +285,45 @@ def _q_without_dq(g: _Graph):
         if not users or others or node.output[0] in outputs:
             what = f"feeds {', '.join(others)}" if others else "has no DequantizeLinear after it"
             yield _label(node), f"QuantizeLinear {what}; TensorRT needs Q -> DQ pairs"
+
+
+def _low_bit_weight(g: _Graph, dq: onnx.NodeProto) -> str | None:
+    """``"INT4"`` (any type narrower than 8 bits) or ``"block-wise"`` when a
+    DequantizeLinear is one TensorRT runs only as weight-only MatMul/Gemm; else None."""
+    codes, zp = g.consts.get(dq.input[0]), _zp_of(g, dq)
+    for array in (codes, zp):
+        if array is not None and str(array.dtype) in _SUB_BYTE:
+            return "INT4" if str(array.dtype) in ("int4", "uint4") else str(array.dtype)
+    return "block-wise" if _attr(dq, "block_size") > 0 else None
+
+
+#: element types narrower than a byte (numpy names, as onnx's numpy_helper gives them)
+_SUB_BYTE = frozenset({"int4", "uint4", "float4_e2m1fn"})
+
+
+def _weight_users(g: _Graph, tensor: str) -> Iterator[tuple[onnx.NodeProto, int]]:
+    """(consumer, input index) of ``tensor``, looking through data-movement ops."""
+    for node in g.consumer.get(tensor, []):
+        if node.op_type in PASS_THROUGH and node.input and node.input[0] == tensor:
+            yield from _weight_users(g, node.output[0])
+        else:
+            for index, name in enumerate(node.input):
+                if name == tensor:
+                    yield node, index
+
+
+@rule("int4-conv", ERROR)
+def _int4_conv(g: _Graph):
+    for dq in g.nodes("DequantizeLinear"):
+        kind = _low_bit_weight(g, dq)
+        if kind is None:
+            continue
+        for op, index in _weight_users(g, dq.output[0]):
+            if op.op_type in ("Conv", "ConvTranspose") and index == 1:
+                yield _label(op), (f"{kind} weight from {_label(dq)!r}: TensorRT runs INT4 "
+                                   "and block-wise weights only in MatMul/Gemm layers, it "
+                                   f"has no such {op.op_type}; keep this layer in float, or "
+                                   "quantize it as INT8 Q/DQ (weight and input)")
 
 
 @rule("float-input", WARNING)

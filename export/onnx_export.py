@@ -78,6 +78,9 @@ class ExportResult:
     fp32_bytes: int = 0
     #: what the export decided on its own (the opset it raised, the cache it left out)
     notes: list[str] = field(default_factory=list)
+    #: BatchNorm the model came with already folded (when its weights were quantized, or
+    #: by the placement rules; ``qdq.rules.fold.folded_before``)
+    folded_before: list[str] = field(default_factory=list)
 
     @property
     def compression(self) -> float:
@@ -90,9 +93,17 @@ class ExportResult:
         if self.fp32_bytes > self.bytes:
             size += f", {self.compression:.1f}x smaller than FP32"
         text = (f"{self.path} ({title}, opset {self.opset}, {self.quantize_nodes} Q / "
-                f"{self.dequantize_nodes} DQ, {size}, "
-                f"{len(self.folded_batchnorms)} BatchNorm folded)")
+                f"{self.dequantize_nodes} DQ, {size}, {self.batchnorm_text()})")
         return "; ".join([text, *self.notes])
+
+    def batchnorm_text(self) -> str:
+        """What happened to BatchNorm: folded now, already folded in the model, or none."""
+        now, before = len(self.folded_batchnorms), len(self.folded_before)
+        if now and before:
+            return f"{now} BatchNorm folded, {before} already folded in the model"
+        if before:
+            return f"BatchNorm already folded in the model ({before})"
+        return f"{now} BatchNorm folded" if now else "no BatchNorm folded"
 
 
 def uncalibrated_quantizers(model: nn.Module) -> list[str]:
@@ -354,7 +365,9 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *,
                           f"TensorRT need a fixed one): calibrate them or disable them: {shown}")
 
     _refuse_non_finite(non_finite_tensors(model), "of the model")
+    from qdq.rules.fold import folded_before
 
+    earlier = folded_before(model)
     work = copy.deepcopy(model).eval()
     notes = _export_without_cache(work)
     device = next((p.device for p in work.parameters()), torch.device("cpu"))
@@ -431,7 +444,8 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *,
                         output_names=output_names, quantize_nodes=ops.count("QuantizeLinear"),
                         dequantize_nodes=ops.count("DequantizeLinear"),
                         folded_batchnorms=folded, bytes=size, format=fmt,
-                        fp32_bytes=size - stored + fp32, notes=notes)
+                        fp32_bytes=size - stored + fp32, notes=notes,
+                        folded_before=earlier)
 
 
 def _needed_opset(model: nn.Module) -> tuple[int, str]:

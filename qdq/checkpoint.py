@@ -17,7 +17,8 @@ the state (weights and amax), the *recipe* that rebuilds that structure:
 ``quantizers``  one entry per quantizer object: every path it sits at (shared
                 quantizers have several), its ``QuantDescriptor`` (``num_bits``
                 ``[4, 3]`` for FP8 E4M3), calibrator kind, switches,
-                ``learn_amax`` and the rule that placed it
+                ``learn_amax``, the rule that placed it and ``calibrated_by``
+                (how its amax was found; absent when not known)
 ``weight_only`` every weight-only layer (:mod:`qdq.nn.weight_only`): its path, class,
                 float class, ``bits`` (8 or 4), ``block_size``, the dtype of
                 each quantized weight, the ``method`` that chose the codes (mse,
@@ -136,6 +137,7 @@ def _quantizer_entries(model: nn.Module) -> list[dict[str, Any]]:
             "switches": list(q.get_state()),
             "learn_amax": q.learn_amax,
             "placed_by": q.placed_by,
+            **({"calibrated_by": q.calibrated_by} if q.calibrated_by is not None else {}),
         })
     return entries
 
@@ -370,10 +372,15 @@ def _swap_weight_only(model: nn.Module, entries: list[dict],
 
 def _fold_structure(model: nn.Module, modules: dict[str, str]) -> None:
     """BatchNorm -> Identity where the file has an Identity (the values come later)."""
+    from qdq.rules.fold import record_folded
+
     identity = _type_name(nn.Identity)
+    folded = []
     for path, module in list(model.named_modules()):
         if isinstance(module, _BATCHNORM) and modules.get(path) == identity:
             _set(model, path, nn.Identity())
+            folded.append(path)
+    record_folded(model, folded)
 
 
 def _example(spec: dict | None, device: torch.device):
@@ -554,6 +561,7 @@ def _rebuild(model: nn.Module, blob: dict[str, Any], path: Path) -> nn.Module:
     for q, entry in zip(made, recipe["quantizers"], strict=True):
         q.set_state(tuple(entry["switches"]))
         q.placed_by = entry["placed_by"]
+        q.calibrated_by = entry.get("calibrated_by") if q.amax is not None else None
         if entry["learn_amax"] and not q.learn_amax and q.amax is not None:
             q.init_learn_amax()
     name_quantizers(model)

@@ -144,6 +144,7 @@ def _retyped(q: TensorQuantizer, num_bits) -> TensorQuantizer:
     new.backend = q.backend
     if q.amax is not None:
         new._set_amax(q.amax.detach().clone(), allow_zero=True)
+        new.calibrated_by = q.calibrated_by
         if q.learn_amax:
             new.init_learn_amax()
     return new.to(q._device_anchor.device)

@@ -14,7 +14,10 @@ False      False         True           fake-quantize with amax
 amax is a buffer (``_amax``) so it travels with ``state_dict`` and ``.to(device)``. It is
 registered only once known (calibrated, set, or loaded from a state_dict), so a float
 checkpoint loads strictly into a freshly quantized model, and a calibrated one registers
-it on load. With ``learn_amax`` it becomes a Parameter.
+it on load. With ``learn_amax`` it becomes a Parameter. ``calibrated_by`` says how the
+current amax was found (``max``, ``entropy``, ``mse``, ``percentile-99.99``; ``set`` by
+hand; ``+learned`` once trained), so tables name the search that ran, not the calibrator
+the descriptor asks for.
 
 A quantizer without amax quantizes with the *dynamic* amax of each input (max ``|x|``
 over the dimensions other than ``axis``), as pytorch-quantization does; it warns once.
@@ -34,7 +37,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from qdq.calib import HistogramCalibrator, build_calibrator, compute_amaxes
+from qdq.calib import HistogramCalibrator, build_calibrator, choice_name, compute_amaxes
 from qdq.calib.base import CalibrationError
 from qdq.clipping import clip as clip_function
 from qdq.descriptor import QuantDescriptor
@@ -121,6 +124,10 @@ class TensorQuantizer(nn.Module):
         self._dynamic_warned = False
         self._last_scale: torch.Tensor | None = None
         self.placed_by: str | None = None  # which rule put this quantizer here (summary)
+        #: how the current amax was found: a calibrator choice (``max``, ``entropy``,
+        #: ``mse``, ``percentile-99.99``), ``set`` by hand, ``...+learned`` once trained;
+        #: None while there is no amax, or when a state_dict brought it without saying
+        self.calibrated_by: str | None = None
         # Follows .to(device) so that an amax loaded later lands where the model lives;
         # not persistent, so it never appears in a state_dict.
         self.register_buffer("_device_anchor", torch.empty(0), persistent=False)
@@ -286,6 +293,7 @@ class TensorQuantizer(nn.Module):
     @amax.setter
     def amax(self, value) -> None:
         self._set_amax(value)
+        self.calibrated_by = None if value is None else "set"
 
     @property
     def is_dynamic(self) -> bool:
@@ -328,6 +336,7 @@ class TensorQuantizer(nn.Module):
     def reset_amax(self) -> None:
         """Forget amax: back to dynamic quantization (and a fixed, not learned, range)."""
         self._learn_amax = False
+        self.calibrated_by = None
         self._parameters.pop("_amax", None)
         self._buffers.pop("_amax", None)
 
@@ -403,7 +412,13 @@ class TensorQuantizer(nn.Module):
             amax = self._calibrator.compute_amax(method or "entropy", **kwargs)
         else:
             amax = self._calibrator.compute_amax()
-        self._store_calib_amax(amax, strict)
+        self._store_calib_amax(amax, strict, self._search_name(method, kwargs))
+
+    def _search_name(self, method: str | None, kwargs: dict) -> str:
+        """What ``load_calib_amax(method, **kwargs)`` runs, as a calibrator choice name."""
+        if not isinstance(self._calibrator, HistogramCalibrator):
+            return "max"
+        return choice_name(method or ("mse" if self._fp8 else "entropy"), **kwargs)
 
     def _check_calib_request(self, method: str | None, kwargs: dict) -> None:
         if self._calibrator is None:
@@ -419,7 +434,9 @@ class TensorQuantizer(nn.Module):
                 "Build it with QuantDescriptor(calib_method='histogram') and calibrate "
                 "again, or call load_calib_amax() for max")
 
-    def _store_calib_amax(self, amax: torch.Tensor | None, strict: bool) -> None:
+    def _store_calib_amax(self, amax: torch.Tensor | None, strict: bool,
+                          found_by: str | None = None) -> None:
+        """Store a calibrated amax; ``found_by`` names the search (``calibrated_by``)."""
         if amax is None:
             if strict:
                 raise QuantizerStateError(
@@ -439,6 +456,7 @@ class TensorQuantizer(nn.Module):
             # a learned per-tensor amax takes the largest of a per-channel calibration
             amax = amax.max().reshape(self.amax.shape)
         self._set_amax(amax, allow_zero=True)
+        self.calibrated_by = found_by
 
     def init_learn_amax(self) -> None:
         """Turn amax into a trainable Parameter (QAT with learned ranges)."""
@@ -451,6 +469,11 @@ class TensorQuantizer(nn.Module):
         self._amax = nn.Parameter(amax.detach().clone().float())
         self._learn_amax = True
         self._learn_requested = True
+        found = self.calibrated_by
+        if found in (None, "set"):
+            self.calibrated_by = "learned"
+        elif not found.endswith("learned"):
+            self.calibrated_by = f"{found}+learned"
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs):
@@ -609,6 +632,8 @@ class TensorQuantizer(nn.Module):
             bits += " narrow"
         axis = "per-tensor" if self._axis is None else f"axis={self._axis}"
         calib = type(self._calibrator).__name__ if self._calibrator is not None else "-"
+        if self.calibrated_by is not None:
+            calib += f"({self.calibrated_by})"
         extra = "".join([" learn_amax" if self._learn_amax else "",
                          f" *{self._scale_amax:g}" if self._scale_amax is not None else "",
                          " pre_quant_scale" if self.pre_quant_scale is not None else "",
@@ -683,4 +708,4 @@ def load_calib_amaxes(quantizers: Iterable[TensorQuantizer], method: str | None 
                   for q in fp8})
     for q in quantizers:
         amax = found[id(q)] if id(q) in found else q.calibrator.compute_amax()
-        q._store_calib_amax(amax, strict)  # noqa: SLF001 - same module
+        q._store_calib_amax(amax, strict, q._search_name(method, kwargs))  # noqa: SLF001

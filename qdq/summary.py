@@ -1,8 +1,16 @@
 """``summary(model)``: every quantizer of a model as rows, or as a text table.
 
 A row tells where the quantizer sits (module path and role), how it quantizes (bits,
-axis), what it learned (amax range), how it calibrates, its state, which other module
-paths share the same quantizer object and which placement rule put it there.
+axis), what it learned (amax range), how that amax was found, its state, which other
+module paths share the same quantizer object and which placement rule put it there.
+
+``calibrator`` names the search behind the amax the quantizer holds (``max``,
+``entropy``, ``mse``, ``percentile-99.99``; ``set`` by hand, ``+learned`` after QAT,
+``unknown`` for an amax loaded from a file that did not record it), not the calibrator
+its descriptor asks for: a run that calibrated the activations with percentile-99.99
+through histograms shows ``percentile-99.99`` although the descriptors say ``max``.
+A quantizer without amax shows what it would collect with, in brackets:
+``(histogram)``, ``(max)``.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
+from qdq.calib import CalibrationError, calib_method_of
 from qdq.layer_kinds import float_layers
 from qdq.replace import name_quantizers, quantizer_paths
 
@@ -66,13 +75,25 @@ def summary_rows(model: nn.Module) -> list[QuantizerRow]:
             axis="tensor" if q.axis is None else str(q.axis),
             amax_min=None if amax is None else float(amax.min()),
             amax_max=None if amax is None else float(amax.max()),
-            calibrator=type(q.calibrator).__name__.replace("Calibrator", "").lower()
-            if q.calibrator is not None else "-",
+            calibrator=_calibrated_by(q),
             state=q.state(),
             shared_with=others,
             placed_by=q.placed_by,
         ))
     return rows
+
+
+def _calibrated_by(q) -> str:
+    """How the quantizer's amax was found (see the module docstring)."""
+    if q.amax is not None:
+        return q.calibrated_by or "unknown"
+    if q.calibrator is None:
+        return "-"
+    try:
+        kind = calib_method_of(q.calibrator)
+    except CalibrationError:  # a calibrator of the user's own
+        kind = type(q.calibrator).__name__
+    return f"({kind})"
 
 
 def _fmt_amax(row: QuantizerRow) -> str:

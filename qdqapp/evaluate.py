@@ -13,6 +13,12 @@ name             metric
 ``mean-cosine``  text encoders: the same, averaged over the sentences
 ===============  ==========================================================================
 
+Whether a sweep's metric can tell layers apart at all is checked once on the FP32 model
+(:func:`metric_check`): its resolution (``100 / N`` for a top-1 metric over N samples)
+goes to ``sensitivity.sweep``, and a model that predicts one class for (nearly) every
+input (random weights do) is a warning of its own: top-1 cannot see what quantization
+changes then.
+
 Example::
 
     eval_fn = lambda m: top1_accuracy(m, test_loader, max_batches=20)
@@ -21,7 +27,9 @@ Example::
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -38,8 +46,18 @@ from sensitivity.batches import (
 from sensitivity.errors import SensitivityError
 
 __all__ = ["top1_accuracy", "labelled_by_model", "evaluation", "text_evaluation",
-           "check_eval", "TextMetric", "EVALS", "TEXT_METRICS", "ACCURACY",
-           "AGREEMENT", "default_max_drop"]
+           "check_eval", "TextMetric", "Top1Metric", "MetricCheck",
+           "metric_check", "SWEEP_ADVICE", "EVALS", "TEXT_METRICS", "ACCURACY", "AGREEMENT",
+           "default_max_drop"]
+
+#: What to do when a sweep's metric cannot tell the layers apart, in the commands' terms.
+SWEEP_ADVICE = ("use trained weights (a pretrained model or --checkpoint with its float "
+                "state_dict) and real data (--data fashion-mnist, imagefolder:DIR or "
+                "text:FILE) rather than random ones, more evaluation samples "
+                "(--eval-batches), and for text models --eval mean-cosine, which has finer "
+                "steps than top-1")
+#: share of the inputs one FP32 class may take before top-1 is called blind
+_ONE_CLASS = 0.9
 
 ACCURACY = "top-1 accuracy (%)"
 AGREEMENT = "top-1 agreement with FP32 (%)"
@@ -102,6 +120,91 @@ class TextMetric:
     def last(self) -> dict[str, float | None]:
         score = self.agreement.last
         return score.as_dict() if score is not None else {}
+
+
+@dataclass
+class MetricCheck:
+    """What a metric can resolve, found on the FP32 model: its smallest step (None when
+    continuous or unknown) and warnings (the FP32 model predicts one class for nearly every
+    input)."""
+
+    resolution: float | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def _class_warning(counts: Counter) -> list[str]:
+    total = sum(counts.values())
+    if not total:
+        return []
+    label, top = counts.most_common(1)[0]
+    if top == total:
+        return [f"the FP32 model predicts class {label} for every one of the {total} "
+                "evaluation inputs, so top-1 cannot see what quantization changes (random "
+                "weights do this)"]
+    if top >= _ONE_CLASS * total:
+        return [f"the FP32 model predicts class {label} for {top} of the {total} evaluation "
+                f"inputs ({100 * top / total:.0f}%), so top-1 sees little of what "
+                "quantization changes (random weights do this)"]
+    return []
+
+
+@dataclass
+class Top1Metric:
+    """``eval_fn(model) -> float``: top-1 accuracy (%) on ``batches``, ``(inputs, labels)``
+    (the FP32 model's own predictions as labels make it top-1 agreement). ``batches`` is
+    read again on every call."""
+
+    batches: Iterable
+    device: torch.device | str | None = None
+    name: str = ACCURACY
+
+    def __call__(self, model: nn.Module) -> float:
+        return top1_accuracy(model, self.batches, self.device)
+
+    def check(self, model: nn.Module) -> MetricCheck:
+        """One pass of the FP32 model (quantizers off): the resolution ``100 / N`` and
+        how many inputs its most frequent class takes."""
+        return _top1_check(model, self.batches, self.device)
+
+
+def _top1_check(model: nn.Module, batches: Iterable, device=None,
+                max_batches: int | None = None) -> MetricCheck:
+    from qdq.replace import disable_quantization
+
+    target = torch.device(device) if device is not None else model_device(model)
+    counts: Counter = Counter()
+    was_training = model.training
+    try:
+        model.eval()
+        with disable_quantization(model), torch.no_grad():
+            for batch in take(batches, max_batches):
+                batch = to_device(batch, target)
+                predicted = _logits(default_forward(model, batch)).argmax(dim=-1)
+                counts.update(predicted.reshape(-1).tolist())
+    finally:
+        model.train(was_training)
+    total = sum(counts.values())
+    return MetricCheck(100.0 / total if total else None, _class_warning(counts))
+
+
+def metric_check(eval_fn, model: nn.Module, loader: Iterable | None = None,
+                 device: torch.device | str | None = None,
+                 max_batches: int | None = None) -> MetricCheck:
+    """:class:`MetricCheck` of a sweep's metric: a :class:`Top1Metric` (or, with
+    ``loader``, top-1 over that loader) runs the FP32 model once; a text top-1 agreement
+    has one step per sentence and reads the FP32 classes it kept; the cosines and
+    functions of the user's are taken as continuous."""
+    if isinstance(eval_fn, Top1Metric):
+        return eval_fn.check(model)
+    if isinstance(eval_fn, TextMetric):
+        if eval_fn.key != "top1":
+            return MetricCheck()
+        reference = eval_fn.agreement.reference  # the FP32 logits, one row per sentence
+        counts = Counter(reference.argmax(dim=-1).reshape(-1).tolist())
+        return MetricCheck(100.0 / eval_fn.agreement.sentences, _class_warning(counts))
+    if loader is not None:
+        return _top1_check(model, loader, device, max_batches)
+    return MetricCheck()
 
 
 def text_evaluation(source, model: nn.Module, name: str = "auto") -> TextMetric:
@@ -208,4 +311,4 @@ def evaluation(source, model: nn.Module, device: torch.device | str | None = Non
     else:
         batches = labelled_by_model(model, source.eval_inputs(), device)
         name = AGREEMENT
-    return (lambda m: top1_accuracy(m, batches, device)), name
+    return Top1Metric(batches, device, name), name

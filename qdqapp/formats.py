@@ -190,7 +190,9 @@ def check_calibrators(choice: FormatChoice, names: Iterable[str], flag: str = "-
 
 
 def _block_size_hint(model: nn.Module, choice: FormatChoice, ignore: list[str]) -> str | None:
-    """One line when ``--block-size`` does not divide some layer's input dimension."""
+    """One line when ``--block-size`` does not divide some layer's input dimension: the
+    first weights at fault, and ``--ignore`` flags for every layer at fault (complete, so
+    they can be pasted as they are)."""
     ignore = list(ignore) or None
     bad = indivisible_weights(model, choice.block_size, ignore)
     if not bad:
@@ -198,14 +200,14 @@ def _block_size_hint(model: nn.Module, choice: FormatChoice, ignore: list[str]) 
     layers = list(dict.fromkeys(layer for layer, _, _ in bad))
     shown = ", ".join(f"{layer}.{w} ({dim})" for layer, w, dim in bad[:6])
     more = f" and {len(bad) - 6} more" if len(bad) > 6 else ""
-    ignores = " ".join(f"--ignore {layer}" for layer in layers[:6])
+    ignores = " ".join(f"--ignore {layer}" for layer in layers)
     common = math.gcd(*(int(w.shape[1]) for _, layer in weight_only_candidates(model, ignore)
                         for w in twin_class(layer, WEIGHT_ONLY_TWINS).weights_of(layer).values()))
     other = f" (--block-size {common} divides every layer)" if common > 1 else ""
+    which = "that layer" if len(layers) == 1 else f"those {len(layers)} layers"
     return (f"--block-size {choice.block_size} does not divide the input dimension of "
-            f"{shown}{more}; keep those layers in float ({ignores}), or choose another "
-            f"block size"
-            f"{other}, or leave --block-size out (one scale per output channel)")
+            f"{shown}{more}; keep {which} in float ({ignores}), or choose another block "
+            f"size{other}, or leave --block-size out (one scale per output channel)")
 
 
 def apply_format_step(model: nn.Module, choice: FormatChoice, ignore: list[str],

@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class QuantizerAmax:
+    """One quantizer after calibration; ``calibrator`` names the search behind its amax
+    (``TensorQuantizer.calibrated_by``: ``max``, ``entropy``, ``percentile-99.99``...)."""
+
     name: str
     axis: str
     calibrator: str
@@ -94,7 +97,8 @@ class CalibrationSummary:
             + (f" across {self.world_size} ranks" if self.world_size > 1 else ""),
         ]
         width = max((len(q.name) for q in self.quantizers), default=4)
-        lines.append(f"{'quantizer':<{width}}  {'axis':>6}  {'calib':>9}  amax")
+        calib = max([5, *(len(q.calibrator) for q in self.quantizers)])
+        lines.append(f"{'quantizer':<{width}}  {'axis':>6}  {'calib':>{calib}}  amax")
         for q in self.quantizers:
             if q.amax_min is None:
                 amax = "-"
@@ -102,7 +106,7 @@ class CalibrationSummary:
                 amax = f"{q.amax_max:.4g}"
             else:
                 amax = f"[{q.amax_min:.4g}, {q.amax_max:.4g}]"
-            lines.append(f"{q.name:<{width}}  {q.axis:>6}  {q.calibrator:>9}  {amax}")
+            lines.append(f"{q.name:<{width}}  {q.axis:>6}  {q.calibrator:>{calib}}  {amax}")
         if self.uncalibrated:
             lines.append(f"saw no data (amax unchanged): {', '.join(self.uncalibrated)}")
         return "\n".join(lines)
@@ -314,7 +318,7 @@ def load_amax(named: list[tuple[str, TensorQuantizer]], amax_method: str | None 
         rows.append(QuantizerAmax(
             name=name,
             axis="tensor" if q.axis is None else str(q.axis),
-            calibrator=calib_method_of(q.calibrator),
+            calibrator=q.calibrated_by or "unknown",
             amax_min=None if amax is None else float(amax.min()),
             amax_max=None if amax is None else float(amax.max()),
         ))

@@ -29,8 +29,9 @@ from torch import nn
 
 from qdq.calib import DEFAULT_CHOICES, CalibrationError, parse_choice
 from qdq.fileio import atomic_write
+from qdq.provenance import provenance, provenance_line
 from qdq.replace import disable_quantization
-from sensitivity.batches import ForwardFn
+from sensitivity.batches import ForwardFn, model_device
 from sensitivity.calibrate import collected_statistics, load_amax
 from sensitivity.errors import SensitivityError
 from sensitivity.sweep import measure
@@ -69,6 +70,8 @@ class CalibratorComparison:
     higher_is_better: bool = True
     collect_seconds: float = 0.0
     amax: dict[str, dict[str, list[float]]] = field(default_factory=dict, repr=False)
+    #: :func:`qdq.provenance.provenance` of the comparison (filled when written if missing)
+    provenance: dict[str, Any] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -101,11 +104,14 @@ class CalibratorComparison:
     __str__ = markdown
 
     def write(self, folder: str | Path) -> Path:
+        """calibrators.json and calibrators.md, each saying where it came from."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        if self.provenance is None:
+            self.provenance = provenance()
         text = json.dumps(self.to_dict(), indent=1) + "\n"
         atomic_write(folder / "calibrators.json", text)
-        md = self.markdown()
+        md = self.markdown() + "\n" + provenance_line(self.provenance) + "\n"
         atomic_write(folder / "calibrators.md", md)
         return folder
 
@@ -145,8 +151,8 @@ def compare_calibrators(model: nn.Module, calib_data: Iterable,
                 rows.append(MethodRow(name, None, f"{type(err).__name__}: {err}",
                                       time.perf_counter() - t0))
                 continue
-            snapshots[name] = {n: q.amax.detach().clone() for n, q in named
-                               if q.amax is not None}
+            snapshots[name] = {n: (q.amax.detach().clone(), q.calibrated_by)
+                               for n, q in named if q.amax is not None}
             metric, error, _ = measure(eval_fn, model)
             rows.append(MethodRow(name, metric, error, time.perf_counter() - t0))
     good = [r for r in rows if r.metric is not None]
@@ -156,11 +162,13 @@ def compare_calibrators(model: nn.Module, calib_data: Iterable,
     pick = max if higher_is_better else min
     best = pick(good, key=lambda r: r.metric).method
     quantizers = dict(named)
-    for n, amax in snapshots[best].items():
+    for n, (amax, found_by) in snapshots[best].items():
         quantizers[n].amax = amax
+        quantizers[n].calibrated_by = found_by
     return CalibratorComparison(
         rows=rows, best=best, fp32=fp32, metric_name=metric_name,
         higher_is_better=higher_is_better, collect_seconds=collect_seconds,
-        amax={m: {n: a.flatten().tolist() for n, a in snap.items()}
+        amax={m: {n: a.flatten().tolist() for n, (a, _) in snap.items()}
               for m, snap in snapshots.items()},
+        provenance=provenance(model_device(model)),
     )

@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qdq.fileio import atomic_write
+from qdq.provenance import provenance, provenance_line
 from sensitivity.batches import ForwardFn, default_forward, model_device, take, to_device
 from sensitivity.errors import SensitivityError
 from sensitivity.layers import Layer, enabled_quantizers, find_layers, saved_states, select_layers
@@ -58,6 +59,8 @@ class ProxyReport:
     num_batches: int
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
+    #: :func:`qdq.provenance.provenance` of the ranking (filled when written if missing)
+    provenance: dict[str, Any] | None = None
 
     def ranked(self) -> list[ProxyRow]:
         reached = sorted((r for r in self.rows if r.reached), key=lambda r: r.sqnr_db)
@@ -78,7 +81,7 @@ class ProxyReport:
                 d["sqnr_db"] = None  # exact (no error); JSON has no infinity
             rows.append(d)
         return {"num_batches": self.num_batches, "seconds": self.seconds, "rows": rows,
-                **self.extra}
+                **self.extra, "provenance": self.provenance}
 
     def as_rows(self) -> list[dict[str, Any]]:
         """Ranked rows as plain dicts (JSON-ready)."""
@@ -99,9 +102,11 @@ class ProxyReport:
         """``proxy.json`` and ``proxy.md`` in ``folder``, written atomically."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        if self.provenance is None:
+            self.provenance = provenance()
         text = json.dumps(self.to_dict(), indent=1) + "\n"
         atomic_write(folder / "proxy.json", text)
-        md = self.markdown()
+        md = self.markdown() + "\n" + provenance_line(self.provenance) + "\n"
         atomic_write(folder / "proxy.md", md)
         return folder
 
@@ -194,7 +199,8 @@ def proxy_ranking(model: nn.Module, data: Iterable, num_batches: int | None = 4,
         sqnr = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0
                                             else -math.inf)
         rows.append(ProxyRow(layer.name, sqnr, noise / n, n))
-    return ProxyReport(rows, batches, time.perf_counter() - start)
+    return ProxyReport(rows, batches, time.perf_counter() - start,
+                       provenance=provenance(model_device(model)))
 
 
 def _ranks(values: Sequence[float]) -> list[float]:

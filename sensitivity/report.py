@@ -11,6 +11,22 @@ sensitivity.json    everything, reloadable with ``SensitivityReport.load``
 sensitivity.png     horizontal bars: each layer's delta, ranked, baselines marked
 skip_layers.txt     layer names to keep in float, one a line (``#`` comments)
 ==================  ================================================================
+
+A sweep whose metric cannot tell the layers apart ranks noise; :attr:`SensitivityReport.
+warnings` says so, and report.md, the chart, the JSON and ``str(report)`` lead with it:
+
+- every layer measures the same, within ``resolution`` (the metric's smallest step:
+  ``100 / N`` for an accuracy over N samples, so the layers differ by one sample at most;
+  exactly the same when the step is not known), or
+- a finding of the caller's (``extra_warnings``: the FP32 model predicts one class for
+  every input, say).
+
+A model that loses nothing to quantization (no layer gains anything back in float) is
+not warned about: its layers still differ, and the report shows the drop and an empty
+skip list.
+
+Each report also records where it came from (:mod:`qdq.provenance`: date, qdq version,
+command line, machine, device).
 """
 
 from __future__ import annotations
@@ -24,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from qdq.fileio import atomic_write
+from qdq.provenance import provenance, provenance_line
 from sensitivity.errors import SensitivityError
 
 __all__ = ["LayerRow", "SensitivityReport", "MODES", "sensitivity_score"]
@@ -36,6 +53,10 @@ MODES = {
 
 #: Rows drawn in the chart at most (the table lists them all).
 CHART_ROWS = 40
+
+#: What to do when the metric cannot tell the layers apart (a command line adds its flags).
+ADVICE = ("measure a model with trained weights on real data, with enough evaluation "
+          "samples for one layer's effect to show, or with a metric that has finer steps")
 
 
 @dataclass
@@ -94,6 +115,15 @@ class SensitivityReport:
     skip_note: str | None = None
     #: what the all-quantized baseline is called (``INT8``, ``FP8``; the model's format)
     quantized: str = "INT8"
+    #: the metric's smallest step (``100 / N`` for an accuracy over N samples); None:
+    #: unknown, only identical values count as indistinguishable
+    resolution: float | None = None
+    #: the caller's own findings about the metric (shown with :attr:`warnings`)
+    extra_warnings: list[str] = field(default_factory=list)
+    #: what to do about the warnings (:data:`ADVICE` unless the caller says better)
+    advice: str = ADVICE
+    #: :func:`qdq.provenance.provenance` of the sweep (filled when written if missing)
+    provenance: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ queries
     def ranked(self) -> list[LayerRow]:
@@ -114,6 +144,30 @@ class SensitivityReport:
         """How much full INT8 loses against FP32 (positive = worse)."""
         return (self.fp32 - self.int8) if self.higher_is_better else (self.int8 - self.fp32)
 
+    @property
+    def warnings(self) -> list[str]:
+        """Why the ranking cannot be trusted, one sentence each (empty when it can)."""
+        return self._indistinct() + list(self.extra_warnings)
+
+    def _indistinct(self) -> list[str]:
+        ok = [r for r in self.rows if r.ok]
+        if not ok:
+            return []
+        values = [r.metric for r in ok]
+        step = self.resolution
+        tol = step * (1 + 1e-9) if step else 1e-9 * max(1.0, *map(abs, values))
+        where = f" (the metric's resolution is {step:g})" if step else ""
+        spread = max(values) - min(values)
+        if len(ok) < 2 or spread > tol:
+            return []
+        same = (f"{values[0]:.4f}" if spread == 0
+                else f"{min(values):.4f} to {max(values):.4f}")
+        base = (f", as do FP32 and {self.quantized}"
+                if abs(self.fp32 - values[0]) <= tol and abs(self.int8 - values[0]) <= tol
+                else "")
+        return [f"the metric cannot tell the layers apart: all {len(ok)} layers measure "
+                f"{self.metric_name} {same}{base}{where}, so their order is noise"]
+
     def suggested_skip(self, fraction: float = 0.1) -> list[str]:
         """Layers whose own sensitivity is at least ``fraction`` of the INT8 drop
         (a suggestion: measure it with ``partial_quantize``)."""
@@ -127,12 +181,14 @@ class SensitivityReport:
         d = asdict(self)
         d["rows"] = [asdict(r) for r in self.ranked()]
         d["drop"] = self.drop
+        d["warnings"] = self.warnings
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SensitivityReport:
         d = dict(d)
         d.pop("drop", None)
+        d.pop("warnings", None)  # computed from the rows
         d["rows"] = [LayerRow(**r) for r in d["rows"]]
         return cls(**d)
 
@@ -150,11 +206,21 @@ class SensitivityReport:
             raise SensitivityError(f"sensitivity report {path}: not a report ({err})") from err
 
     # ------------------------------------------------------------------ render
+    def _warning_lines(self) -> list[str]:
+        """Markdown quote block of the warnings and what to do (empty without warnings)."""
+        warnings = self.warnings
+        if not warnings:
+            return []
+        lines = [f"> **Warning:** {w}." for w in warnings]
+        lines.append(f"> **What to do:** {self.advice}.")
+        return ["\n>\n".join(lines), ""]
+
     def markdown(self) -> str:
         name = self.metric_name
         lines = [
             f"# Layer sensitivity ({self.mode})",
             "",
+            *self._warning_lines(),
             f"Each row: {name} with {MODES[self.mode]}. Delta is against "
             f"{self.quantized if self.mode == 'leave-one-out' else 'FP32'}; rows are ranked by "
             "sensitivity (what quantizing the layer costs).",
@@ -185,6 +251,8 @@ class SensitivityReport:
         skip, note = self._skip_list()
         lines.append(note)
         lines += [""] + [f"- `{s}`" for s in skip]
+        if self.provenance:
+            lines += ["", provenance_line(self.provenance)]
         return "\n".join(lines) + "\n"
 
     def _skip_list(self) -> tuple[list[str], str]:
@@ -220,7 +288,8 @@ class SensitivityReport:
 
         ok = [r for r in self.ranked() if r.ok][:CHART_ROWS]
         ref = self.int8 if self.mode == "leave-one-out" else self.fp32
-        fig = Figure(figsize=(9, 1.6 + 0.28 * max(len(ok), 1)))
+        height = 2.0 + 0.28 * max(len(ok), 1)
+        fig = Figure(figsize=(9, height))
         ax = fig.subplots()
         y = list(range(len(ok)))
         widths = [r.delta for r in ok]
@@ -241,22 +310,28 @@ class SensitivityReport:
         ax.set_xlabel(f"{self.metric_name} ({MODES[self.mode]})")
         shown = "" if len(ok) == len([r for r in self.rows if r.ok]) else \
             f", top {len(ok)} shown"
-        ax.set_title(f"Layer sensitivity, {self.mode}: most sensitive on top{shown}",
-                     fontsize=10)
+        title = f"Layer sensitivity, {self.mode}: most sensitive on top{shown}"
+        if self.warnings:
+            title += "\nWARNING: the metric cannot rank these layers (see report.md)"
+        ax.set_title(title, fontsize=10, color="#c0392b" if self.warnings else "black")
         values = [ref + w for w in widths] + [self.fp32, self.int8]
         finite = [v for v in values if math.isfinite(v)]
         lo, hi = min(finite), max(finite)
         pad = 0.12 * (hi - lo) or 0.5
         ax.set_xlim(lo - pad, hi + pad)
-        ax.legend(loc="lower right", fontsize=8)
+        # below the axes, never over a bar or its value
+        fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8,
+                   frameon=False)
         ax.grid(axis="x", alpha=0.3)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.35 / height, 1, 1))
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
     def write(self, folder: str | Path) -> Path:
         """Write every report file into ``folder`` (created if needed); returns it."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        if self.provenance is None:
+            self.provenance = provenance()
         _write_text(folder / "rows.jsonl", self.rows_jsonl())
         _write_text(folder / "sensitivity.csv", self.csv())
         _write_text(folder / "sensitivity.json", json.dumps(self.to_dict(), indent=1) + "\n")
@@ -272,4 +347,7 @@ class SensitivityReport:
                 f"({self.metric_name}); {len(self.rows)} layers")
         top = [f"  {r.layer:<40} {r.metric:.4f} ({r.delta:+.4f})" for r in self.ranked()[:10]
                if r.ok]
-        return "\n".join([head, *top])
+        warnings = [f"WARNING: {w}" for w in self.warnings]
+        if warnings:
+            warnings.append(f"what to do: {self.advice}")
+        return "\n".join([head, *top, *warnings])

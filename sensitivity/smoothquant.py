@@ -62,6 +62,7 @@ from tqdm.auto import tqdm
 
 from qdq.fileio import atomic_write
 from qdq.nn.linear import QuantLinear
+from qdq.provenance import provenance, provenance_line
 from qdq.quantizer import TensorQuantizer
 from qdq.rules.check import largest_difference, mismatch
 from qdq.rules.trace import single_call_modules, single_call_readers
@@ -133,6 +134,8 @@ class SmoothQuantReport:
     rows: list[SmoothRow] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     float_difference: float = 0.0  # largest float difference after smoothing, relative
+    #: :func:`qdq.provenance.provenance` (in smoothquant.json/txt; filled when written)
+    provenance: dict[str, Any] | None = None
 
     @property
     def smoothed(self) -> list[SmoothRow]:
@@ -144,7 +147,8 @@ class SmoothQuantReport:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SmoothQuantReport:
         rows = [SmoothRow(**r) for r in data.get("rows", [])]
-        return cls(rows, list(data.get("skipped", [])), float(data.get("float_difference", 0)))
+        return cls(rows, list(data.get("skipped", [])), float(data.get("float_difference", 0)),
+                   data.get("provenance"))
 
     def headline(self) -> str:
         return (f"SmoothQuant: {len(self.smoothed)} of {len(self.rows)} units smoothed; "
@@ -170,8 +174,11 @@ class SmoothQuantReport:
         """``smoothquant.json`` and ``smoothquant.txt`` (this report) into ``folder``."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        if self.provenance is None:
+            self.provenance = provenance()
         atomic_write(folder / "smoothquant.json", json.dumps(self.to_dict(), indent=1) + "\n")
-        atomic_write(folder / "smoothquant.txt", str(self) + "\n")
+        atomic_write(folder / "smoothquant.txt",
+                     f"{self}\n\n{provenance_line(self.provenance)}\n")
         return folder
 
     def __str__(self) -> str:
@@ -611,7 +618,7 @@ def smoothquant(model: nn.Module, batches: Iterable, alpha: float | str = "auto"
     try:
         units = _units(model, found)
         stats, reference = _collect(model, units, data, max_rows, forward, progress)
-        report = SmoothQuantReport(skipped=skipped)
+        report = SmoothQuantReport(skipped=skipped, provenance=provenance(model_device(model)))
         saved = _snapshot(units)
         for unit in units:
             inputs = stats[id(unit)]

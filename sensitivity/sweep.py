@@ -37,6 +37,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qdq.fileio import atomic_write
+from qdq.provenance import provenance
+from sensitivity.batches import model_device
 from sensitivity.errors import SensitivityError
 from sensitivity.layers import Layer, enabled_quantizers, find_layers, saved_states, select_layers
 from sensitivity.report import MODES, LayerRow, SensitivityReport, sensitivity_score
@@ -159,7 +161,8 @@ class _RowLog:
 def sweep(model: nn.Module, eval_fn: EvalFn, mode: str = "leave-one-out",
           layers: Iterable[str] | None = None, progress: bool = True,
           resume: str | Path | None = None, higher_is_better: bool = True,
-          metric_name: str = "metric", group=None) -> SensitivityReport:
+          metric_name: str = "metric", group=None,
+          resolution: float | None = None) -> SensitivityReport:
     """Measure ``eval_fn(model)`` for FP32, full INT8 and once per layer.
 
     Args:
@@ -174,9 +177,14 @@ def sweep(model: nn.Module, eval_fn: EvalFn, mode: str = "leave-one-out",
         higher_is_better: False for metrics like loss.
         metric_name: the metric's name in the report.
         group: the ``torch.distributed`` process group to share layers over.
+        resolution: the metric's smallest step (``100 / N`` for an accuracy in percent
+            over N samples), so the report can tell whether the layers differ by more
+            than that (``report.warnings``); None: only identical values count as equal.
 
     A layer whose evaluation raises or returns NaN gets a failed row; the sweep goes on.
-    If a baseline fails there is nothing to compare against, and it raises.
+    If a baseline fails there is nothing to compare against, and it raises. When the
+    metric cannot tell the layers apart the report says so (``report.warnings``) and the
+    warning is logged.
     """
     if mode not in MODES:
         raise SensitivityError(f"sweep mode {mode!r} is unknown; choose one of {list(MODES)}")
@@ -231,6 +239,10 @@ def sweep(model: nn.Module, eval_fn: EvalFn, mode: str = "leave-one-out",
     report = _build_report(mode, chosen, done, metric_name, higher_is_better, world,
                            time.perf_counter() - start)
     report.quantized = quantized_label(model)
+    report.resolution = resolution
+    report.provenance = provenance(model_device(model))
+    for warning in report.warnings:
+        log.warning("sensitivity sweep: %s", warning)
     if path is not None and world > 1:
         _merge_files(path, rank, meta, [done[t] for t in tasks if t in done], group)
     return report

@@ -22,6 +22,7 @@ from qdq.calib.registry import (
     build_calibrator,
     calib_method_of,
     check_amax_method,
+    choice_name,
     parse_choice,
 )
 from qdq.calib.weights import WEIGHT_METHODS, calibrate_weights
@@ -30,4 +31,5 @@ __all__ = ["Calibrator", "CalibrationError", "AmaxShapeError", "UnknownMethodErr
            "PerTensorOnlyError", "MaxCalibrator", "HistogramCalibrator",
            "NumpyHistogramCalibrator", "compute_amaxes", "calibrate_weights",
            "WEIGHT_METHODS", "CALIBRATORS", "AMAX_METHODS", "DEFAULT_CHOICES",
-           "build_calibrator", "calib_method_of", "check_amax_method", "parse_choice"]
+           "build_calibrator", "calib_method_of", "check_amax_method", "parse_choice",
+           "choice_name"]

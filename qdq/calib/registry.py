@@ -16,6 +16,8 @@ Example::
     HistogramCalibrator(bits=8, bins=2048)
     >>> parse_choice("percentile-99.9")
     ('percentile', {'percentile': 99.9})
+    >>> choice_name("percentile", percentile=99.9)
+    'percentile-99.9'
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from qdq.calib.base import CalibrationError, Calibrator, PerTensorOnlyError
+from qdq.calib.histogram import _DEFAULTS as _HISTOGRAM_DEFAULTS
 from qdq.calib.histogram import HistogramCalibrator
 from qdq.calib.max import MaxCalibrator
 
@@ -30,7 +33,7 @@ if TYPE_CHECKING:
     from qdq.descriptor import QuantDescriptor
 
 __all__ = ["CALIBRATORS", "AMAX_METHODS", "DEFAULT_CHOICES", "build_calibrator",
-           "calib_method_of", "check_amax_method", "parse_choice"]
+           "calib_method_of", "check_amax_method", "parse_choice", "choice_name"]
 
 #: calib_method -> calibrator class.
 CALIBRATORS: dict[str, type[Calibrator]] = {"max": MaxCalibrator, "histogram": HistogramCalibrator}
@@ -100,3 +103,13 @@ def parse_choice(name: str) -> tuple[str, dict[str, Any]]:
             return "percentile", {"percentile": p}
     raise CalibrationError(f"calibration method {name!r} is unknown; use one of "
                            f"{plain} or percentile-P with 0 < P <= 100")
+
+
+def choice_name(amax_method: str, **kwargs: Any) -> str:
+    """The choice that names an amax search with its settings, :func:`parse_choice`'s
+    inverse: ``("percentile", percentile=99.9)`` -> ``"percentile-99.9"`` (the default
+    percentile when none is given); every other method stands for itself."""
+    if amax_method == "percentile":
+        p = kwargs.get("percentile")
+        return f"percentile-{_HISTOGRAM_DEFAULTS['percentile'] if p is None else p:g}"
+    return amax_method

@@ -33,6 +33,7 @@ from torch import nn
 
 from qdq.calib.amax_search import search_amax
 from qdq.calib.base import CalibrationError, UnknownMethodError, reduce_axes
+from qdq.calib.registry import choice_name
 
 __all__ = ["calibrate_weights", "WEIGHT_METHODS"]
 
@@ -70,8 +71,9 @@ def calibrate_weights(model: nn.Module, method: str = "percentile", perchannel: 
     stats = [_channel_histograms(weight, quantizer.axis if perchannel else None, num_bins,
                                  name) for name, quantizer, weight in layers]
     amaxes = _amaxes(method, layers, stats, percentile, num_bins)
+    found_by = choice_name(method, percentile=percentile)
     for (_, quantizer, _), amax, (_, _, shape) in zip(layers, amaxes, stats, strict=True):
-        _store(quantizer, amax.reshape(shape))
+        _store(quantizer, amax.reshape(shape), found_by)
 
 
 def _weight_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, torch.Tensor]]:
@@ -164,11 +166,12 @@ def _fp8_mse(counts: list[torch.Tensor], widths: list[float], largest: list[torc
                                                                      strict=True)]
 
 
-def _store(quantizer: nn.Module, amax: torch.Tensor) -> None:
+def _store(quantizer: nn.Module, amax: torch.Tensor, found_by: str) -> None:
     """Set amax as ``load_calib_amax`` does where the quantizer offers it (an all-zero
-    weight then gets amax 0 with a warning rather than an error), else by its setter."""
+    weight then gets amax 0 with a warning rather than an error, and ``found_by`` names
+    the search), else by its setter."""
     store = getattr(quantizer, "_store_calib_amax", None)
     if store is not None:
-        store(amax, True)
+        store(amax, True, found_by)
     else:
         quantizer.amax = amax

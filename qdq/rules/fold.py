@@ -14,6 +14,11 @@ holds an amax, that amax is brought in line with the folded weight.
 Pairs are found on torch.fx graphs (a conv whose only consumer is a BN). Where a part
 of the model does not trace, the BNs directly in that part are left as they are and a
 warning names them.
+
+The model remembers what was folded (``qdq_folded_batchnorms`` on the module folded, the
+placement rules' report, ``qdq.restore``), so a later step, such as an export of a model
+folded when its weights were quantized, can say "already folded" rather than "0 folded":
+:func:`folded_before` lists them.
 """
 
 from __future__ import annotations
@@ -28,7 +33,10 @@ from qdq.replace import disable_quantization
 from qdq.rules.check import Call, placeholder_args
 from qdq.rules.trace import trace_parts
 
-__all__ = ["fold_batchnorm", "fold_pair", "FOLDABLE"]
+__all__ = ["fold_batchnorm", "fold_pair", "FOLDABLE", "folded_before", "record_folded"]
+
+#: the attribute a folded module keeps its folded BatchNorm paths in (relative to it)
+_RECORD = "qdq_folded_batchnorms"
 
 _CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) + _CONV_TRANSPOSE
@@ -208,6 +216,7 @@ def fold_batchnorm(model: nn.Module, example_inputs=None) -> list[str]:
             fold_pair(layer, bn)
             _set_submodule(model, bn_path, nn.Identity())
             folded.append(bn_path)
+    record_folded(model, folded)
     if in_training:
         warnings.warn("fold_batchnorm: BatchNorm in training mode left as is (call "
                       f"model.eval() first): {', '.join(in_training)}", stacklevel=2)
@@ -215,3 +224,22 @@ def fold_batchnorm(model: nn.Module, example_inputs=None) -> list[str]:
         warnings.warn("fold_batchnorm: parts that torch.fx cannot trace; their BatchNorm "
                       "layers are left as is: " + "; ".join(untraced), stacklevel=2)
     return folded
+
+
+def record_folded(model: nn.Module, paths: list[str]) -> None:
+    """Remember on ``model`` that the BatchNorms at ``paths`` (relative to it) are folded."""
+    if paths:
+        known = list(getattr(model, _RECORD, []))
+        setattr(model, _RECORD, known + [p for p in paths if p not in known])
+
+
+def folded_before(model: nn.Module) -> list[str]:
+    """Paths of the BatchNorms already folded into the layer before them in ``model``: by
+    :func:`fold_batchnorm` (``qdq.weight_only``, the placement rules) or rebuilt folded by
+    ``qdq.restore``, in the order they were recorded."""
+    found: dict[str, None] = {}
+    for prefix, module in model.named_modules():
+        report = getattr(module, "qdq_rules_report", None)
+        for path in [*getattr(module, _RECORD, []), *getattr(report, "folded", [])]:
+            found[f"{prefix}.{path}" if prefix else path] = None
+    return list(found)

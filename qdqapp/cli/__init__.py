@@ -20,6 +20,7 @@ import sys
 import traceback
 from collections.abc import Callable
 
+from qdq.provenance import recording_command
 from qdqapp.errors import CliError
 from qdqapp.logs import OwnInfo
 
@@ -74,8 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     console = _console_logging(args.debug, args.quiet)
     _, handler, _, _ = _COMMANDS[args.command]
+    typed = ["qdq", *(sys.argv[1:] if argv is None else argv)]
     try:
-        return int(handler(args) or 0)
+        with recording_command(typed):  # reports name the command that made them
+            return int(handler(args) or 0)
     except KeyboardInterrupt:
         print("qdq: interrupted", file=sys.stderr)
         return 130

@@ -109,10 +109,13 @@ def parse(args: argparse.Namespace) -> CalibrateSpecs:
 
 def calibration_record(session: Session, calibrator: str, summary=None,
                        left_float: list[str] | None = None) -> dict:
-    """What calibration.json holds: how, on what, and every quantizer's amax."""
+    """What calibration.json holds: how, on what, and every quantizer's amax (its
+    ``calibrator``: the search that found it), and where the file came from."""
     import qdq
+    from qdq.provenance import provenance
 
-    record = {"calibrator": calibrator, "data": session.data_spec,
+    record = {"provenance": provenance(session.prepared.device),
+              "calibrator": calibrator, "data": session.data_spec,
               "left_in_float": left_float or [], **session.choice.as_dict()}
     if summary is not None:
         record.update(num_batches=summary.num_batches, num_samples=summary.num_samples,

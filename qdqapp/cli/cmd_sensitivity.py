@@ -28,7 +28,8 @@ EPILOG = f"""examples:
   qdq sensitivity reference --data fashion-mnist --out runs/sens
   qdq sensitivity reference --checkpoint runs/calib/quantized.pt --data fashion-mnist \\
       --mode one-at-a-time --proxy --max-drop 0.5 --out runs/sens
-  qdq sensitivity torchvision:resnet18 --data random:16x3x32x32 --eval-batches 4 --out runs/r18
+  qdq sensitivity torchvision:resnet18 --checkpoint resnet18_float.pt \\
+      --data imagefolder:/data/imagenet --eval-batches 20 --out runs/r18
   qdq sensitivity hf:minilm --data text:sentences.txt --smoothquant --eval mean-cosine \\
       --max-drop 0.002 --out runs/minilm_sens
   torchrun --nproc-per-node 4 -m qdqapp.cli sensitivity reference --data fashion-mnist \\
@@ -43,6 +44,11 @@ interruption and it resumes; sweep.json records what built the model and the dat
 resume with other options is refused (--fresh starts over).
 With random data (no labels) the metric is top-1 agreement with the FP32 model; with text
 the min cosine of mean-pooled sentence embeddings vs FP32 (--eval mean-cosine: the mean).
+Random weights (torchvision:NAME without --checkpoint) or random data only show that the
+command runs: such a model predicts about one class for every input, so no layer moves
+the metric. When the metric cannot tell the layers apart (every layer the same within one
+sample, or FP32 predicting one class for 90% of the inputs or more), the output,
+report.md, sensitivity.json and the chart say so, and what to do.
 --smoothquant also writes smoothquant.txt/json.
 --format fp8 sweeps FP8 quantizers; w8/w4 have no quantizers to sweep and are refused.
 Every flag (--top-k at least 1, --max-drop not negative, ...) is checked before any work;
@@ -143,7 +149,7 @@ def _check_resume(out, record: dict[str, Any], fresh: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import sensitivity
-    from qdqapp.evaluate import evaluation
+    from qdqapp.evaluate import SWEEP_ADVICE, evaluation, metric_check
 
     specs = parse(args)
     progress = not args.quiet
@@ -173,9 +179,12 @@ def run(args: argparse.Namespace) -> int:
         record = calibration_record(session, calibrator or "from the checkpoint", summary,
                                     left)
         atomic_write(out / "calibration.json", json.dumps(record, indent=1) + "\n")
+        check = metric_check(eval_fn, prepared.model)  # can the metric see a layer at all?
         report = sensitivity.sweep(prepared.model, eval_fn, mode=specs.mode, layers=layers,
                                    progress=progress, resume=progress_file,
-                                   metric_name=name)
+                                   metric_name=name, resolution=check.resolution)
+        report.extra_warnings += check.warnings
+        report.advice = SWEEP_ADVICE
         if specs.proxy:
             proxy = sensitivity.proxy_ranking(prepared.model, source.calib(),
                                               num_batches=specs.data.calib_batches,

@@ -143,7 +143,8 @@ def _run(specs: RunSpecs, folder: RunFolder, session: Session, eval_fn, scorer,
             result, status = {"reason": str(why)}, "skipped"
             log.info("    skipped: %s", why)
         folder.mark(st.name, status, result, time.perf_counter() - start)
-    write_report(folder, config, source.description, session.choice)
+    write_report(folder, config, source.description, session.choice,
+                 session.prepared.device)
     folder.save_state()
     result = RunResult(folder=folder.root, results=folder.results(),
                        statuses={s.name: folder.status(s.name) for s in STAGES},

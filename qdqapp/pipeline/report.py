@@ -8,7 +8,10 @@ reason. The metric is named wherever a number of it appears (``state.json`` keep
 and the digits it is printed with); text models show the min and the mean cosine. A failed
 check reads FAILED in the printed table, in report.md/html and in summary.json
 (``"status": "FAILED"`` and the reasons in ``"failed_checks"``), and makes ``qdq run``
-exit with status 1.
+exit with status 1. A sweep whose metric cannot tell the layers apart reads WARNING in
+the table, the report and ``"sweep_warnings"``. report.md/html and summary.json say when,
+with which command and qdq version, and on which machine and device they were written
+(:mod:`qdq.provenance`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import html
 import json
 from typing import Any
 
+from qdq.provenance import provenance, provenance_line
 from qdqapp.formats import FormatChoice, size_text
 from qdqapp.pipeline.config import RunConfig
 from qdqapp.pipeline.folder import RunFolder
@@ -160,6 +164,7 @@ def summary(folder: RunFolder, choice: FormatChoice | None = None) -> dict[str, 
         "onnx_check": onnx_line,
         "lint": lint_line,
         "engine": engine_line,
+        "sweep_warnings": r("sweep").get("warnings", []),
         "stages": {name: entry["status"] for name, entry in folder.state["stages"].items()},
     }
 
@@ -199,6 +204,10 @@ def _summary_rows(s: dict[str, Any], folder: RunFolder,
     ]
     if s["smoothquant"]:
         rows.insert(2, ("SmoothQuant", s["smoothquant"].removeprefix("SmoothQuant: ")))
+    if s["sweep_warnings"]:
+        rows.insert(rows.index(next(r for r in rows if r[0] == "layers kept in float")),
+                    ("sensitivity sweep", "WARNING: " + "; ".join(s["sweep_warnings"])
+                     + " (sensitivity/report.md)"))
     if s["failed_checks"]:
         rows.append(("result", "FAILED: " + "; ".join(s["failed_checks"])))
     return rows
@@ -221,10 +230,12 @@ def _md_table(header: list[str], rows: list[list[Any]], digits: int = 2) -> str:
 
 
 def write_report(folder: RunFolder, config: RunConfig, data: str,
-                 choice: FormatChoice | None = None) -> None:
+                 choice: FormatChoice | None = None, device=None) -> None:
+    """report.md, report.html and summary.json; ``device``: where the model ran."""
     choice = choice or FormatChoice()
     s = summary(folder, choice)
-    folder.write_json("summary.json", s)
+    made = provenance(device)
+    folder.write_json("summary.json", {**s, "provenance": made})
     r = folder.result
     info = _metric_info(folder)
     metric_name, digits = s["metric"], _digits(folder)
@@ -237,7 +248,7 @@ def write_report(folder: RunFolder, config: RunConfig, data: str,
         if s["scores"]:
             scoring += (" The sweep and partial quantization use this number; the min and "
                         "mean cosine over the sentences are shown beside it.")
-    parts = [f"# qdq run: `{config.model}`, {choice.title}", ""]
+    parts = [f"# qdq run: `{config.model}`, {choice.title}", "", provenance_line(made), ""]
     if s["failed_checks"]:
         parts += ["**FAILED**: " + "; ".join(s["failed_checks"]) + ".", ""]
     parts += [f"Data: {data}. {scoring}", "",
@@ -265,8 +276,9 @@ def write_report(folder: RunFolder, config: RunConfig, data: str,
                   "", "![calibrators](calibrators.png)", ""]
     if folder.status("sweep") == "done":
         ranked = r("sweep").get("ranked", [])
-        parts += ["## Sensitivity", "",
-                  "Most sensitive layers first; the full table is in "
+        parts += ["## Sensitivity", ""]
+        parts += [f"> **Warning:** {w}.\n" for w in s["sweep_warnings"]]
+        parts += ["Most sensitive layers first; the full table is in "
                   "[sensitivity/report.md](sensitivity/report.md).", "",
                   _md_table(["layer", metric_name or "metric", "delta"],
                             [[x["layer"], x.get("metric"), x.get("delta")] for x in ranked],
@@ -307,9 +319,8 @@ def write_report(folder: RunFolder, config: RunConfig, data: str,
                   f"`model.onnx` ({choice.title}): opset {exp.get('opset', config.opset)}, "
                   f"{exp['quantize_nodes']} QuantizeLinear / "
                   f"{exp['dequantize_nodes']} DequantizeLinear, {_onnx_size(exp)}, "
-                  + ("BatchNorm folded into the layer before when the weights were quantized."
-                     if choice.weight_only else
-                     f"{exp['folded_batchnorms']} BatchNorm folded into the layer before.")]
+                  + f"{exp['folded_batchnorms']} BatchNorm folded into the layer before"
+                  + (" when the weights were quantized." if choice.weight_only else ".")]
         rules = exp.get("rules")
         placed = ("none: weight-only layers need no Q/DQ placement" if choice.weight_only
                   else "off (`--no-rules`)" if rules is None else

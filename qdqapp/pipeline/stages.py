@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 import qdq
-from qdqapp.evaluate import ACCURACY, default_max_drop
+from qdqapp.evaluate import ACCURACY, SWEEP_ADVICE, default_max_drop
 from qdqapp.flow import Session, leave_uncalibrated_in_float, on_device
 from qdqapp.logs import library_chatter
 from qdqapp.pipeline.config import RunConfig, RunSettings, RunSpecs
@@ -266,15 +266,30 @@ def sweep(run: Run) -> dict[str, Any]:
         raise Skip("sweep disabled (sweep: none)")
     folder = run.folder.path("sensitivity")
     folder.mkdir(exist_ok=True)
+    check = _metric_check(run)
     report = sensitivity.sweep(run.model, run.evaluate, mode=run.settings.sweep,
                                resume=folder / "rows.jsonl", progress=run.progress,
-                               metric_name=run.metric_name)
+                               metric_name=run.metric_name, resolution=check.resolution)
+    report.extra_warnings += check.warnings
+    report.advice = SWEEP_ADVICE
     report.write(folder)
     run.extra["report"] = report
     ranked = [{"layer": r.layer, "metric": r.metric, "delta": r.delta, "status": r.status}
               for r in report.ranked()]
     return {"folder": "sensitivity", "fp32": report.fp32, "int8": report.int8,
-            "ranked": ranked[:10]}
+            "ranked": ranked[:10], "warnings": report.warnings}
+
+
+def _metric_check(run: Run):
+    """Whether the run's metric can tell layers apart (``qdqapp.evaluate.metric_check``)
+    on the FP32 model; a function of the user's is taken as it is."""
+    from qdqapp.evaluate import MetricCheck, metric_check
+
+    if run.scorer is None and run.config.eval not in ("top1", "auto"):
+        return MetricCheck()
+    with run.float_model() as model:
+        return metric_check(run.scorer, model, None if run.scorer else run.eval_loader,
+                            run.device, run.config.eval_batches)
 
 
 @stage("partial", "partial quantization to the target drop")
@@ -349,8 +364,7 @@ def export_onnx(run: Run) -> dict[str, Any]:
             "quantize_nodes": result.quantize_nodes,
             "dequantize_nodes": result.dequantize_nodes, "bytes": result.bytes,
             "fp32_bytes": result.fp32_bytes, "compression": round(result.compression, 3),
-            "folded_batchnorms": len(result.folded_batchnorms)
-            + (len(rules.folded) if rules else 0),
+            "folded_batchnorms": len(result.folded_batchnorms) + len(result.folded_before),
             "rules": {k: v for k, v in rules.changes.items() if v} if rules else None}
 
 
@@ -472,33 +486,13 @@ def _save_figure(run: Run, fig, name: str) -> None:
 
 
 def _plot_calibrators(run: Run, rows: list[dict[str, Any]], best: str) -> None:
-    from matplotlib.figure import Figure
+    from qdqapp.pipeline.charts import calibrator_figure
 
-    rows = [r for r in rows if r["metric"] is not None]
-    if not rows:
+    if not any(r["metric"] is not None for r in rows):
         return
-    names = [r["method"] for r in rows]
-    values = [r["metric"] for r in rows]
-    fig = Figure(figsize=(7, 0.45 * len(rows) + 1.2))
-    ax = fig.subplots()
-    colors = ["tab:green" if n == best else "tab:blue" for n in names]
-    ax.barh(names, values, color=colors)
-    fp32_metric = run.folder.result("fp32").get("metric")
-    if fp32_metric is not None:
-        ax.axvline(fp32_metric, color="black", linestyle="--",
-                   label=f"FP32 {fp32_metric:.{run.metric_info()['digits']}f}")
-        ax.legend(loc="lower right")
-    low = min(values + ([fp32_metric] if fp32_metric is not None else []))
-    high = max(values + ([fp32_metric] if fp32_metric is not None else []))
     info = run.metric_info()
-    unit = 1.0 if info["digits"] == 2 else 0.002  # a percentage point, or a cosine step
-    ax.set_xlim(low - max(unit, 0.2 * (high - low)), high + 0.2 * max(unit, high - low))
-    for y, v in enumerate(values):
-        ax.text(v, y, f" {v:.{info['digits']}f}", va="center")
-    ax.invert_yaxis()
-    ax.set_xlabel(f"{info['name'] or 'metric'} (higher is better)")
-    ax.set_title(f"Calibrators (best: {best})")
-    fig.tight_layout()
+    fig = calibrator_figure(rows, best, run.folder.result("fp32").get("metric"),
+                            info["digits"], info["name"])
     _save_figure(run, fig, "calibrators.png")
 
 

@@ -132,7 +132,10 @@ def test_weight_only_export_is_integer_initializers_feeding_dq(tmp_path, bits, b
     assert len(report.weights) == 6 and report.weight_mismatches == 0
     assert report.forced_outputs == report.outputs and report.format == result.format
     assert "INT4 weight-only" in str(report) or bits == 8
-    assert check_qdq(tmp_path / "w.onnx") == []
+    # ONNX Runtime runs the INT4 Conv; TensorRT has none, and the lint says so
+    findings = [(f.rule, f.node) for f in check_qdq(tmp_path / "w.onnx")]
+    conv = next(n.name for n in proto.graph.node if n.op_type == "Conv")
+    assert findings == ([("int4-conv", conv)] if bits == 4 else [])
 
 
 def test_file_sizes_of_fp32_w8_and_w4(tmp_path):

@@ -19,8 +19,12 @@ def _init(name, value):
 
 def build(*, opset=13, x_scale=0.05, x_zp=None, x_axis_scales=None, w_axis=0,
           w_scale=None, drop_dq=False, float_weight=False, conv_op="Conv", residual=None,
-          pool=None, concat=None) -> onnx.ModelProto:
-    """X -> Q/DQ -> Conv(DQ(W)) -> Y, with one knob per rule to break it."""
+          pool=None, concat=None, w_codes=None) -> onnx.ModelProto:
+    """X -> Q/DQ -> Conv(DQ(W)) -> Y, with one knob per rule to break it.
+
+    ``w_codes`` stores the weight as integer codes behind one DequantizeLinear, as the
+    weight-only formats do: ``(bits, block_size)``, ``bits`` 4 or 8, ``block_size`` None
+    for one scale per output channel."""
     rng = np.random.default_rng(0)
     x_zp = np.int8(0) if x_zp is None else x_zp
     inits, nodes, extra = [], [], []
@@ -46,6 +50,8 @@ def build(*, opset=13, x_scale=0.05, x_zp=None, x_axis_scales=None, w_axis=0,
         nodes.append(helper.make_node("Cast", ["xq"], ["xq_cast"], to=TensorProto.FLOAT))
     if float_weight:
         weight = "W"
+    elif w_codes is not None:
+        weight = _weight_codes(w, *w_codes, inits, nodes)
     else:
         nodes += [helper.make_node("QuantizeLinear", ["W", "w_scale", "w_zp"], ["wq"],
                                    name="q_w", axis=w_axis),
@@ -103,6 +109,30 @@ def build(*, opset=13, x_scale=0.05, x_zp=None, x_axis_scales=None, w_axis=0,
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
+def _weight_codes(w: np.ndarray, bits: int, block: int | None, inits: list,
+                  nodes: list) -> str:
+    """``W`` as int4/int8 codes -> DequantizeLinear (per output channel or in blocks of
+    ``block`` along the input axis 1); returns the dequantized tensor's name."""
+    from export.formats import int4_initializer
+
+    qmax = 7 if bits == 4 else 127
+    if block:  # one scale per block of inputs at each output channel and kernel position
+        blocks = w.reshape(w.shape[0], w.shape[1] // block, block, *w.shape[2:])
+        scale = (np.abs(blocks).max(axis=2) / qmax).astype(np.float32)
+        per_weight = np.repeat(scale, block, axis=1)
+    else:
+        scale = (np.abs(w).max(axis=(1, 2, 3)) / qmax).astype(np.float32)
+        per_weight = scale.reshape(-1, 1, 1, 1)
+    codes = np.clip(np.round(w / per_weight), -qmax - 1, qmax).astype(np.int8)
+    inits.append(int4_initializer("w_codes", codes) if bits == 4 else _init("w_codes", codes))
+    inits.append(_init("wc_scale", scale))
+    dq = helper.make_node("DequantizeLinear", ["w_codes", "wc_scale"], ["wcd"],
+                          name="dq_w_codes", axis=1 if block else 0,
+                          **({"block_size": block} if block else {}))
+    nodes.append(dq)
+    return "wcd"
+
+
 CASES = {
     # rule: (knobs that make it fire)
     "opset": dict(opset=10, w_axis=0, x_axis_scales=None),
@@ -112,6 +142,7 @@ CASES = {
     "weight-axis": dict(w_axis=1, w_scale=np.full([3], 0.01, np.float32)),
     "q-without-dq": dict(drop_dq=True),
     "float-input": dict(float_weight=True),
+    "int4-conv": dict(opset=21, w_codes=(4, None)),
     "residual-add": dict(residual="float"),
     "shared-scale": dict(pool=0.1),
 }
@@ -151,6 +182,24 @@ def test_conv_transpose_weight_axis():
 def test_unsigned_and_missing_zero_point():
     model = build(x_zp=np.uint8(0))
     assert any("uint8" in f.message for f in check_qdq(model))
+
+
+@pytest.mark.parametrize("codes, fires", [((4, None), "INT4"), ((4, 3), "INT4"),
+                                          ((8, 3), "block-wise"), ((8, None), None)])
+def test_int4_and_block_weights_of_a_conv(codes, fires):
+    """TensorRT has no INT4 or block-wise convolution: the Conv is named; an INT8
+    per-channel weight is not this rule's business. ONNX Runtime runs every case."""
+    model = build(opset=21, w_codes=codes)
+    onnx.checker.check_model(model)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess.run(None, {"X": np.zeros([1, 3, 8, 8], np.float32)})
+    hits = [f for f in check_qdq(model) if f.rule == "int4-conv"]
+    if fires is None:
+        assert hits == []
+        return
+    assert [(f.node, f.severity) for f in hits] == [("conv", "error")]
+    assert hits[0].message.startswith(f"{fires} weight from 'dq_w_codes'")
+    assert "Conv" in hits[0].message
 
 
 def test_concat_scales():
@@ -203,3 +252,25 @@ def test_placement_rules_make_resnet18_lint_clean(tmp_path):
     calibrate(model, x)
     to_onnx(model, x[:1], tmp_path / "placed.onnx")
     assert check_qdq(tmp_path / "placed.onnx") == []
+
+
+def test_int4_weight_only_export_names_its_convs_not_its_linear(tmp_path):
+    """qdq.weight_only(bits=4) puts INT4 blocks on every Conv and Linear; ONNX Runtime
+    runs them all, TensorRT only the Gemm: each Conv is an error, the Gemm is not."""
+    import torch
+    from torch import nn
+
+    import qdq
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 1), nn.Flatten(), nn.Linear(8 * 4 * 4, 4)).eval()
+    qdq.weight_only(model, bits=4, block_size=8)
+    to_onnx(model, torch.randn(1, 8, 4, 4), tmp_path / "w4.onnx")
+    findings = check_qdq(tmp_path / "w4.onnx")
+    graph = onnx.load(str(tmp_path / "w4.onnx")).graph
+    convs = {n.name for n in graph.node if n.op_type == "Conv"}
+    flagged = [f for f in findings if f.rule == "int4-conv"]
+    assert {f.node for f in flagged} == convs and len(convs) == 2
+    assert all(f.severity == "error" for f in flagged)
+    assert not any("Gemm" in f.node or "MatMul" in f.node for f in flagged)

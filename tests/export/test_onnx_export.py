@@ -82,6 +82,34 @@ def test_batchnorm_folded_before_export(tmp_path):
     assert not [f for f in check_qdq(tmp_path / "r.onnx") if f.severity == "error"]
 
 
+def test_export_says_when_batchnorm_was_folded_already(tmp_path):
+    """A model folded when its weights were quantized (or by the placement rules) exports
+    with "BatchNorm already folded in the model (N)", not "0 BatchNorm folded"; the same
+    after qdq.save/restore."""
+    x = torch.randn(2, 3, 8, 8)
+    torch.manual_seed(0)
+    plain = to_onnx(small_net(), x[:1], tmp_path / "plain.onnx")
+    assert plain.folded_batchnorms == ["1"] and plain.folded_before == []
+    assert str(plain).endswith(", 1 BatchNorm folded)")
+    torch.manual_seed(0)
+    w4 = small_net()
+    qdq.weight_only(w4, bits=4, block_size=4, ignore=["0"])
+    result = to_onnx(w4, x[:1], tmp_path / "w4.onnx")
+    assert result.folded_batchnorms == [] and result.folded_before == ["1"]
+    assert str(result).endswith(", BatchNorm already folded in the model (1))")
+    qdq.save(w4, tmp_path / "w4.qdq.pt")
+    restored = qdq.restore(small_net(), tmp_path / "w4.qdq.pt")
+    again = to_onnx(restored, x[:1], tmp_path / "again.onnx")
+    assert again.folded_before == ["1"] and again.folded_batchnorms == []
+    torch.manual_seed(0)
+    ruled = qdq.rules.apply_rules(small_net(), x[:1])
+    calibrate(ruled, x)
+    result = to_onnx(ruled, x[:1], tmp_path / "ruled.onnx")
+    assert result.folded_before == ["1"] and "already folded in the model (1)" in str(result)
+    assert to_onnx(small_net(), x[:1], tmp_path / "kept.onnx", fold_bn=False
+                   ).batchnorm_text() == "no BatchNorm folded"
+
+
 def test_int8_weights_smaller_and_identical(net, tmp_path):
     x = torch.randn(4, 3, 8, 8)
     a = to_onnx(net, x[:1], tmp_path / "f32.onnx", fold_bn=False)

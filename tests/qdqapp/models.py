@@ -105,3 +105,17 @@ def write_sentences(path, count: int, seed: int = 0) -> str:
             lines.append(line)
     path.write_text("\n".join(lines) + "\n")
     return str(path)
+
+
+class OneClassCNN(TinyCNN):
+    """TinyCNN whose head always picks class 0, as random weights often nearly do: top-1
+    cannot see any layer's quantization."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.no_grad():
+            self.fc.bias.copy_(torch.tensor([1e4, 0.0, 0.0, 0.0]))
+
+
+def one_class_cnn() -> nn.Module:
+    return OneClassCNN()

@@ -160,7 +160,7 @@ CASES = [
       "--out", "{tmp}/r"), "--block-size 128 does not divide the input dimension of "
      "conv1.weight (3), layer1.0.conv1.weight (64)"),
     (("export", R18, "--format", "w4", "--block-size", "128", "--out", "{tmp}/a.onnx"),
-     "keep those layers in float (--ignore conv1 --ignore layer1.0.conv1"),
+     "keep those 7 layers in float (--ignore conv1 --ignore layer1.0.conv1"),
     (("summary", R18, "--format", "w4", "--block-size", "128", "--ignore", "conv1"),
      "or choose another block size (--block-size 64 divides every layer)"),
     (("export", R18, "--data", SMALL, "--format", "fp8", "--opset", "17", "--out",

@@ -103,8 +103,60 @@ def test_calibrate_compare_writes_what_its_help_names(tmp_path):
     assert MARKER in help_text and owner_of(tmp_path) == "calibrate"
     table = json.loads((tmp_path / "calibrators.json").read_text())
     assert table["metric_name"] == "top-1 agreement with FP32 (%)"
+    assert table["provenance"]["command"].startswith("qdq calibrate ")
+    assert "Made " in (tmp_path / "calibrators.md").read_text().splitlines()[-1]
     assert json.loads((tmp_path / "calibration.json").read_text())["calibrator"] == \
         table["best"]
+
+
+def test_calibration_json_and_table_name_the_search_of_each_amax(tmp_path):
+    """Activations calibrated with percentile-99.9 read percentile-99.9, not the max
+    their descriptors name; weights read max."""
+    out = qdq("calibrate", TINY, "--data", "random:4x3x8x8", "--calibrator", "percentile-99.9",
+              "--out", tmp_path, "--quiet")
+    assert out.code == 0, out.err
+    rows = json.loads((tmp_path / "calibration.json").read_text())["quantizers"]
+    calibrated = [r for r in rows if r["amax_max"] is not None]
+    assert {r["calibrator"] for r in calibrated if r["role"] != "weight"} == \
+        {"percentile-99.9"}
+    assert {r["calibrator"] for r in calibrated if r["role"] == "weight"} == {"max"}
+    table = (tmp_path / "calibration.txt").read_text()
+    assert "percentile-99.9" in table
+    made = json.loads((tmp_path / "calibration.json").read_text())["provenance"]
+    assert made["command"].startswith("qdq calibrate tests.qdqapp.models:tiny_cnn --data")
+    restored = qdq("summary", TINY, "--checkpoint", tmp_path / "quantized.pt", "--json",
+                   "--quiet")
+    assert [r["calibrator"] for r in json.loads(restored.out)] == [r["calibrator"]
+                                                                    for r in rows]
+    # the rules folded bn1 when the model was made: export says so, not "0 folded"
+    onnx = qdq("export", TINY, "--checkpoint", tmp_path / "quantized.pt", "--out",
+               tmp_path / "m.onnx", "--quiet")
+    assert onnx.code == 0, onnx.err
+    assert "BatchNorm already folded in the model (1))" in onnx.out
+    assert "0 BatchNorm folded" not in onnx.out
+
+
+def test_a_sweep_whose_metric_is_blind_warns_and_the_help_says_so(tmp_path):
+    """Random weights put every input in one class (the old ``sensitivity --help``
+    example): the command still runs, and its output, report.md and sensitivity.json
+    say the metric cannot tell the layers apart, why, and what to do."""
+    out = qdq("sensitivity", "tests.qdqapp.models:one_class_cnn", "--data", "random:8x3x8x8",
+              "--out", tmp_path, "--quiet")
+    assert out.code == 0, out.err
+    assert "WARNING: the metric cannot tell the layers apart: all 4 layers measure top-1 " \
+           "agreement with FP32 (%) 100.0000, as do FP32 and INT8 (the metric's " \
+           "resolution is 1.5625)" in out.out             # 8 batches of 8 random inputs
+    assert "WARNING: the FP32 model predicts class 0 for every one of the 64 evaluation " \
+           "inputs" in out.out
+    assert "what to do: use trained weights" in out.out and "--eval-batches" in out.out
+    report = json.loads((tmp_path / "sensitivity.json").read_text())
+    assert len(report["warnings"]) == 2 and report["resolution"] == 100 / 64
+    assert report["provenance"]["command"].startswith("qdq sensitivity tests.qdqapp.models")
+    md = (tmp_path / "report.md").read_text()
+    assert md.count("> **Warning:**") == 2 and "> **What to do:** use trained weights" in md
+    help_text = " ".join(qdq("sensitivity", "--help").out.split())
+    assert "--data random:16x3x32x32 --eval-batches 4" not in help_text
+    assert "or random data only show that the command runs" in help_text
 
 
 def test_export_with_dynamo_keeps_stderr_quiet(tmp_path):

@@ -116,6 +116,22 @@ def test_one_file_per_format_through_the_commands(tmp_path, fmt):
             np.testing.assert_allclose(got, restored(x).numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_block_size_error_suggests_every_layer_to_ignore():
+    """The --ignore flags the error suggests are complete: pasted as they are, the same
+    command goes through (they used to stop after six layers, "and 1 more")."""
+    import re
+    import shlex
+
+    args = ["summary", "torchvision:resnet18", "--format", "w4", "--block-size", "128"]
+    refused = cli(*args)
+    assert refused.code == 2
+    flags = re.search(r"in float \((--ignore [^)]*)\)", refused.err).group(1)
+    assert shlex.split(flags).count("--ignore") == 7
+    assert "--ignore layer2.0.downsample.0" in flags      # the seventh, left out before
+    fixed = cli(*args, *shlex.split(flags), "--quiet")
+    assert fixed.code == 0, fixed.err
+
+
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_data_driven_weight_methods_through_the_commands(tmp_path, method):
     """--weight-method gptq/awq quantize the weights from the calibration batches; the file
@@ -202,9 +218,16 @@ def test_run_per_format_on_the_reference_model(tmp_path, fmt):
     extra = {"fp8": ["--calibrator", "max", "--sweep", "none"], "w8": [],
              "w4": ["--block-size", "32", "--ignore", "stem.0.0"]}[fmt]
     result = cli("run", "--format", fmt, *extra, *FAST, "--out", out)
-    assert result.code == 0, result.err[-3000:]
+    # INT4 conv weights run in ONNX Runtime, not in TensorRT: the lint's errors fail the run
+    assert result.code == (1 if fmt == "w4" else 0), result.err[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "ok" and summary["format"] == fmt
+    assert summary["status"] == ("FAILED" if fmt == "w4" else "ok")
+    assert summary["format"] == fmt
+    if fmt == "w4":
+        lint = json.loads((out / "lint.json").read_text())
+        convs = {f["node"] for f in lint if f["rule"] == "int4-conv"}
+        assert len(convs) == 7 and all(node.endswith("/Conv") for node in convs)
+        assert summary["failed_checks"] == ["Q/DQ lint found 7 errors (lint.json)"]
     assert summary["onnx_bytes"] == (out / "model.onnx").stat().st_size
     assert summary["onnx_fp32_bytes"] > 0
     assert summary["compression"] == pytest.approx(
@@ -267,9 +290,10 @@ def test_run_takes_a_weight_only_file_and_keeps_its_format(tmp_path):
     run_dir = tmp_path / "r"
     result = cli("run", "--model", TINY, "--data", DATA, "--checkpoint",
                  tmp_path / "cal" / "quantized.pt", "--out", run_dir, "--quiet")
-    assert result.code == 0, result.err[-3000:]
+    assert result.code == 1, result.err[-3000:]   # its two INT4 convs fail the lint
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["format"] == "w4" and summary["onnx_opset"] == 21
+    assert summary["failed_checks"] == ["Q/DQ lint found 2 errors (lint.json)"]
     assert "INT4 weight-only (per channel, amax max)" in result.out
     state = json.loads((run_dir / "state.json").read_text())["stages"]
     assert state["calibrate"]["status"] == "skipped"

@@ -166,3 +166,51 @@ def test_run_takes_a_quantized_model_file_as_checkpoint(tmp_path):
     assert result.code == 0, result.err[-3000:]
     ops = [n.op_type for n in onnx.load(str(tmp_path / "r" / "model.onnx")).graph.node]
     assert ops[-1] == "Gemm" and ops.count("QuantizeLinear") == 5  # fc stayed float
+
+
+def _image_folder(root, per_class: int = 3) -> str:
+    """train/ and val/ of random PNG images in two classes; the spec of the folder."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label in ("cat", "dog"):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8")).save(
+                    folder / f"{i}.png")
+    return f"imagefolder:{root}"
+
+
+def test_a_blind_sweep_reads_warning_and_every_report_says_where_it_came_from(tmp_path):
+    """A model that puts every image in one class: the sweep cannot rank its layers, and
+    the printed table, report.md/html and summary.json say so; they also carry the date,
+    qdq version, command line and machine."""
+    import qdq as qdq_package
+
+    out = tmp_path / "r"
+    args = ["run", "--model", "tests.qdqapp.models:one_class_cnn", "--data",
+            _image_folder(tmp_path / "images"), "--calibrators", "max", "--batch-size", "4",
+            "--calib-batches", "1", "--image-size", "16", "--out", out, "--quiet"]
+    result = qdq(*args)
+    assert result.code == 0, result.err[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    warnings = summary["sweep_warnings"]
+    assert warnings[0].startswith("the metric cannot tell the layers apart: all 4 layers "
+                                  "measure top-1 accuracy (%) 50.0000")
+    assert warnings[1].startswith("the FP32 model predicts class 0 for every one of the 6 "
+                                  "evaluation inputs")
+    assert "sensitivity sweep         WARNING: the metric cannot tell" in result.out
+    report = (out / "report.md").read_text()
+    assert "> **Warning:** the FP32 model predicts class 0" in report
+    assert "> **What to do:** use trained weights" in (out / "sensitivity" /
+                                                        "report.md").read_text()
+    made = summary["provenance"]
+    assert made["qdq"] == qdq_package.__version__ and made["device"] == "cpu"
+    assert made["command"] == "qdq " + " ".join(str(a) for a in args)
+    assert made["date"].endswith("Z") and made["host"] and made["torch"]
+    line = report.splitlines()[2]
+    assert line.startswith(f"Made {made['date']} by `qdq run --model ") and \
+        f"with qdq {made['qdq']}" in line
+    assert f"Made {made['date']}" in (out / "report.html").read_text()

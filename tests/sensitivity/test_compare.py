@@ -42,6 +42,10 @@ def test_every_method_is_evaluated_and_the_best_stays_loaded(eval_fn):
     assert model.conv1._weight_quantizer.amax.flatten().tolist() == pytest.approx(w.tolist())
     md = table.markdown()
     assert "best (loaded)" in md and "percentile-99.99" in md
+    # every quantizer names the search whose amax it holds: the best, max for weights
+    found = {n: q.calibrated_by for n, q in qdq.quantizers(model)}
+    assert found["conv1._input_quantizer"] == table.best
+    assert found["conv1._weight_quantizer"] == "max"
 
 
 def test_histogram_calibration_equals_the_comparison_row(eval_fn):

@@ -1,5 +1,6 @@
 """proxy_ranking() and partial_quantize() on a small trained CNN."""
 
+import json
 import math
 import random
 
@@ -38,6 +39,8 @@ def test_proxy_finds_the_sabotaged_layer_and_measures_real_sqnr(qmodel, tmp_path
     assert row.mse == pytest.approx(float(((y_q - y_f).double() ** 2).mean()), rel=1e-6)
     out = proxy.write(tmp_path)
     assert (out / "proxy.json").is_file() and "`conv2`" in (out / "proxy.md").read_text()
+    assert json.loads((out / "proxy.json").read_text())["provenance"]["device"] == "cpu"
+    assert (out / "proxy.md").read_text().splitlines()[-1].startswith("Made ")
 
 
 def test_proxy_agrees_with_the_sweep_on_a_clear_case(qmodel, eval_fn):

@@ -150,6 +150,13 @@ def test_report_files(qmodel, eval_fn, tmp_path):
     assert loaded.to_dict() == json.loads(json.dumps(report.to_dict()))
     md = (out / "report.md").read_text()
     assert "| 1 | `conv2` |" in md and f"{report.fp32:.4f}" in md
+    # a sweep that ranks something: no warning; every report says where it came from
+    assert report.warnings == [] and "Warning" not in md and "WARNING" not in str(report)
+    made = loaded.provenance
+    assert made["qdq"] == qdq.__version__ and made["torch"] == torch.__version__
+    assert made["device"] == "cpu" and made["date"].endswith("Z") and made["command"]
+    assert all(type(v) is str for v in made.values())   # plain values: torch.load reads them
+    assert f"with qdq {qdq.__version__}, torch {torch.__version__}" in md.splitlines()[-1]
     assert report.quantized == "INT8" and "| INT8 (all quantizers on) |" in md
     skip = [line for line in (out / "skip_layers.txt").read_text().splitlines()
             if not line.startswith("#")]
@@ -160,6 +167,64 @@ def test_report_files(qmodel, eval_fn, tmp_path):
     again = sweep(qmodel, lambda m: calls.append(1) or eval_fn(m), resume=out / "rows.jsonl",
                   progress=False)
     assert calls == [] and again.ranked_layers() == report.ranked_layers()
+
+
+def test_a_sweep_that_cannot_tell_layers_apart_says_so(tmp_path):
+    """What ``qdq sensitivity --help``'s random-weights example did: the FP32 model puts
+    every input in one class, so every layer measures 100% agreement and the ranking is
+    noise. The report leads with a warning, everywhere it is shown."""
+    from qdqapp.evaluate import labelled_by_model
+    from tests.sensitivity.models import float_model, make_data
+
+    model = float_model()
+    with torch.no_grad():
+        model.fc2.bias.copy_(torch.tensor([1e4, 0.0, 0.0, 0.0]))  # always class 0
+    qdq.replace_modules(model)
+    from sensitivity import calibrate
+
+    calibrate(model, make_data(64, seed=2), progress=False)
+    batches = labelled_by_model(model, [x for x, _ in make_data(64, seed=3)])
+    report = sweep(model, lambda m: top1_accuracy(m, batches), progress=False,
+                   resolution=100 / 64, metric_name="agreement (%)")
+    assert {r.metric for r in report.rows} == {100.0} == {report.fp32, report.int8}
+    assert report.warnings == [
+        "the metric cannot tell the layers apart: all 5 layers measure agreement (%) "
+        "100.0000, as do FP32 and INT8 (the metric's resolution is 1.5625), so their order "
+        "is noise"]
+    report.extra_warnings.append("the FP32 model predicts class 0 for every input")
+    out = report.write(tmp_path)
+    md = (out / "report.md").read_text()
+    assert md.splitlines()[2].startswith("> **Warning:** the metric cannot tell the layers")
+    assert "> **Warning:** the FP32 model predicts class 0" in md
+    assert "> **What to do:** measure a model with trained weights" in md
+    assert json.loads((out / "sensitivity.json").read_text())["warnings"] == report.warnings
+    assert SensitivityReport.load(out).warnings == report.warnings
+    assert str(report).splitlines()[-3].startswith("WARNING: the metric cannot tell")
+
+
+def _report(metrics: list[float], resolution: float | None) -> SensitivityReport:
+    """A leave-one-out report at INT8 = 100, FP32 = 99 whose layers measure ``metrics``."""
+    from sensitivity.report import LayerRow
+
+    rows = [LayerRow(f"l{i}", m, m - 100.0, m - 100.0) for i, m in enumerate(metrics)]
+    return SensitivityReport("leave-one-out", 99.0, 100.0, rows, resolution=resolution)
+
+
+@pytest.mark.parametrize("metrics, resolution, warns", [
+    ([100.0, 100.0, 100.0], None, True),                 # all equal
+    ([100.0, 98.4375, 100.0], 1.5625, True),             # one sample apart at most
+    ([100.0, 98.4375, 100.0], None, False),              # without the step it counts
+    ([100.0, 96.875, 98.4375], 1.5625, False),           # two samples: a ranking
+    # the demo: INT8 above FP32, no layer gains in float, the layers still differ
+    ([100.0, 99.97, 99.95, 99.99], 0.01, False),
+])
+def test_layers_within_the_resolution_cannot_be_told_apart(metrics, resolution, warns):
+    report = _report(metrics, resolution)
+    assert bool(report.warnings) is warns, report.warnings
+    if warns:
+        assert report.warnings[0].startswith("the metric cannot tell the layers apart: all "
+                                             "3 layers measure metric ")
+        assert report.warnings[0].endswith("so their order is noise")
 
 
 class _SharedNet(nn.Module):
