@@ -375,12 +375,6 @@ def _fold_structure(model: nn.Module, modules: dict[str, str]) -> None:
             _set(model, path, nn.Identity())
 
 
-def _example(spec: dict | None, device: torch.device):
-    if spec is None:
-        return None
-    return torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"]), device=device)
-
-
 def _device_of(model: nn.Module) -> torch.device:
     return next((t.device for t in [*model.parameters(), *model.buffers()]),
                 torch.device("cpu"))
@@ -388,6 +382,7 @@ def _device_of(model: nn.Module) -> torch.device:
 
 def _replay_rules(model: nn.Module, entries: list[dict]) -> nn.Module:
     from qdq.rules import RULES, apply_rules
+    from qdq.rules.spec import example_of
 
     device = _device_of(model)
     for entry in entries:
@@ -404,8 +399,8 @@ def _replay_rules(model: nn.Module, entries: list[dict]) -> nn.Module:
             if isinstance(q, TensorQuantizer):
                 q.disable()
         keywords = entry.get("keywords") or {}
-        example = ({k: _example(s, device) for k, s in keywords.items()} if keywords
-                   else tuple(_example(s, device) for s in entry["inputs"]) or None)
+        example = ({k: example_of(s, device) for k, s in keywords.items()} if keywords
+                   else tuple(example_of(s, device) for s in entry["inputs"]) or None)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the warnings were given when it was made
             placed = apply_rules(part, example, rules=entry["rules"], insert=False,
