@@ -143,7 +143,8 @@ def apply_rules(model: nn.Module, example_inputs=None, rules: list[str] | None =
     (fx traced one branch of an ``if x is None``, say) is put back as it was, with its
     module-level quantizers, and named in one warning; if the whole model still differs,
     :class:`RulesError`. On any error the model is put back exactly as it was (nothing
-    folded, swapped or tied). Checking costs a float64 copy of the model while it runs.
+    folded, swapped or tied): that costs a copy of its tensors in CPU memory, and the
+    check a float64 copy of the model, while it runs.
     ``skip_parts`` names traced parts (module paths, ``""`` for the root) to keep
     module-level without trying: ``qdq.restore`` replays the parts that were reverted.
 

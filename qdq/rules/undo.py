@@ -30,7 +30,7 @@ def _attributes(module: nn.Module) -> dict:
 class Snapshot:
     """Module attributes and tensor values of a model; :meth:`restore` puts them back.
 
-    Costs one copy of the parameters and buffers.
+    Costs one copy of the parameters and buffers, kept in CPU memory.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -41,7 +41,7 @@ class Snapshot:
             for t in [*m._parameters.values(), *m._buffers.values()]:
                 if t is not None and id(t) not in seen:
                     seen.add(id(t))
-                    self._tensors.append((t, t.detach().clone()))
+                    self._tensors.append((t, t.detach().to("cpu", copy=True)))
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -49,8 +49,7 @@ class Snapshot:
             module.__dict__.clear()
             module.__dict__.update(saved)
         for tensor, value in self._tensors:
-            if tensor.shape == value.shape and tensor.dtype == value.dtype \
-                    and tensor.device == value.device:
+            if tensor.shape == value.shape and tensor.dtype == value.dtype:
                 tensor.copy_(value)
             else:
-                tensor.data = value
+                tensor.data = value.to(tensor.device)
