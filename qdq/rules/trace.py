@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import chain
 
 from torch import fx, nn
 
@@ -155,7 +156,7 @@ def _unreached(model: nn.Module, graph: fx.Graph) -> list[str]:
                                        for i in range(1, len(parts)))
 
     holding = {p for p, m in model.named_modules()
-               if p and next(iter([*m.parameters(), *m.buffers()]), None) is not None}
+               if p and next(chain(m.parameters(), m.buffers()), None) is not None}
     unused = {p for p in holding if not used(p)}
     return [p for p in sorted(unused) if p.rpartition(".")[0] not in unused]
 
