@@ -12,7 +12,8 @@ the state (weights and amax), the *recipe* that rebuilds that structure:
 ``kept_float``  paths of layers that have a quant twin but stayed float (the ignore
                 list in effect)
 ``rules``       each ``apply_rules`` call: where, which rules, the example inputs'
-                shapes/dtypes (positional or keyword), the quantizers already off,
+                shapes/dtypes (positional or keyword, lists, tuples and dicts with
+                their structure: :mod:`qdq.rules.spec`), the quantizers already off,
                 the traced parts kept module-level; ``folded`` BatchNorms
 ``quantizers``  one entry per quantizer object: every path it sits at (shared
                 quantizers have several), its ``QuantDescriptor`` (``num_bits``
