@@ -194,8 +194,13 @@ def _apply(model: nn.Module, call: Call | None, names: list[str], insert: bool,
         if not part.path:
             _shape_prop(gm, call)
         record = records.get(part.path) if part.path not in skip else None
-        part_reference = None if record is None else FloatReference.of(
-            part.module, record[0], outputs=record[1])
+        if record is None:
+            part_reference = None
+        elif not part.path and not folded and not swapped and reference.exact is not None:
+            # the root still computes what the float model did: reuse its float64 run
+            part_reference = FloatReference(record[0], record[1], reference.exact)
+        else:
+            part_reference = FloatReference.of(part.module, record[0], outputs=record[1])
         ctx = RuleContext(gm, part.path)
         for name in names:
             count = RULES[name](ctx)
