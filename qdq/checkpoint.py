@@ -12,7 +12,8 @@ the state (weights and amax), the *recipe* that rebuilds that structure:
 ``kept_float``  paths of layers that have a quant twin but stayed float (the ignore
                 list in effect)
 ``rules``       each ``apply_rules`` call: where, which rules, the example inputs'
-                shapes/dtypes (positional or keyword), the quantizers already off,
+                shapes/dtypes (positional or keyword, lists, tuples and dicts with
+                their structure: :mod:`qdq.rules.spec`), the quantizers already off,
                 the traced parts kept module-level; ``folded`` BatchNorms
 ``quantizers``  one entry per quantizer object: every path it sits at (shared
                 quantizers have several), its ``QuantDescriptor`` (``num_bits``
@@ -383,12 +384,6 @@ def _fold_structure(model: nn.Module, modules: dict[str, str]) -> None:
     record_folded(model, folded)
 
 
-def _example(spec: dict | None, device: torch.device):
-    if spec is None:
-        return None
-    return torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"]), device=device)
-
-
 def _device_of(model: nn.Module) -> torch.device:
     return next((t.device for t in [*model.parameters(), *model.buffers()]),
                 torch.device("cpu"))
@@ -396,6 +391,7 @@ def _device_of(model: nn.Module) -> torch.device:
 
 def _replay_rules(model: nn.Module, entries: list[dict]) -> nn.Module:
     from qdq.rules import RULES, apply_rules
+    from qdq.rules.spec import example_of
 
     device = _device_of(model)
     for entry in entries:
@@ -412,8 +408,8 @@ def _replay_rules(model: nn.Module, entries: list[dict]) -> nn.Module:
             if isinstance(q, TensorQuantizer):
                 q.disable()
         keywords = entry.get("keywords") or {}
-        example = ({k: _example(s, device) for k, s in keywords.items()} if keywords
-                   else tuple(_example(s, device) for s in entry["inputs"]) or None)
+        example = ({k: example_of(s, device) for k, s in keywords.items()} if keywords
+                   else tuple(example_of(s, device) for s in entry["inputs"]) or None)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the warnings were given when it was made
             placed = apply_rules(part, example, rules=entry["rules"], insert=False,

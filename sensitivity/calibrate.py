@@ -143,6 +143,17 @@ def _check_request(method: str | None, amax_method: str | None) -> None:
                                f"{list(AMAX_METHODS[method])}")
 
 
+def _enabled_or_fail(model: nn.Module) -> list[tuple[str, TensorQuantizer]]:
+    """The enabled quantizers, or the error that says there are none and what to do."""
+    named = enabled_quantizers(model)
+    if not named:
+        raise SensitivityError(
+            "the model has no enabled quantizers: insert them first "
+            "(qdq.replace_modules(model) or quant_modules.initialize())"
+        )
+    return named
+
+
 def _distributed_world(group=None) -> int:
     import torch.distributed as dist
 
@@ -180,12 +191,7 @@ def collected_statistics(model: nn.Module, data: Iterable, num_batches: int | No
     quantizers inside the block; on exit every quantizer has its own descriptor and
     calibrator back (the amax loaded inside stays)."""
     _check_request(method, None)
-    named = enabled_quantizers(model)
-    if not named:
-        raise SensitivityError(
-            "the model has no enabled quantizers: insert them first "
-            "(qdq.replace_modules(model) or quant_modules.initialize())"
-        )
+    named = _enabled_or_fail(model)
     if device is not None:
         model.to(device)
     target = torch.device(device) if device is not None else model_device(model)
@@ -350,7 +356,7 @@ def calibrate(model: nn.Module, data: Iterable, num_batches: int | None = None,
     """
     _check_request(method, amax_method)
     planned = {method if method is not None and q.axis is None else q.descriptor.calib_method
-               for _, q in enabled_quantizers(model)}
+               for _, q in _enabled_or_fail(model)}
     if "histogram" not in planned and amax_method not in (None, "max"):
         raise SensitivityError(f"amax method {amax_method!r} does not exist for the max "
                                "calibrator, the only one in use; pass method='histogram' or "

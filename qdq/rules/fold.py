@@ -33,14 +33,15 @@ from qdq.replace import disable_quantization
 from qdq.rules.check import Call, placeholder_args
 from qdq.rules.trace import trace_parts
 
-__all__ = ["fold_batchnorm", "fold_pair", "FOLDABLE", "folded_before", "record_folded"]
+__all__ = ["fold_batchnorm", "fold_pair", "FOLDABLE", "BATCHNORM", "folded_before",
+           "record_folded"]
 
 #: the attribute a folded module keeps its folded BatchNorm paths in (relative to it)
 _RECORD = "qdq_folded_batchnorms"
 
 _CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) + _CONV_TRANSPOSE
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def _out_axis(layer: nn.Module) -> int:
@@ -151,7 +152,7 @@ def _pairs(gm: fx.GraphModule) -> list[tuple[str, str]]:
             calls[node.target] = calls.get(node.target, 0) + 1
     pairs = []
     for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), _BN):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), BATCHNORM):
             continue
         src = node.args[0] if node.args else None
         if not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1:
@@ -198,7 +199,7 @@ def fold_batchnorm(model: nn.Module, example_inputs=None) -> list[str]:
     for part in trace_parts(model):
         if part.graph_module is None:
             direct = [part.qualify(n) for n, m in part.module.named_children()
-                      if isinstance(m, _BN)]
+                      if isinstance(m, BATCHNORM)]
             if direct:
                 untraced.append(f"{part.path or '(root)'} ({part.error}): "
                                 + ", ".join(direct))

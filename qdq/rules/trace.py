@@ -4,12 +4,22 @@ A model that does not trace as a whole (data-dependent control flow, calls fx ca
 follow) is split: each child is traced on its own, recursively, so only the smallest
 parts that fail are left to module-level handling. Callers get the traced parts and the
 names of the parts that failed, with the reason, to warn about.
+
+fx runs ``forward`` once, with the module's current ``self.training``: a branch taken
+only in the other mode is not in the graph, and the traced module has no such branch
+(inception_v3's ``AuxLogits``, googlenet's ``aux1``/``aux2``, run only in training).
+Replacing such a part with its graph would drop those modules from the model and QAT
+would train without them, so a part whose trace in the other mode calls modules the
+first trace does not is handled like one that does not trace: its children are traced
+instead and the part's own ``forward`` keeps running, in either mode, with the quant
+twins' module-level quantizers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import chain
 
 from torch import fx, nn
 
@@ -18,7 +28,7 @@ from qdq.nn.mixin import QuantInputMixin
 from qdq.quantizer import TensorQuantizer
 
 __all__ = ["QdqTracer", "TracedPart", "trace_parts", "module_path", "is_quant_leaf",
-           "single_call_modules", "single_call_readers"]
+           "mode_only_modules", "single_call_modules", "single_call_readers"]
 
 
 class QdqTracer(fx.Tracer):
@@ -63,32 +73,110 @@ def _has_children(module: nn.Module) -> bool:
 
 
 def trace_parts(model: nn.Module, tracer_cls: type[fx.Tracer] = QdqTracer,
-                prefix: str = "") -> Iterator[TracedPart]:
+                prefix: str = "", training: bool | None = None) -> Iterator[TracedPart]:
     """Yield a traced part for ``model`` or, if it fails, for its children (recursively).
 
     Parts that fail and have no children to fall back on are yielded with
     ``graph_module=None`` and the error text. Quantizers, quant twins and attention
     twins are never parts: they are single nodes of their parent's graph and nothing
-    inside them is for the rules to rewrite.
+    inside them is for the rules to rewrite. ``training`` traces in that mode instead
+    of the module's own (modes are put back after): the children that a parent calls
+    only in the other mode are traced in the mode they run in.
     """
     if prefix and is_quant_leaf(model):
         return
     if isinstance(model, (nn.ModuleList, nn.ModuleDict)):  # containers: no forward
         for name, child in model.named_children():
             if _has_children(child):
-                yield from trace_parts(child, tracer_cls, module_path(prefix, name))
+                yield from trace_parts(child, tracer_cls, module_path(prefix, name),
+                                       training)
         return
     try:
-        graph = tracer_cls().trace(model)
+        graph = _trace(model, tracer_cls, training)
         gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     except Exception as err:  # noqa: BLE001 - fx raises many kinds; we report and fall back
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        yield TracedPart(prefix, model, None, f"{type(err).__name__}: {first_line[:80]}")
-        for name, child in model.named_children():
-            if _has_children(child):
-                yield from trace_parts(child, tracer_cls, module_path(prefix, name))
+        yield from _children_instead(model, tracer_cls, prefix,
+                                     f"{type(err).__name__}: {first_line[:80]}", training)
+        return
+    mode = model.training if training is None else training
+    other_mode = mode_only_modules(model, graph, tracer_cls, mode)
+    if other_mode:
+        yield from _children_instead(
+            model, tracer_cls, prefix,
+            f"calls {', '.join(other_mode[:3])} only in {'eval' if mode else 'training'} "
+            "mode, which one trace drops", mode, flip=set(other_mode))
         return
     yield TracedPart(prefix, model, gm)
+
+
+def _trace(model: nn.Module, tracer_cls: type[fx.Tracer], training: bool | None) -> fx.Graph:
+    """``model`` traced in mode ``training`` (None: as it is); every module's mode is put
+    back."""
+    if training is None or training == model.training and \
+            all(m.training == training for m in model.modules()):
+        return tracer_cls().trace(model)
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.train(training)
+        return tracer_cls().trace(model)
+    finally:
+        for m, was in modes:
+            m.training = was
+
+
+def _children_instead(model: nn.Module, tracer_cls: type[fx.Tracer], prefix: str,
+                      error: str, training: bool | None,
+                      flip: set[str] = frozenset()) -> Iterator[TracedPart]:
+    """``model`` as a failed part, then its children as parts (those in ``flip`` traced in
+    the other mode than ``training``, the one their parent calls them in)."""
+    yield TracedPart(prefix, model, None, error)
+    for name, child in model.named_children():
+        if _has_children(child):
+            mode = training
+            if name in flip:
+                mode = not (model.training if training is None else training)
+            yield from trace_parts(child, tracer_cls, module_path(prefix, name), mode)
+
+
+def _reached(graph: fx.Graph) -> tuple[set[str], set[str]]:
+    """The module and attribute targets of ``graph``, and every prefix of them."""
+    targets = {n.target for n in graph.nodes if n.op in ("call_module", "get_attr")}
+    prefixes = {t.rsplit(".", i)[0] for t in targets for i in range(t.count(".") + 1)}
+    return targets, prefixes
+
+
+def _unreached(model: nn.Module, graph: fx.Graph) -> list[str]:
+    """Outermost submodules holding parameters or buffers that ``graph`` never uses."""
+    targets, prefixes = _reached(graph)
+
+    def used(path: str) -> bool:
+        parts = path.split(".")
+        return path in prefixes or any(".".join(parts[:i]) in targets
+                                       for i in range(1, len(parts)))
+
+    holding = {p for p, m in model.named_modules()
+               if p and next(chain(m.parameters(), m.buffers()), None) is not None}
+    unused = {p for p in holding if not used(p)}
+    return [p for p in sorted(unused) if p.rpartition(".")[0] not in unused]
+
+
+def mode_only_modules(model: nn.Module, graph: fx.Graph,
+                      tracer_cls: type[fx.Tracer] = QdqTracer,
+                      training: bool | None = None) -> list[str]:
+    """Submodules that ``model``'s forward calls only in the mode it was not traced in
+    (``graph`` is its trace in mode ``training``, None: its own mode): traced again in
+    the other mode when the first trace leaves modules unused. Modes are put back."""
+    unused = _unreached(model, graph)
+    if not unused:
+        return []
+    try:
+        other = _trace(model, tracer_cls,
+                       not (model.training if training is None else training))
+    except Exception:  # noqa: BLE001 - no second trace: nothing known to be dropped
+        return []
+    now_unused = set(_unreached(model, other))
+    return [p for p in unused if p not in now_unused]
 
 
 

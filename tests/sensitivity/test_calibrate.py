@@ -116,6 +116,10 @@ def test_bad_input(kwargs, message):
 def test_no_enabled_quantizers():
     with pytest.raises(SensitivityError, match="no enabled quantizers"):
         calibrate(float_model(), make_data(32, seed=1), progress=False)
+    for amax_method in ("percentile", "mse", "entropy"):  # not "does not exist for max"
+        with pytest.raises(SensitivityError, match=r"no enabled quantizers.*replace_modules"):
+            calibrate(float_model(), make_data(32, seed=1), amax_method=amax_method,
+                      progress=False)
     model = _fresh()
     qdq.disable_quantization(model).apply()
     with pytest.raises(SensitivityError, match="no enabled quantizers"):
