@@ -387,11 +387,13 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *,
                 outputs = work(*args)
         except Exception as err:
             raise ExportError(f"the model does not run on the example inputs: {err}") from err
-        n_out = len(outputs) if isinstance(outputs, (tuple, list)) else 1
         input_names = input_names or [f"input{i}" if len(args) > 1 else "input"
                                       for i in range(len(args))]
-        output_names = output_names or [f"output{i}" if n_out > 1 else "output"
-                                        for i in range(n_out)]
+        # every tensor the exporter flattens out of tuples and dicts (an FPN's feature
+        # maps, a detector's heads) gets a name: dict keys, or output0, output1 ...
+        # (a name starting with a digit, an FPN's "0", is refused by the exporter)
+        output_names = output_names or [f"output{name}" if name[:1].isdigit() else name
+                                        for name, _ in flat_outputs(outputs)]
         dynamic_axes = ({name: {0: "batch"} for name in [*input_names, *output_names]}
                         if dynamic_batch else None)
         traced = _PositionalOnly(work) if _needs_wrapper(work, len(args)) else work

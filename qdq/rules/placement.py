@@ -22,13 +22,17 @@ Ties (run after the rewrites; one quantizer object per group):
 ReLU, average pooling and activations are not treated as commuting: their output range
 differs from their input's, so tying would widen the scale on one side.
 
-Left alone: Resize/Upsample/interpolate/grid_sample (``graph.RESIZE``): no concat or
-residual add next to them gets Q/DQ from these rules.
+A concat fed by a nearest-neighbour upsample (an FPN or YOLO neck) is quantized too, and
+its quantizer also reads the upsample's input: nearest resizing commutes with Q/DQ
+exactly, so the function is the same and TensorRT runs the resize in INT8 with the
+concat's scale. Other resizes (bilinear, grid_sample: ``graph.RESIZE``) are left alone:
+no concat or residual add next to them gets Q/DQ from these rules.
 """
 
 from __future__ import annotations
 
-from torch import fx
+import torch.nn.functional as F
+from torch import fx, nn
 
 from qdq.nn.functional import QuantAdd, QuantConcat, QuantMatMul
 from qdq.rules.attention import swap_attention
@@ -54,6 +58,30 @@ __all__ = ["from_weighted_layer"]
 
 def _near_resize(ctx: RuleContext, node) -> bool:
     return isinstance(node, fx.Node) and matches(ctx.gm, producer(ctx.gm, node), RESIZE)
+
+
+def _nearest_resize(ctx: RuleContext, node) -> fx.Node | None:
+    """The resize producing ``node`` when it is nearest-neighbour (commutes with Q/DQ)."""
+    src = producer(ctx.gm, node)
+    if not isinstance(src, fx.Node) or not matches(ctx.gm, src, RESIZE) or not src.args:
+        return None
+    if src.op == "call_module":
+        module = module_of(ctx.gm, src)
+        nearest = isinstance(module, nn.UpsamplingNearest2d) or (
+            type(module) is nn.Upsample and module.mode == "nearest")
+        return src if nearest else None
+    if src.target in (F.interpolate, F.upsample):
+        mode = src.kwargs.get("mode", src.args[3] if len(src.args) > 3 else "nearest")
+        return src if mode == "nearest" else None
+    return None
+
+
+def _quantize_first_input(ctx: RuleContext, node: fx.Node, q, stem: str) -> None:
+    """``node`` reads its first argument through ``q`` (an existing quantizer: a tie)."""
+    target = ctx.add_module(node, stem, q)
+    with ctx.gm.graph.inserting_before(node):
+        quantized = ctx.gm.graph.call_module(target, (node.args[0],))
+    node.update_arg(0, quantized)
 
 
 def from_weighted_layer(ctx: RuleContext, node) -> bool:
@@ -166,12 +194,16 @@ def _concat(ctx: RuleContext) -> int:
         if parsed is None:
             continue
         tensors, dim = parsed
-        if any(_near_resize(ctx, t) for t in tensors):
-            ctx.notes.append(f"concat: {node.name} left as is (an input comes from a resize)")
+        resizes = [_nearest_resize(ctx, t) for t in tensors if _near_resize(ctx, t)]
+        if None in resizes:
+            ctx.notes.append(f"concat: {node.name} left as is (an input comes from a "
+                             "resize other than nearest-neighbour)")
             continue
         cat = QuantConcat(dim=dim)
         cat._input_quantizer.placed_by = "concat"
         _replace_call(ctx, node, "concat", cat, (tensors,))
+        for resize in dict.fromkeys(resizes):  # the same scale before the resize: INT8
+            _quantize_first_input(ctx, resize, cat._input_quantizer, "resize_quantizer")
         changed += 1
     return changed
 

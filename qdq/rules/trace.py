@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import chain
 
+import torch
 from torch import fx, nn
 
 from qdq.nn.attention import QuantAttentionMixin
@@ -43,6 +44,51 @@ class QdqTracer(fx.Tracer):
         if is_quant_leaf(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _SplitProxy(node, self)
+
+
+class _SplitProxy(fx.Proxy):
+    """A Proxy that can be iterated when it is the result of a split into a known number of
+    pieces: ``list(x.chunk(2, 1))`` (YOLO's C2f blocks) or ``x.split([a, b], 1)`` would
+    otherwise stop the trace ("Proxy object cannot be iterated"). The pieces are
+    ``getitem`` nodes; a wrong count (a tensor too small for its chunks) changes the float
+    function, which the rules' check catches."""
+
+    def __iter__(self):
+        count = _pieces(self.node)
+        if count is None:
+            return super().__iter__()
+        return iter([self[i] for i in range(count)])
+
+    def __len__(self) -> int:  # list() asks first
+        count = _pieces(self.node)
+        return super().__len__() if count is None else count
+
+
+def _pieces(node: fx.Node) -> int | None:
+    """How many tensors a ``chunk``/``split``/``tensor_split`` node returns, when its
+    arguments say so without the tensor's shape."""
+    if node.op == "call_method" and node.target in ("chunk", "split", "tensor_split"):
+        kind, args, kwargs = node.target, node.args[1:], node.kwargs
+    elif node.op == "call_function" and node.target in (torch.chunk, torch.split,
+                                                        torch.tensor_split):
+        kind, args, kwargs = node.target.__name__, node.args[1:], node.kwargs
+    else:
+        return None
+    first = args[0] if args else kwargs.get(
+        {"chunk": "chunks", "split": "split_size_or_sections"}.get(kind, "sections"))
+    if kind == "chunk" and isinstance(first, int):
+        return first
+    if kind == "split" and isinstance(first, (list, tuple)):
+        return len(first)
+    if kind == "tensor_split":
+        if isinstance(first, int):
+            return first
+        if isinstance(first, (list, tuple)):
+            return len(first) + 1
+    return None
 
 
 def is_quant_leaf(m: nn.Module) -> bool:

@@ -47,7 +47,7 @@ def test_yolo_style_detector_end_to_end(tmp_path):
     assert [d[0] for d in _dims(proto.graph.output)] == ["batch"] * 3
     assert _dims(proto.graph.input) == [["batch", 3, 64, 64]]
     checked = verify(model, tmp_path / "yolo.onnx", x)
-    assert checked.verdict().startswith("YES"), checked
+    assert checked.ok(1e-3), checked
     path = qdq.save(model, tmp_path / "yolo.qdq.pt")
     fresh = qdq.restore(TinyYolo(), path).eval()
     with torch.no_grad():
@@ -88,4 +88,4 @@ def test_torchvision_detector_backbone_exports_every_feature_map(tmp_path, build
     # random weights make the free run drift through one-step rounding flips; the
     # forced run (PyTorch fed ONNX Runtime's quantized activations) must agree
     checked = verify(backbone, tmp_path / "fpn.onnx", x)
-    assert checked.verdict().startswith("YES"), checked
+    assert checked.ok(1e-3), checked
