@@ -46,7 +46,9 @@ class QdqTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
-        return _SplitProxy(node, self)
+        # only splits get their own class: fx's Proxy finds ``a, b = proxy`` unpacking
+        # from the calling frame, which an override in between would hide
+        return _SplitProxy(node, self) if _pieces(node) is not None else super().proxy(node)
 
 
 class _SplitProxy(fx.Proxy):
@@ -57,14 +59,10 @@ class _SplitProxy(fx.Proxy):
     function, which the rules' check catches."""
 
     def __iter__(self):
-        count = _pieces(self.node)
-        if count is None:
-            return super().__iter__()
-        return iter([self[i] for i in range(count)])
+        return iter([self[i] for i in range(_pieces(self.node))])
 
     def __len__(self) -> int:  # list() asks first
-        count = _pieces(self.node)
-        return super().__len__() if count is None else count
+        return _pieces(self.node)
 
 
 def _pieces(node: fx.Node) -> int | None:
