@@ -28,13 +28,23 @@ test: setup data
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -n 2 -q
 
-# The suite on the oldest torch the project supports, in its own environment.
+# The suite on the oldest torch the project supports, in its own environment, with the
+# versions constraints/torch2.4.txt pins (torch, torchvision, and the newest transformers
+# that runs on that torch). The environment is made afresh whenever the pins or
+# pyproject.toml change, so nothing left from another resolution takes part.
 OLDEST_VENV := .venv-torch2.4
-test-oldest-torch: data
-	[ -x $(OLDEST_VENV)/bin/python ] || $(PYTHON) -m venv $(OLDEST_VENV)
-	$(OLDEST_VENV)/bin/python -m pip install -q torch==2.4.1 torchvision==0.19.1
-	$(OLDEST_VENV)/bin/python -m pip install -q -e '.[dev]'
+OLDEST_PINS := constraints/torch2.4.txt
+OLDEST_STAMP := $(OLDEST_VENV)/.qdq-installed
+
+test-oldest-torch: $(OLDEST_STAMP) data
 	$(OLDEST_VENV)/bin/python -m pytest -n 2 -q
+
+$(OLDEST_STAMP): pyproject.toml $(OLDEST_PINS)
+	rm -rf $(OLDEST_VENV)
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q -c $(OLDEST_PINS) -e '.[dev]'
+	$(OLDEST_VENV)/bin/python -m pip check
+	touch $@
 
 lint: setup
 	$(PY) -m ruff check .

@@ -17,9 +17,12 @@ twins' module-level quantizers.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import types
+import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import chain
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -44,6 +47,20 @@ class QdqTracer(fx.Tracer):
         if is_quant_leaf(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+    def trace(self, root: nn.Module | Callable[..., Any],
+              concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        """The graph, with ``X | None`` argument annotations spelled ``typing.Union``.
+
+        torch 2.4's fx writes a PEP 604 union into the generated code as a global named by
+        its text, and asserts when two arguments carry equal but distinct unions (Hugging
+        Face BERT's embeddings): the part would not trace. Newer torch spells them this way
+        itself, so this changes nothing there.
+        """
+        graph = super().trace(root, concrete_args)
+        for node in graph.nodes:
+            node.type = _typing_union(node.type)
+        return graph
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         # only splits get their own class: fx's Proxy finds ``a, b = proxy`` unpacking
@@ -87,6 +104,14 @@ def _pieces(node: fx.Node) -> int | None:
         if isinstance(first, (list, tuple)):
             return len(first) + 1
     return None
+
+
+def _typing_union(annotation: object) -> object:
+    """``a | b`` as ``typing.Union[a, b]`` (the same type); anything else unchanged."""
+    if isinstance(annotation, types.UnionType):
+        args = tuple(_typing_union(a) for a in typing.get_args(annotation))
+        return typing.Union[args]  # noqa: UP007 - the typing spelling is the point
+    return annotation
 
 
 def is_quant_leaf(m: nn.Module) -> bool:
