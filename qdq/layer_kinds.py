@@ -103,7 +103,8 @@ def _quantized(module: nn.Module) -> bool:
 
 
 def _reason(name: str, module: nn.Module, parent: nn.Module | None,
-            is_ignored: Callable[[str, nn.Module], bool]) -> tuple[str, bool] | None:
+            is_ignored: Callable[[str, nn.Module], bool],
+            weight_only: bool = False) -> tuple[str, bool] | None:
     """Why ``module`` is float, and whether that is expected; None when it is quantized
     or has nothing to quantize."""
     from qdq.nn.attention import attention_twin_of
@@ -130,6 +131,8 @@ def _reason(name: str, module: nn.Module, parent: nn.Module | None,
                 "apply_rules gives it a Q/DQ twin (projections and both matmuls) where "
                 "torch.fx traces the module calling it; weight-only formats keep it "
                 "float"), True
+    if attention_twin_of(cls) is not None and weight_only:
+        return "attention matmuls: a weight-only format keeps activations float", True
     if attention_twin_of(cls) is not None:
         return "an attention module with a registered twin that was not swapped in", False
     if isinstance(module, _NORMS):
@@ -138,10 +141,13 @@ def _reason(name: str, module: nn.Module, parent: nn.Module | None,
     if isinstance(module, _TABLES):
         return ("an embedding table: a lookup, float in Q/DQ formats (weight_only "
                 "quantizes tables)"), True
-    if quant_twin_of(cls) is not None:  # registered by import path (GPT-2's Conv1D)
+    if weight_only and twin_class(cls, WEIGHT_ONLY_TWINS) is None:
+        return (f"no weight-only twin for {cls.__name__}: its weights stay float "
+                "(qdq.nn.weight_only.register_weight_only)"), False
+    if not weight_only and quant_twin_of(cls) is not None:  # by import path (GPT-2 Conv1D)
         return ("it has a quant twin but was not swapped (kept by an ignore rule, or "
                 "added after quantization)"), True
-    for table in (QUANT_TWINS, WEIGHT_ONLY_TWINS):
+    for table in ((WEIGHT_ONLY_TWINS,) if weight_only else (QUANT_TWINS, WEIGHT_ONLY_TWINS)):
         base = cls if cls in table else _nearest_base(cls, table)
         if base is None:
             continue
@@ -160,13 +166,15 @@ def float_layers(model: nn.Module, ignore=None) -> list[FloatLayer]:
     """Every layer of ``model`` whose weights are computed in float, with the reason, in
     model order. ``ignore`` takes :func:`qdq.replace_modules`'s ignore rules, to say
     which layers were left float by them."""
+    from qdq.nn.weight_only import WeightOnlyLayer
     from qdq.replace import _ignore_predicate
 
     is_ignored = _ignore_predicate(ignore)
+    weight_only = any(isinstance(m, WeightOnlyLayer) for m in model.modules())
     found: list[FloatLayer] = []
 
     def visit(parent: nn.Module | None, module: nn.Module, name: str) -> None:
-        why = _reason(name, module, parent, is_ignored) if name else None
+        why = _reason(name, module, parent, is_ignored, weight_only) if name else None
         if why is not None:
             found.append(FloatLayer(name, type(module).__name__, why[0], why[1]))
             if is_ignored(name, module):

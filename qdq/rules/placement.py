@@ -22,11 +22,12 @@ Ties (run after the rewrites; one quantizer object per group):
 ReLU, average pooling and activations are not treated as commuting: their output range
 differs from their input's, so tying would widen the scale on one side.
 
-A concat fed by a nearest-neighbour upsample (an FPN or YOLO neck) is quantized too, and
-its quantizer also reads the upsample's input: nearest resizing commutes with Q/DQ
-exactly, so the function is the same and TensorRT runs the resize in INT8 with the
-concat's scale. Other resizes (bilinear, grid_sample: ``graph.RESIZE``) are left alone:
-no concat or residual add next to them gets Q/DQ from these rules.
+A concat or a residual identity fed by a nearest-neighbour upsample (an FPN's top-down
+add, a YOLO neck's concat) is quantized too, and its quantizer also reads the upsample's
+input: nearest resizing commutes with Q/DQ exactly, so the function is the same and
+TensorRT runs the resize in INT8 with that scale. Other resizes (bilinear, grid_sample:
+``graph.RESIZE``) are left alone: no concat or residual add next to them gets Q/DQ from
+these rules.
 """
 
 from __future__ import annotations
@@ -142,9 +143,13 @@ def _residual_add(ctx: RuleContext) -> int:
         if not any(weighted):
             continue
         identity = 1 if weighted[0] else 0  # both from convs: quantize the second
+        resize = None
         if _near_resize(ctx, args[identity]):
-            ctx.notes.append(f"residual_add: {node.name} left as is (input from a resize)")
-            continue
+            resize = _nearest_resize(ctx, args[identity])
+            if resize is None:
+                ctx.notes.append(f"residual_add: {node.name} left as is (input from a "
+                                 "resize other than nearest-neighbour)")
+                continue
         add = QuantAdd()
         conv_side = add._other_quantizer if identity == 0 else add._input_quantizer
         conv_side.disable()
@@ -152,6 +157,8 @@ def _residual_add(ctx: RuleContext) -> int:
         quantized = add._input_quantizer if identity == 0 else add._other_quantizer
         quantized.placed_by = "residual_add"
         _replace_call(ctx, node, "residual_add", add, args)
+        if resize is not None:  # an FPN's top-down path: the identity's scale before it too
+            _quantize_first_input(ctx, resize, quantized, "resize_quantizer")
         changed += 1
     return changed
 

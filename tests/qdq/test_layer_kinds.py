@@ -151,3 +151,15 @@ def test_weight_only_quantizes_subclasses_and_restores(tmp_path):
     fresh = qdq.restore(nn.Sequential(BuiltLinear(8), nn.ReLU(), nn.Linear(8, 3)), path)
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
+
+
+def test_weight_only_models_name_layers_without_a_weight_only_twin():
+    pytest.importorskip("transformers")
+    from tests.hf_tiny import tiny_gpt2
+
+    model = tiny_gpt2("eager")
+    qdq.weight_only(model, bits=4, progress=False)
+    found = {f.name: f for f in float_layers(model)}
+    conv = found["transformer.h.0.attn.c_attn"]
+    assert conv.reason.startswith("no weight-only twin for Conv1D") and not conv.expected
+    assert found["transformer.h.0.attn"].expected  # activations stay float by design
