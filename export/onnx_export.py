@@ -33,6 +33,7 @@ import copy
 import inspect
 import os
 import tempfile
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -370,6 +371,10 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *,
     earlier = folded_before(model)
     work = copy.deepcopy(model).eval()
     notes = _export_without_cache(work)
+    if fmt == "float":  # nothing quantized: say so rather than write a float file silently
+        notes.append("float model: no enabled quantizer and no quantized weight, the file "
+                     "has no Q/DQ (insert them with qdq.replace_modules or qdq.weight_only)")
+        warnings.warn(f"to_onnx: {notes[-1]}", stacklevel=2)
     device = next((p.device for p in work.parameters()), torch.device("cpu"))
     args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
     spy = _FloatSdpaCalls()

@@ -111,3 +111,11 @@ def test_cli_export_of_a_corrupted_quantized_checkpoint_is_one_error(tmp_path):
     assert len(out.error_lines) == 1, out.err
     assert name in out.error_lines[0] and "NaN" in out.error_lines[0]
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_model_without_quantizers_is_exported_with_a_warning_and_a_note(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 3)).eval()
+    with pytest.warns(UserWarning, match="float model: no enabled quantizer"):
+        result = to_onnx(model, torch.randn(1, 4), tmp_path / "float.onnx")
+    assert result.format == "float" and result.quantize_nodes == 0
+    assert "float model" in str(result)
