@@ -363,6 +363,36 @@ class _Recorder:
         return hook
 
 
+def _other_inputs(args: tuple) -> tuple:
+    """The same inputs in another order (rows rolled), or with float noise for one row:
+    what depends on the inputs changes, a constant does not."""
+    if all(a.dim() and a.shape[0] > 1 for a in args):
+        return tuple(a.roll(1, 0) for a in args)
+    gen = torch.Generator().manual_seed(0)
+    return tuple(a + torch.randn(a.shape, generator=gen).to(a.device, a.dtype)
+                 if a.is_floating_point() else a for a in args)
+
+
+def _split_constant_calls(model: nn.Module, call, targs: tuple, named, unmatched: list[str],
+                          free_calls: dict) -> tuple[list[str], list[str]]:
+    """``unmatched`` split into calls without a Q node and calls whose input is the same
+    on other inputs (a constant the exporter folded, with its Q/DQ, into the graph)."""
+    if not unmatched:
+        return [], []
+    with torch.no_grad(), _Recorder(named) as rec:
+        call.outputs(model, _other_inputs(targs))
+    missing, folded = [], []
+    for label in unmatched:
+        name, _, k = label.rpartition("#")
+        first, again = free_calls.get(name, []), rec.calls.get(name, [])
+        k = int(k)
+        same = (k < len(first) and k < len(again)
+                and first[k][0].shape == again[k][0].shape
+                and torch.equal(first[k][0], again[k][0]))
+        (folded if same else missing).append(label)
+    return missing, folded
+
+
 def verify(model: nn.Module, onnx_path: str | os.PathLike, inputs, *, forced: bool = True,
            noise_floor: bool = False, classifier: bool | None = None,
            fold_bn: bool | None = None, threads: int | None = None) -> VerifyReport:
@@ -489,7 +519,8 @@ def verify(model: nn.Module, onnx_path: str | os.PathLike, inputs, *, forced: bo
         with torch.no_grad(), _Recorder(named, pairs, ort_values) as rec:
             forced_out = call.outputs(model, targs)
         report.forced_outputs = compare(forced_out, "forced run")
-        report.unmatched_quantizers = rec.unmatched
+        report.unmatched_quantizers, report.folded_constants = _split_constant_calls(
+            model, call, targs, named, rec.unmatched, free_calls)
         quantizer_of = dict(named)
         for name, calls in rec.calls.items():
             free = free_calls.get(name, [])

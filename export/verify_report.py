@@ -106,6 +106,9 @@ class VerifyReport:
     forced_outputs: list[OutputDiff] = field(default_factory=list)
     quantizers: list[QuantizerFlips] = field(default_factory=list)
     unmatched_quantizers: list[str] = field(default_factory=list)
+    #: quantizer calls whose input does not depend on the model's inputs (a position-bias
+    #: table): the exporter folds their Q/DQ into a constant, so they have no Q node
+    folded_constants: list[str] = field(default_factory=list)
     noise_floor_rel_l2: float | None = None
     #: the graph's format (``export.formats.onnx_format``)
     format: str = "int8"
@@ -216,6 +219,10 @@ class VerifyReport:
         if self.unmatched_quantizers:
             lines.append("  no Q node of the same shape and scale for:")
             lines += [f"    {name}" for name in self.unmatched_quantizers]
+        if self.folded_constants:
+            lines.append("  read a constant (the same on other inputs), so the exporter folded "
+                         "their Q/DQ into the graph's constants; the outputs above cover them:")
+            lines += [f"    {name}" for name in self.folded_constants]
         if self.weights:
             total = sum(w.elements for w in self.weights)
             lines.append(f"weights: {len(self.weights)} DequantizeLinear ({total} values) vs "

@@ -219,24 +219,44 @@ def test_vit_attention_swapped_and_self_attention_keys_off(rng):
     assert not [n for n, q in qdq.quantizers(model) if q.is_quant_enabled and q.amax is None]
 
 
-def test_resize_left_alone(rng):
-    class Up(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Conv2d(3, 3, 1)
-            self.b = nn.Conv2d(6, 3, 1)
+class _Up(nn.Module):
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.a = nn.Conv2d(3, 3, 1)
+        self.b = nn.Conv2d(6, 3, 1)
 
-        def forward(self, x):
-            small = self.a(F.max_pool2d(x, 2))
-            up = F.interpolate(small, scale_factor=2.0)
-            return self.b(torch.cat([up, x], 1)) + F.interpolate(self.a(x)[..., ::2, ::2],
-                                                                  scale_factor=2.0)
+    def forward(self, x):
+        small = self.a(F.max_pool2d(x, 2))
+        up = F.interpolate(small, scale_factor=2.0, mode=self.mode)
+        return self.b(torch.cat([up, x], 1)) + F.interpolate(self.a(x)[..., ::2, ::2],
+                                                              scale_factor=2.0, mode=self.mode)
 
+
+def test_bilinear_resize_left_alone(rng):
     x = torch.randn(1, 3, 8, 8, generator=rng)
-    model = apply_rules(Up().eval(), x)
+    model = apply_rules(_Up("bilinear").eval(), x)
     assert _of_type(model, QuantConcat) == [] and _of_type(model, QuantAdd) == []
     notes = " ".join(model.qdq_rules_report.notes)
-    assert "concat" in notes and "residual_add" in notes and "resize" in notes
+    assert "concat" in notes and "residual_add" in notes and "other than nearest" in notes
+
+
+def test_nearest_resize_shares_the_scale_of_its_concat_and_add(rng):
+    """Nearest upsampling commutes with Q/DQ: the concat's (and the residual identity's)
+    quantizer also reads the upsample's input, one object at both places."""
+    x = torch.randn(1, 3, 8, 8, generator=rng)
+    float_model = _Up("nearest").eval()
+    with torch.no_grad():
+        before = float_model(x)
+    model = apply_rules(copy.deepcopy(float_model), x)
+    assert len(_of_type(model, QuantConcat)) == 1 and len(_of_type(model, QuantAdd)) == 1
+    resize_quantizers = [n for n, _ in model.named_modules(remove_duplicate=False)
+                         if "resize_quantizer" in n]
+    assert len(resize_quantizers) == 2
+    cat = _of_type(model, QuantConcat)[0]
+    assert any(model.get_submodule(n) is cat._input_quantizer for n in resize_quantizers)
+    with torch.no_grad(), qdq.disable_quantization(model):
+        assert torch.allclose(model(x), before, atol=1e-6)
 
 
 def test_outputs_unchanged_resnet18_and_untraced_part_warns(rng):

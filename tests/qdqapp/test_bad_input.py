@@ -127,7 +127,7 @@ CASES = [
     (("export", R18, "--data", SMALL, "--opset", "99", "--out", "{tmp}/a.onnx"),
      "--opset 99: Q/DQ export needs 13 or newer, and the installed onnx knows opsets up to"),
     (("verify", R18, "{in}/cal/quantized.pt", "--checkpoint", "{in}/cal/quantized.pt",
-      "--rel-l2", "-1"), "--rel-l2: expected a non-negative number, got -1.0"),
+      "--rel-l2", "-1"), "--rel-l2: expected a positive number, got -1.0"),
     (("build", "{in}/cal/quantized.pt", "--workspace-gb", "0"),
      "--workspace-gb: expected a positive number, got 0.0"),
     (("verify", R18, "{tmp}/none.onnx", "--data", SMALL), "no such file"),
