@@ -25,17 +25,21 @@ differs from their input's, so tying would widen the scale on one side.
 A concat or a residual identity fed by a nearest-neighbour upsample (an FPN's top-down
 add, a YOLO neck's concat) is quantized too, and its quantizer also reads the upsample's
 input: nearest resizing commutes with Q/DQ exactly, so the function is the same and
-TensorRT runs the resize in INT8 with that scale. Other resizes (bilinear, grid_sample:
-``graph.RESIZE``) are left alone: no concat or residual add next to them gets Q/DQ from
-these rules.
+TensorRT runs the resize in INT8 with that scale. After other resizes (bilinear,
+grid_sample) the concat or identity is quantized after the resize only.
+
+``maxpool``: a functional max pool (``F.max_pool2d``) becomes a ``QuantMaxPool2d``, so
+``maxpool_shared`` ties it like the module form.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from qdq.nn.functional import QuantAdd, QuantConcat, QuantMatMul
+from qdq.nn.pooling import QuantMaxPool1d, QuantMaxPool2d, QuantMaxPool3d
 from qdq.rules.attention import swap_attention
 from qdq.rules.graph import (
     ADD,
@@ -55,10 +59,6 @@ from qdq.rules.graph import (
 from qdq.rules.registry import RuleContext, register_rule
 
 __all__ = ["from_weighted_layer"]
-
-
-def _near_resize(ctx: RuleContext, node) -> bool:
-    return isinstance(node, fx.Node) and matches(ctx.gm, producer(ctx.gm, node), RESIZE)
 
 
 def _nearest_resize(ctx: RuleContext, node) -> fx.Node | None:
@@ -143,13 +143,7 @@ def _residual_add(ctx: RuleContext) -> int:
         if not any(weighted):
             continue
         identity = 1 if weighted[0] else 0  # both from convs: quantize the second
-        resize = None
-        if _near_resize(ctx, args[identity]):
-            resize = _nearest_resize(ctx, args[identity])
-            if resize is None:
-                ctx.notes.append(f"residual_add: {node.name} left as is (input from a "
-                                 "resize other than nearest-neighbour)")
-                continue
+        resize = _nearest_resize(ctx, args[identity])
         add = QuantAdd()
         conv_side = add._other_quantizer if identity == 0 else add._input_quantizer
         conv_side.disable()
@@ -201,16 +195,45 @@ def _concat(ctx: RuleContext) -> int:
         if parsed is None:
             continue
         tensors, dim = parsed
-        resizes = [_nearest_resize(ctx, t) for t in tensors if _near_resize(ctx, t)]
-        if None in resizes:
-            ctx.notes.append(f"concat: {node.name} left as is (an input comes from a "
-                             "resize other than nearest-neighbour)")
-            continue
+        resizes = [r for r in (_nearest_resize(ctx, t) for t in tensors) if r is not None]
         cat = QuantConcat(dim=dim)
         cat._input_quantizer.placed_by = "concat"
         _replace_call(ctx, node, "concat", cat, (tensors,))
         for resize in dict.fromkeys(resizes):  # the same scale before the resize: INT8
             _quantize_first_input(ctx, resize, cat._input_quantizer, "resize_quantizer")
+        changed += 1
+    return changed
+
+
+#: functional max pools -> the module twin that runs them with a quantized input
+_MAXPOOL_CALLS = {F.max_pool1d: QuantMaxPool1d, F.max_pool2d: QuantMaxPool2d,
+                  F.max_pool3d: QuantMaxPool3d, torch.max_pool1d: QuantMaxPool1d,
+                  torch.max_pool2d: QuantMaxPool2d, torch.max_pool3d: QuantMaxPool3d}
+_POOL_ARGS = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode",
+              "return_indices")
+
+
+@register_rule("maxpool")
+def _maxpool(ctx: RuleContext) -> int:
+    """``F.max_pool2d(x, ...)`` (inception's reduction blocks) becomes a QuantMaxPool2d,
+    so its input is quantized and ``maxpool_shared`` ties it to its readers."""
+    changed = 0
+    for node in list(ctx.gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _MAXPOOL_CALLS:
+            continue
+        bound = dict(zip(_POOL_ARGS, node.args, strict=False)) | dict(node.kwargs)
+        if bound.get("return_indices") or not isinstance(bound.get("input"), fx.Node):
+            continue
+        values = [bound.get(k) for k in _POOL_ARGS[1:6]]
+        if any(isinstance(v, fx.Node) for v in values) or values[0] is None:
+            continue
+        kernel, stride, padding, dilation, ceil_mode = values
+        pool = _MAXPOOL_CALLS[node.target](
+            kernel, stride if stride not in (None, [], ()) else None,
+            0 if padding is None else padding, 1 if dilation is None else dilation,
+            ceil_mode=bool(ceil_mode))
+        pool._input_quantizer.placed_by = "maxpool"
+        _replace_call(ctx, node, "maxpool", pool, (bound["input"],))
         changed += 1
     return changed
 

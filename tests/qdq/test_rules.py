@@ -233,12 +233,39 @@ class _Up(nn.Module):
                                                               scale_factor=2.0, mode=self.mode)
 
 
-def test_bilinear_resize_left_alone(rng):
+def test_bilinear_resize_output_is_quantized_after_it_only(rng):
     x = torch.randn(1, 3, 8, 8, generator=rng)
     model = apply_rules(_Up("bilinear").eval(), x)
-    assert _of_type(model, QuantConcat) == [] and _of_type(model, QuantAdd) == []
-    notes = " ".join(model.qdq_rules_report.notes)
-    assert "concat" in notes and "residual_add" in notes and "other than nearest" in notes
+    assert len(_of_type(model, QuantConcat)) == 1 and len(_of_type(model, QuantAdd)) == 1
+    assert not [n for n, _ in model.named_modules() if "resize_quantizer" in n]
+
+
+def test_functional_max_pool_becomes_a_tied_quant_max_pool(rng):
+    class Reduce(nn.Module):
+        """inception's reduction block: a concat whose output a functional pool reads."""
+
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 1)
+            self.b = nn.Conv2d(3, 4, 1)
+            self.c = nn.Conv2d(8, 4, 3, stride=2)
+
+        def forward(self, x):
+            y = torch.cat([self.a(x), self.b(x)], 1)
+            return torch.cat([self.c(y), F.max_pool2d(y, kernel_size=3, stride=2)], 1)
+
+    x = torch.randn(1, 3, 9, 9, generator=rng)
+    float_model = Reduce().eval()
+    with torch.no_grad():
+        before = float_model(x)
+    model = apply_rules(copy.deepcopy(float_model), x)
+    pools = _of_type(model, qdq.nn.QuantMaxPool2d)
+    assert len(pools) == 1 and pools[0].kernel_size == 3 and pools[0].stride == 2
+    assert model.qdq_rules_report.changes["maxpool"] == 1
+    first_cat = _of_type(model, QuantConcat)[0]
+    assert pools[0]._input_quantizer is first_cat._input_quantizer  # one scale through
+    with torch.no_grad(), qdq.disable_quantization(model):
+        assert torch.equal(model(x), before)
 
 
 def test_nearest_resize_shares_the_scale_of_its_concat_and_add(rng):
