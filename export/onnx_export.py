@@ -29,6 +29,7 @@ the default opset is raised to it, and said.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import os
@@ -424,10 +425,13 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, *,
                         dynamic_shapes=_dynamo_shapes(args) if dynamic_batch else None)
                 program.save(str(raw))
             else:
-                torch.onnx.export(traced, args, str(raw), dynamo=False,
-                                  opset_version=min(opset, onnx_formats.TORCHSCRIPT_MAX_OPSET),
-                                  input_names=input_names, output_names=output_names,
-                                  dynamic_axes=dynamic_axes, do_constant_folding=True)
+                explicit = spy.calls and _OLD_SDPA_EXPORT
+                with _ExplicitSdpa() if explicit else contextlib.nullcontext():
+                    torch.onnx.export(
+                        traced, args, str(raw), dynamo=False,
+                        opset_version=min(opset, onnx_formats.TORCHSCRIPT_MAX_OPSET),
+                        input_names=input_names, output_names=output_names,
+                        dynamic_axes=dynamic_axes, do_constant_folding=True)
         except ExportError:
             raise
         except Exception as err:
@@ -467,6 +471,45 @@ def _needed_opset(model: nn.Module) -> tuple[int, str]:
 
 #: the first opset at which the TorchScript exporter spells aten::scaled_dot_product_attention
 SDPA_OPSET = 14
+
+
+#: torch 2.4's TorchScript exporter fails on ``scaled_dot_product_attention`` with a
+#: float ``scale`` (as transformers passes it): such calls are written out as
+#: MatMul/Softmax there, which is what newer exporters emit for them anyway.
+_OLD_SDPA_EXPORT = tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 5)
+
+
+class _ExplicitSdpa(TorchFunctionMode):
+    """``F.scaled_dot_product_attention`` computed as scores -> mask -> softmax -> matmul
+    (float; rows masked throughout give zeros, as torch does)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            return _sdpa_math(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def _sdpa_math(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+               scale=None, enable_gqa=False):
+    import math
+
+    if enable_gqa and key.size(-3) != query.size(-3):
+        repeat = query.size(-3) // key.size(-3)
+        key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)
+    scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scale
+    if is_causal:
+        keep = torch.ones(query.size(-2), key.size(-2), dtype=torch.bool,
+                          device=query.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        scores = (scores.masked_fill(~attn_mask, float("-inf"))
+                  if attn_mask.dtype == torch.bool else scores + attn_mask)
+    attn = torch.softmax(scores, dim=-1)
+    if attn_mask is not None:
+        hidden = scores.amax(dim=-1, keepdim=True) == float("-inf")
+        attn = torch.where(hidden, torch.zeros_like(attn), attn)
+    return torch.matmul(attn, value)
 
 
 class _FloatSdpaCalls(TorchFunctionMode):

@@ -171,6 +171,13 @@ def test_other_families_get_twins_without_registration(make, impl):
     model, inputs = make()
     model.config._attn_implementation = impl
     model.eval()
+    if make is _t5:
+        import inspect
+
+        from transformers.models.t5 import modeling_t5
+        if "ALL_ATTENTION_FUNCTIONS" not in inspect.getsource(modeling_t5):
+            pytest.skip("this transformers' T5 has its own attention code, not transformers' "
+                        "attention functions (they came to T5 in a later 5.x release)")
     reference = copy.deepcopy(model)
     qdq.replace_modules(model)
     twins = [m for m in model.modules() if isinstance(m, QuantAttentionMixin)]

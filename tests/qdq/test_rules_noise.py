@@ -186,7 +186,7 @@ def test_without_a_float64_run_the_fixed_tolerance_applies(rng):
             self.conv = nn.Conv2d(3, 3, 1)
 
         def forward(self, x):
-            return self.conv(x) @ torch.eye(x.shape[-1])  # float32 eye: no float64 run
+            return self.conv(x) @ torch.eye(4)  # float32 eye: no float64 run
 
     model = Float32Only().eval()
     x = torch.randn(1, 3, 4, 4, generator=rng)
