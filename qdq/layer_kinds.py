@@ -92,6 +92,26 @@ def _own_weights(module: nn.Module) -> bool:
                for name, p in module._parameters.items())
 
 
+def _named_attention(module: nn.Module) -> bool:
+    from qdq.nn.attention import attention_twin_of
+
+    return (type(module).__name__.endswith("Attention")
+            and not isinstance(module, nn.MultiheadAttention)
+            and attention_twin_of(type(module)) is None)
+
+
+def _own_attention_code(module: nn.Module) -> bool:
+    """An attention module (by class name) that is no twin, has no registered twin and
+    holds neither a twin nor another such module (the innermost one is named): its
+    matrix products run in its own, unquantized code (DeBERTa's disentangled attention)."""
+    from qdq.nn.attention import QuantAttentionMixin
+
+    if not _named_attention(module):
+        return False
+    inner = [m for m in module.modules() if m is not module]
+    return not any(isinstance(m, QuantAttentionMixin) or _named_attention(m) for m in inner)
+
+
 def _quantized(module: nn.Module) -> bool:
     from qdq.nn.attention import QuantAttentionMixin
     from qdq.nn.mixin import QuantInputMixin
@@ -117,6 +137,12 @@ def _reason(name: str, module: nn.Module, parent: nn.Module | None,
         if quantizers and not any(q.is_quant_enabled for q in quantizers):
             return "its quantizers are switched off (partial quantization)", True
         return None
+    if not _quantized(module) and _own_attention_code(module):
+        if weight_only:
+            return "attention matmuls: a weight-only format keeps activations float", True
+        return (f"{type(module).__name__} computes q @ k^T and attn @ v in its own code, "
+                "which no twin covers: both products stay float (register one: "
+                "qdq.nn.register_attention)"), False
     if _quantized(module) or not _own_weights(module) and not isinstance(
             module, nn.MultiheadAttention) and attention_twin_of(type(module)) is None:
         return None

@@ -163,3 +163,22 @@ def test_weight_only_models_name_layers_without_a_weight_only_twin():
     conv = found["transformer.h.0.attn.c_attn"]
     assert conv.reason.startswith("no weight-only twin for Conv1D") and not conv.expected
     assert found["transformer.h.0.attn"].expected  # activations stay float by design
+
+
+def test_attention_with_its_own_code_is_named_float():
+    """DeBERTa-v2's disentangled attention has no twin: its products are named float,
+    once (the innermost attention module), with the reason."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.DebertaV2Config(vocab_size=50, hidden_size=32, num_hidden_layers=1,
+                                          num_attention_heads=4, intermediate_size=64,
+                                          max_position_embeddings=32)
+    model = transformers.DebertaV2Model(config).eval()
+    with pytest.warns(FloatLayersWarning, match="DisentangledSelfAttention computes q @ k"):
+        qdq.replace_modules(model)
+    named = [f.name for f in float_layers(model) if "q @ k^T" in f.reason]
+    assert named == ["encoder.layer.0.attention.self"]
+    bert = transformers.BertModel(transformers.BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=64))
+    qdq.replace_modules(bert)
+    assert not [f for f in float_layers(bert) if "q @ k^T" in f.reason]
