@@ -14,7 +14,8 @@ on the command line):
 - :class:`TextAgreement` — how far a (quantized) model is from the FP32 model on fixed
   batches: cosine similarity of mean-pooled sentence embeddings for encoders (min and
   mean), top-1 agreement for classification heads, next-token agreement for causal LMs
-  (the argmax of the logits at every real token, and the cosine of those logits). Its
+  (the argmax of the logits at every real token, and the cosine of those logits) with
+  the perplexity on the sentences as a ratio to FP32's. Its
   ``__call__`` is an ``eval_fn`` for ``sensitivity.sweep`` and ``partial_quantize``;
   :meth:`TextAgreement.score_rows` scores rows from elsewhere (ONNX Runtime:
   :func:`onnx_sentence_outputs`).
@@ -34,6 +35,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -47,6 +49,7 @@ __all__ = ["ASSETS", "TextModel", "TextScore", "TextAgreement", "HFError", "load
            "load_model", "load_tokenizer", "model_folder", "check_model_folder", "SHIPPED",
            "minilm_folder", "has_classification_head", "read_sentences", "text_batches",
            "mean_pool", "sentence_outputs", "onnx_sentence_outputs", "TOKENIZER_FILES",
+           "next_token_labels",
            "is_causal_lm", "token_rows"]
 
 #: The sentence files shipped with the package: ``calib.txt`` and ``test.txt``.
@@ -337,15 +340,32 @@ class TextScore:
     min_cosine: float
     mean_cosine: float
     top1: float | None = None  # classification heads: fraction with the same argmax
+    #: causal LMs: perplexity on the sentences over FP32's (1.0: the same)
+    perplexity_ratio: float | None = None
 
     def __str__(self) -> str:
         text = f"min cosine {self.min_cosine:.4f}, mean {self.mean_cosine:.4f}"
-        return text + (f", top-1 agreement {100 * self.top1:.2f}%" if self.top1 is not None
-                       else "")
+        if self.top1 is not None:
+            text += f", top-1 agreement {100 * self.top1:.2f}%"
+        if self.perplexity_ratio is not None:
+            text += f", perplexity {self.perplexity_ratio:.4f}x FP32's"
+        return text
 
     def as_dict(self) -> dict[str, float | None]:
         return {"min_cosine": self.min_cosine, "mean_cosine": self.mean_cosine,
-                "top1": self.top1}
+                "top1": self.top1, "perplexity_ratio": self.perplexity_ratio}
+
+
+def next_token_labels(batches: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """For each real token, in :func:`token_rows` order, the token that follows it (-100
+    where none does: the last real token of a sentence)."""
+    labels = []
+    for batch in batches:
+        ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+        following = torch.full_like(ids, -100)
+        following[:, :-1] = torch.where(mask[:, 1:], ids[:, 1:], -100)
+        labels.append(following[mask])
+    return torch.cat(labels)
 
 
 class TextAgreement:
@@ -373,7 +393,18 @@ class TextAgreement:
             raise HFError(f"unknown metric {self.metric!r}; choose one of {self.METRICS}")
         if self.metric == "top1" and not self.classifier:
             raise HFError("top-1 agreement needs a classification head")
+        self.labels = self.reference_nll = None
+        tokens = sum(int(b["attention_mask"].sum()) for b in self.batches)
+        rows = sum(int(b["attention_mask"].shape[0]) for b in self.batches)
+        if self.classifier and tokens != rows and self.reference.shape[0] == tokens \
+                and all("input_ids" in b for b in self.batches):  # a causal LM's tokens
+            self.labels = next_token_labels(self.batches)
+            self.reference_nll = self._nll(self.reference)
         self.last: TextScore | None = None
+
+    def _nll(self, rows: torch.Tensor) -> float:
+        return float(torch.nn.functional.cross_entropy(rows.double(), self.labels,
+                                                       ignore_index=-100))
 
     @property
     def sentences(self) -> int:
@@ -388,7 +419,9 @@ class TextAgreement:
                                                        self.reference.double(), dim=1)
         top1 = (float((rows.argmax(1) == self.reference.argmax(1)).double().mean())
                 if self.classifier else None)
-        return TextScore(float(cosine.min()), float(cosine.mean()), top1)
+        ratio = (math.exp(self._nll(rows) - self.reference_nll) if self.labels is not None
+                 and bool((self.labels != -100).any()) else None)
+        return TextScore(float(cosine.min()), float(cosine.mean()), top1, ratio)
 
     def score(self, model: nn.Module) -> TextScore:
         self.last = self.score_rows(sentence_outputs(model, self.batches))

@@ -5,6 +5,7 @@ next-token agreement with FP32, exported without the KV cache and run in ONNX Ru
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -99,3 +100,24 @@ def test_run_end_to_end_on_a_tiny_llama(llama, tmp_path):
     assert 50.0 < summary["int8_metric"] <= 100.0
     check = json.loads((out / "onnx_check.json").read_text())
     assert check["ok"], check
+
+
+def test_perplexity_ratio_matches_the_models_own_loss(llama):
+    """The ratio is exp(NLL_quantized - NLL_fp32) over every next token, as transformers'
+    own shifted loss computes it (one batch, so its mean is over the same tokens)."""
+    text = load_text_model(llama / "llama")
+    sentences = read_sentences(llama / "text" / "test.txt")
+    (batch,) = text_batches(text.tokenizer, sentences, len(sentences))
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    metric = TextAgreement(text.model, [batch])
+    assert metric.score(text.model).perplexity_ratio == pytest.approx(1.0, abs=1e-12)
+    with torch.no_grad():
+        fp32_loss = float(text.model(**batch, labels=labels).loss)
+    qdq.replace_modules(text.model)
+    sensitivity.calibrate(text.model, [batch], progress=False)
+    score = metric.score(text.model)
+    with torch.no_grad():
+        int8_loss = float(text.model(**batch, labels=labels).loss)
+    assert score.perplexity_ratio == pytest.approx(math.exp(int8_loss - fp32_loss), rel=1e-4)
+    assert score.perplexity_ratio != 1.0
+    assert "perplexity" in str(score) and "perplexity_ratio" in score.as_dict()
