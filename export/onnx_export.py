@@ -485,31 +485,10 @@ class _ExplicitSdpa(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is torch.nn.functional.scaled_dot_product_attention:
-            return _sdpa_math(*args, **(kwargs or {}))
+            from qdq.nn.attention import sdpa_math
+
+            return sdpa_math(*args, **(kwargs or {}))
         return func(*args, **(kwargs or {}))
-
-
-def _sdpa_math(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-               scale=None, enable_gqa=False):
-    import math
-
-    if enable_gqa and key.size(-3) != query.size(-3):
-        repeat = query.size(-3) // key.size(-3)
-        key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)
-    scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
-    scores = torch.matmul(query, key.transpose(-2, -1)) * scale
-    if is_causal:
-        keep = torch.ones(query.size(-2), key.size(-2), dtype=torch.bool,
-                          device=query.device).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
-    if attn_mask is not None:
-        scores = (scores.masked_fill(~attn_mask, float("-inf"))
-                  if attn_mask.dtype == torch.bool else scores + attn_mask)
-    attn = torch.softmax(scores, dim=-1)
-    if attn_mask is not None:
-        hidden = scores.amax(dim=-1, keepdim=True) == float("-inf")
-        attn = torch.where(hidden, torch.zeros_like(attn), attn)
-    return torch.matmul(attn, value)
 
 
 class _FloatSdpaCalls(TorchFunctionMode):

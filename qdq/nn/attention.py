@@ -57,7 +57,7 @@ from qdq.nn.mixin import twin_shell
 
 __all__ = ["AttentionSpec", "ATTENTION_TWINS", "HF_SPEC", "QuantAttentionMixin",
            "register_attention", "attention_spec_of", "attention_twin_of", "class_path",
-           "dispatches_hf_attention"]
+           "dispatches_hf_attention", "sdpa_math"]
 
 
 @dataclass(frozen=True)
@@ -275,28 +275,36 @@ class _CallRouter(TorchFunctionMode):
         ta, tb = plan
         return self._next()(a.transpose(-1, -2) if ta else a, b.transpose(-1, -2) if tb else b)
 
-    def _sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-              scale=None, enable_gqa=False):
-        if enable_gqa and key.size(-3) != query.size(-3):
-            repeat = query.size(-3) // key.size(-3)
-            key = key.repeat_interleave(repeat, -3)
-            value = value.repeat_interleave(repeat, -3)
-        scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
-        scores = self._next()(query, key.transpose(-2, -1)) * scale
-        if is_causal:
-            keep = torch.ones(query.size(-2), key.size(-2), dtype=torch.bool,
-                              device=query.device).tril()
-            scores = scores.masked_fill(~keep, float("-inf"))
-        if attn_mask is not None:
-            scores = (scores.masked_fill(~attn_mask, float("-inf"))
-                      if attn_mask.dtype == torch.bool else scores + attn_mask)
-        attn = torch.softmax(scores, dim=-1)
-        if attn_mask is not None:  # a row masked throughout gives zeros, as torch's SDPA
-            masked = scores.amax(dim=-1, keepdim=True) == float("-inf")
-            attn = torch.where(masked, torch.zeros_like(attn), attn)
-        if dropout_p > 0:
-            attn = F.dropout(attn, dropout_p, training=True)
-        return self._next()(attn, value)
+    def _sdpa(self, *args, **kwargs):
+        return sdpa_math(*args, **kwargs, qk=lambda a, b: self._next()(a, b),
+                         av=lambda a, b: self._next()(a, b))
+
+
+def sdpa_math(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+              enable_gqa=False, *, qk=torch.matmul, av=torch.matmul) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` spelled out: ``qk`` -> scale, mask -> softmax ->
+    ``av`` (the two products are the twins' QuantMatMul children, or ``torch.matmul``).
+    A row the mask hides throughout gives zeros, as torch's SDPA does, not NaN."""
+    if enable_gqa and key.size(-3) != query.size(-3):
+        repeat = query.size(-3) // key.size(-3)
+        key = key.repeat_interleave(repeat, -3)
+        value = value.repeat_interleave(repeat, -3)
+    scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+    scores = qk(query, key.transpose(-2, -1)) * scale
+    if is_causal:
+        keep = torch.ones(query.size(-2), key.size(-2), dtype=torch.bool,
+                          device=query.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        scores = (scores.masked_fill(~attn_mask, float("-inf"))
+                  if attn_mask.dtype == torch.bool else scores + attn_mask)
+    attn = torch.softmax(scores, dim=-1)
+    if attn_mask is not None:
+        masked = scores.amax(dim=-1, keepdim=True) == float("-inf")
+        attn = torch.where(masked, torch.zeros_like(attn), attn)
+    if dropout_p > 0:
+        attn = F.dropout(attn, dropout_p, training=True)
+    return av(attn, value)
 
 
 def einsum_as_matmul(equation: str) -> tuple[bool, bool] | None:
