@@ -137,6 +137,8 @@ def _reason(name: str, module: nn.Module, parent: nn.Module | None,
         if quantizers and not any(q.is_quant_enabled for q in quantizers):
             return "its quantizers are switched off (partial quantization)", True
         return None
+    if not _quantized(module) and is_ignored(name, module):
+        return "ignored (the ignore list)", True
     if not _quantized(module) and _own_attention_code(module):
         if weight_only:
             return "attention matmuls: a weight-only format keeps activations float", True
@@ -147,8 +149,6 @@ def _reason(name: str, module: nn.Module, parent: nn.Module | None,
             module, nn.MultiheadAttention) and attention_twin_of(type(module)) is None:
         return None
     cls = type(module)
-    if is_ignored(name, module):
-        return "ignored (the ignore list)", True
     if isinstance(parent, nn.MultiheadAttention):
         return ("its weight is read by nn.MultiheadAttention's own code, which never calls "
                 "it: quantized with its parent"), True
