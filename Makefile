@@ -23,10 +23,12 @@ data:
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; \
 	fi
 
+# --dist loadgroup: the tests that start gloo process groups (marked xdist_group "gloo")
+# run one after another on one worker, never two groups at once.
 test: setup data
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -n 2 -q
+	$(PY) -m pytest -n 2 --dist loadgroup -q
 
 # The suite on the oldest torch the project supports, in its own environment, with the
 # versions constraints/torch2.4.txt pins (torch, torchvision, and the newest transformers
@@ -37,7 +39,7 @@ OLDEST_PINS := constraints/torch2.4.txt
 OLDEST_STAMP := $(OLDEST_VENV)/.qdq-installed
 
 test-oldest-torch: $(OLDEST_STAMP) data
-	$(OLDEST_VENV)/bin/python -m pytest -n 2 -q
+	$(OLDEST_VENV)/bin/python -m pytest -n 2 --dist loadgroup -q
 
 $(OLDEST_STAMP): pyproject.toml $(OLDEST_PINS)
 	rm -rf $(OLDEST_VENV)

@@ -353,6 +353,7 @@ def _all_reduce_worker(rank: int, world: int, init_file: str, out_dir: str) -> N
         dist.destroy_process_group()
 
 
+@pytest.mark.xdist_group("gloo")  # process groups one at a time (see Makefile)
 @pytest.mark.slow  # two fresh Python processes importing torch
 def test_all_reduce_across_two_gloo_processes(tmp_path):
     import torch.multiprocessing as mp

@@ -18,6 +18,7 @@ needs_data = pytest.mark.skipif(not (DATA / "train-images-idx3-ubyte.gz").is_fil
                                 reason="dataset-fashion-mnist is not installed")
 
 
+@pytest.mark.xdist_group("gloo")  # process groups one at a time (see Makefile)
 @pytest.mark.slow
 @needs_data
 def test_two_gloo_ranks_keep_identical_amax_and_write_the_checkpoint_once(tmp_path):

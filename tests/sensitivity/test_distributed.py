@@ -65,6 +65,7 @@ def _spawn(tmp_path, task):
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
+@pytest.mark.xdist_group("gloo")  # process groups one at a time (see Makefile)
 @pytest.mark.slow
 def test_calibration_gives_identical_amax_on_every_rank(tmp_path):
     ranks = _spawn(tmp_path, "calibrate")
@@ -93,6 +94,7 @@ def test_calibration_gives_identical_amax_on_every_rank(tmp_path):
             name
 
 
+@pytest.mark.xdist_group("gloo")  # process groups one at a time (see Makefile)
 @pytest.mark.slow
 def test_sweep_shards_layers_and_gathers_every_row(tmp_path):
     ranks = _spawn(tmp_path, "sweep")
