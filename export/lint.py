@@ -265,11 +265,16 @@ def _rank_of(g: _Graph, dq: onnx.NodeProto) -> int | None:
     return None
 
 
-def _users_through(g: _Graph, tensor: str) -> Iterator[tuple[onnx.NodeProto, int]]:
-    """(consumer, input index) of ``tensor``, looking through Identity/Cast."""
+_RELABEL = frozenset({"Identity", "Cast"})
+
+
+def _users_through(g: _Graph, tensor: str, through: frozenset[str] = _RELABEL
+                   ) -> Iterator[tuple[onnx.NodeProto, int]]:
+    """(consumer, input index) of ``tensor``, looking through the ops in ``through``
+    that take it as their data input (Identity/Cast by default)."""
     for node in g.consumer.get(tensor, []):
-        if node.op_type in ("Identity", "Cast"):
-            yield from _users_through(g, node.output[0])
+        if node.op_type in through and node.input and node.input[0] == tensor:
+            yield from _users_through(g, node.output[0], through)
         else:
             for index, name in enumerate(node.input):
                 if name == tensor:
@@ -301,24 +306,13 @@ def _low_bit_weight(g: _Graph, dq: onnx.NodeProto) -> str | None:
 _SUB_BYTE = frozenset({"int4", "uint4", "float4_e2m1fn"})
 
 
-def _weight_users(g: _Graph, tensor: str) -> Iterator[tuple[onnx.NodeProto, int]]:
-    """(consumer, input index) of ``tensor``, looking through data-movement ops."""
-    for node in g.consumer.get(tensor, []):
-        if node.op_type in PASS_THROUGH and node.input and node.input[0] == tensor:
-            yield from _weight_users(g, node.output[0])
-        else:
-            for index, name in enumerate(node.input):
-                if name == tensor:
-                    yield node, index
-
-
 @rule("int4-conv", ERROR)
 def _int4_conv(g: _Graph):
     for dq in g.nodes("DequantizeLinear"):
         kind = _low_bit_weight(g, dq)
         if kind is None:
             continue
-        for op, index in _weight_users(g, dq.output[0]):
+        for op, index in _users_through(g, dq.output[0], PASS_THROUGH):
             if op.op_type in ("Conv", "ConvTranspose") and index == 1:
                 yield _label(op), (f"{kind} weight from {_label(dq)!r}: TensorRT runs INT4 "
                                    "and block-wise weights only in MatMul/Gemm layers, it "
