@@ -61,6 +61,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qdq.fileio import atomic_write
+from qdq.nn.hf_conv1d import QuantConv1D
 from qdq.nn.linear import QuantLinear
 from qdq.provenance import provenance, provenance_line
 from qdq.quantizer import TensorQuantizer
@@ -222,7 +223,7 @@ def _targets(model: nn.Module, names: Sequence[str] | None) -> tuple[list, list[
                 owners[id(p)] = owners.get(id(p), 0) + 1
     found, skipped = [], []
     for name, module in model.named_modules():
-        if type(module).__name__ == "QuantConv1D" and (names is None or name in names):
+        if isinstance(module, QuantConv1D) and (names is None or name in names):
             skipped.append(f"{name} (GPT-2's Conv1D: SmoothQuant smooths Linear layers only)")
             continue
         if not isinstance(module, QuantLinear):
