@@ -113,16 +113,18 @@ def uncalibrated_quantizers(model: nn.Module) -> list[str]:
     return [name for name, q in quantizers(model) if q.is_quant_enabled and q.amax is None]
 
 
-def non_finite_tensors(model: nn.Module) -> list[str]:
+def non_finite_tensors(model: nn.Module, disabled_quantizers: bool = False) -> list[str]:
     """State names (``layer1.0.conv1.weight``, ``fc._input_quantizer._amax``) holding NaN
-    or infinity: parameters, enabled quantizers' state and BatchNorm statistics. Other
-    buffers are only refused for NaN (some models keep ``-inf`` attention masks)."""
+    or infinity: parameters, quantizers' state and BatchNorm statistics. Other buffers are
+    only refused for NaN (some models keep ``-inf`` attention masks). A disabled
+    quantizer's state counts only with ``disabled_quantizers`` (it never reaches a graph)."""
     owners = dict(model.named_modules())
     bad = []
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         owner = owners.get(name.rpartition(".")[0])
         if not t.is_floating_point() or (isinstance(owner, TensorQuantizer)
-                                          and not owner.is_quant_enabled):
+                                          and not owner.is_quant_enabled
+                                          and not disabled_quantizers):
             continue
         strict = isinstance(t, nn.Parameter) or isinstance(
             owner, (TensorQuantizer, QuantizedWeight, nn.modules.batchnorm._NormBase))

@@ -63,7 +63,7 @@ from export.flips import (
     flip_stats,
 )
 from export.formats import gathered_dq_table, onnx_format, weight_source
-from export.onnx_export import flat_outputs
+from export.onnx_export import flat_outputs, non_finite_tensors
 from export.onnx_io import constant_values, producers
 from export.onnx_io import load_onnx as _load
 from export.verify_report import OutputDiff, VerifyReport, WeightCheck, output_diff
@@ -555,22 +555,22 @@ def _check_inputs(feeds: dict[str, np.ndarray]) -> None:
 
 
 def _check_model(model: nn.Module) -> None:
-    """NaN/Inf weights or amax make every comparison meaningless: name the first one.
-    Buffers may hold an infinite mask on purpose, so only NaN counts there."""
-    for name, p in model.named_parameters():
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-            bad = int((~torch.isfinite(p)).sum())
-            raise VerifyError(f"the PyTorch model's parameter {name!r} holds {bad} NaN/Inf "
-                              f"values of {p.numel()}: fix or re-create the model first")
-    for name, b in model.named_buffers():
-        if not b.is_floating_point():
-            continue
-        amax = name.endswith("_amax") or name.endswith("pre_quant_scale")
-        bad = int((~torch.isfinite(b) if amax else torch.isnan(b)).sum())
-        if bad:
-            what = "NaN/Inf" if amax else "NaN"
-            raise VerifyError(f"the PyTorch model's buffer {name!r} holds {bad} {what} values "
-                              f"of {b.numel()}: fix or re-calibrate the model first")
+    """NaN/Inf weights or amax make every comparison meaningless: name the first one
+    (:func:`export.onnx_export.non_finite_tensors` decides, the export's own check)."""
+    bad = non_finite_tensors(model, disabled_quantizers=True)
+    if not bad:
+        return
+    name, parameters = bad[0], dict(model.named_parameters())
+    if name in parameters:
+        t = parameters[name].detach()
+        raise VerifyError(f"the PyTorch model's parameter {name!r} holds "
+                          f"{int((~torch.isfinite(t)).sum())} NaN/Inf values of {t.numel()}: "
+                          "fix or re-create the model first")
+    t = model.get_buffer(name).detach()
+    count, nan = int((~torch.isfinite(t)).sum()), int(torch.isnan(t).sum())
+    what = "NaN" if count == nan else "NaN/Inf"
+    raise VerifyError(f"the PyTorch model's buffer {name!r} holds {count} {what} values "
+                      f"of {t.numel()}: fix or re-calibrate the model first")
 
 
 def _check_constants(consts: dict[str, np.ndarray], file: str) -> None:
